@@ -1,0 +1,237 @@
+"""Decoder-only Transformer in Flax NNX. It knows logical axis names only, never a mesh.
+
+Dimension alphabet, used in shapes, einsum strings and logical names alike:
+  B batch, T sequence, D model width (`embed`), N query heads (`heads`), K key/value heads
+  (`kv_heads`), H head width, F MLP width (`mlp`), V padded vocabulary (`vocab`), L layers.
+
+Every parameter is declared once with its logical axes (`_param`). Activations are pinned with
+`constrain` where tensor parallelism acts; `spmd.rules` decides what each name means on a mesh.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import PartitionSpec
+
+from models.config import ModelConfig
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """Pin an activation's sharding by logical names, if a rules context is active.
+
+    Outside `flax.core.spmd.logical_axis_rules(...)` (the single-device model) this is a no-op.
+    """
+    rules = dict(flax_spmd.get_logical_axis_rules())
+    if not rules:
+        return x
+    spec = PartitionSpec(*(rules[n] if n else None for n in names))
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: tuple[str | None, ...]):
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value, out_sharding=axes)
+
+
+def _const(value: float, shape: tuple[int, ...], axes: tuple[str | None, ...]):
+    return nnx.Param(jnp.full(shape, value, jnp.float32), out_sharding=axes)
+
+
+class Norm(nnx.Module):
+    """RMSNorm (llama) or LayerNorm with bias (gpt2), computed in float32."""
+
+    def __init__(self, cfg: ModelConfig):
+        self.eps, self.rms = cfg.norm_eps, cfg.style == "llama"
+        self.scale = _const(1.0, (cfg.d_model,), ("embed",))
+        self.bias = None if self.rms else _const(0.0, (cfg.d_model,), ("embed",))
+
+    def __call__(self, x):  # (B, T, D)
+        x32 = x.astype(jnp.float32)
+        if not self.rms:
+            x32 = x32 - x32.mean(-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt((x32 * x32).mean(-1, keepdims=True) + self.eps) * self.scale[...]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y.astype(x.dtype)
+
+
+def rotary(x: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021), rotate-half form, on (B, T, heads, H)."""
+    t, h = x.shape[1], x.shape[-1]
+    inv_freq = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
+    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq[None, :]  # (T, H/2)
+    cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Megatron: q/k/v are column-parallel (split over heads), the out-projection row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, n, k, h, std = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.init_std
+        self.cfg = cfg
+        self.wq = _param(rngs, std, (d, n, h), ("embed", "heads", None))
+        self.wk = _param(rngs, std, (d, k, h), ("embed", "kv_heads", None))
+        self.wv = _param(rngs, std, (d, k, h), ("embed", "kv_heads", None))
+        # Scaled init of residual outputs (GPT-2): std / sqrt(2 L).
+        self.wo = _param(rngs, std / (2 * cfg.n_layers) ** 0.5, (n, h, d), ("heads", None, "embed"))
+        self.biases = cfg.style == "gpt2"
+        if self.biases:
+            self.bq = _const(0.0, (n, h), ("heads", None))
+            self.bk = _const(0.0, (k, h), ("kv_heads", None))
+            self.bv = _const(0.0, (k, h), ("kv_heads", None))
+            self.bo = _const(0.0, (d,), ("embed",))
+
+    def __call__(self, x):  # (B, T, D)
+        cfg, dt = self.cfg, self.cfg.dtype
+        x = constrain(x, ("batch", None, "embed"))  # sequence parallelism: all-gather T here
+        with jax.named_scope("attn_qkv"):
+            q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
+            k = jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(dt))
+            v = jnp.einsum("btd,dkh->btkh", x, self.wv[...].astype(dt))
+            if self.biases:
+                q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
+            q = constrain(q, ("batch", None, "heads", None)).astype(dt)
+            k = constrain(k, ("batch", None, "kv_heads", None)).astype(dt)
+            v = constrain(v, ("batch", None, "kv_heads", None)).astype(dt)
+            if cfg.style == "llama":
+                q, k = rotary(q, cfg.rope_theta), rotary(k, cfg.rope_theta)
+        with jax.named_scope("attn_core"):
+            o = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, N, H)
+        with jax.named_scope("attn_out"):
+            y = jnp.einsum("btnh,nhd->btd", o, self.wo[...].astype(dt))
+            # Row-parallel output: all-reduce over `tensor` (reduce-scatter over T with SP).
+            y = constrain(y, ("batch", "seq", "embed"))
+            if self.biases:
+                y = y + self.bo[...].astype(dt)
+        return y
+
+
+class MLP(nnx.Module):
+    """Megatron: up/gate column-parallel (split over F), down-projection row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f, std = cfg.d_model, cfg.d_ff, cfg.init_std
+        self.cfg, self.gated = cfg, cfg.style == "llama"
+        self.w_up = _param(rngs, std, (d, f), ("embed", "mlp"))
+        self.w_gate = _param(rngs, std, (d, f), ("embed", "mlp")) if self.gated else None
+        self.w_down = _param(rngs, std / (2 * cfg.n_layers) ** 0.5, (f, d), ("mlp", "embed"))
+        self.biases = not self.gated
+        if self.biases:
+            self.b_up = _const(0.0, (f,), ("mlp",))
+            self.b_down = _const(0.0, (d,), ("embed",))
+
+    def __call__(self, x):  # (B, T, D)
+        dt = self.cfg.dtype
+        x = constrain(x, ("batch", None, "embed"))  # sequence parallelism: all-gather T here
+        with jax.named_scope("mlp_up"):
+            up = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dt))
+            if self.gated:  # SwiGLU (Shazeer 2020)
+                gate = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dt))
+                hid = jax.nn.silu(gate) * up
+            else:
+                hid = jax.nn.gelu(up + self.b_up[...].astype(dt))
+            hid = constrain(hid, ("batch", None, "mlp"))
+        with jax.named_scope("mlp_down"):
+            y = jnp.einsum("btf,fd->btd", hid, self.w_down[...].astype(dt))
+            y = constrain(y, ("batch", "seq", "embed"))  # row-parallel: all-reduce / reduce-scatter
+            if self.biases:
+                y = y + self.b_down[...].astype(dt)
+        return y
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.attn_norm, self.attn = Norm(cfg), Attention(cfg, rngs)
+        self.mlp_norm, self.mlp = Norm(cfg), MLP(cfg, rngs)
+
+    def __call__(self, x):  # (B, T, D), sequence-sharded between blocks under SP
+        x = x + self.attn(self.attn_norm(x))
+        x = x + self.mlp(self.mlp_norm(x))
+        return constrain(x, ("batch", "seq", "embed"))
+
+
+def scan_blocks(block_def: nnx.GraphDef, stacked: nnx.State, x: jax.Array, remat: bool = False):
+    """Apply blocks stacked on a leading axis with `lax.scan`: compile time does not grow with L.
+
+    A plain function over split state (not `nnx.scan`) so the pipeline can call it on any slice
+    of the `layers` axis.
+    """
+
+    def one_block(x, layer_state):
+        return nnx.merge(block_def, layer_state)(x)
+
+    if remat:
+        one_block = jax.checkpoint(one_block)
+
+    def body(x, layer_state):
+        return one_block(x, layer_state), None
+
+    return jax.lax.scan(body, x, stacked)[0]
+
+
+class Transformer(nnx.Module):
+    """tokens → embed → blocks[L] (stacked, scanned) → final norm → head → logits."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        cfg.validate()
+        self.cfg = cfg
+        v, d = cfg.padded_vocab, cfg.d_model
+        self.embedding = _param(rngs, cfg.init_std, (v, d), ("vocab", "embed"))
+        if cfg.style == "gpt2":
+            self.positions = _param(rngs, cfg.init_std, (cfg.max_seq_len, d), (None, "embed"))
+
+        @nnx.split_rngs(splits=cfg.n_layers)
+        @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+        def make_blocks(rngs: nnx.Rngs) -> Block:
+            return Block(cfg, rngs)
+
+        self.blocks = make_blocks(rngs)
+        self.final_norm = Norm(cfg)
+        if not cfg.tie_embeddings:
+            self.head = _param(rngs, cfg.init_std, (d, v), ("embed", "vocab"))
+
+    def embed(self, tokens: jax.Array) -> jax.Array:  # (B, T) int → (B, T, D)
+        with jax.named_scope("embed"):
+            # Vocab-parallel: each `tensor` shard looks up its rows, then one all-reduce
+            # (reduce-scatter over T with sequence parallelism).
+            x = jnp.take(self.embedding[...], tokens, axis=0)
+            if self.cfg.style == "gpt2":
+                x = x + self.positions[...][: tokens.shape[1]]
+            return constrain(x.astype(self.cfg.dtype), ("batch", "seq", "embed"))
+
+    def run_blocks(self, x: jax.Array, remat: bool = False) -> jax.Array:
+        block_def, stacked = nnx.split(self.blocks)
+        return scan_blocks(block_def, stacked, x, remat)
+
+    def logits(self, x: jax.Array) -> jax.Array:  # (B, T, D) → (B, T, V) float32
+        with jax.named_scope("head"):
+            x = constrain(self.final_norm(x), ("batch", None, "embed"))
+            w = self.embedding[...].T if self.cfg.tie_embeddings else self.head[...]
+            logits = jnp.einsum("btd,dv->btv", x, w.astype(self.cfg.dtype))
+            logits = constrain(logits.astype(jnp.float32), ("batch", None, "vocab"))
+            # Pad columns (vocab_size..V) can never be predicted.
+            vocab_ids = jnp.arange(self.cfg.padded_vocab)
+            return jnp.where(vocab_ids < self.cfg.vocab_size, logits, -1e30)
+
+    def __call__(self, tokens: jax.Array, remat: bool = False) -> jax.Array:
+        return self.logits(self.run_blocks(self.embed(tokens), remat))
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean token cross-entropy that works on vocab-sharded logits without gathering them.
+
+    Every step is elementwise or a reduction over V, so with V split over `tensor` the compiler
+    reduces only (B, T)-sized values across shards: the max, the sum of exponentials and the
+    target logit (Megatron's vocab-parallel cross-entropy).
+    """
+    with jax.named_scope("loss"):
+        shift = jax.lax.stop_gradient(logits.max(-1, keepdims=True))
+        log_z = jnp.log(jnp.exp(logits - shift).sum(-1)) + shift[..., 0]
+        vocab_ids = jnp.arange(logits.shape[-1])
+        target_logit = jnp.where(vocab_ids == targets[..., None], logits, 0.0).sum(-1)
+        return (log_z - target_logit).mean()

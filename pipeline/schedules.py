@@ -1,0 +1,267 @@
+"""Pipeline schedules as data: per-stage ordered action lists, no JAX.
+
+Symbols: p stages, m micro-batches, v virtual chunks per stage. Chunk c of stage s holds
+the layers of virtual stage k = c·p + s (the interleaved layer map of DESIGN §3), so a
+micro-batch visits stages 0..p-1 with chunk 0, then again with chunk 1, and so on.
+
+An action is F (forward), B (backward) or, for zero-bubble schedules only, W: there B is
+the input gradient (sent upstream at once) and W the weight gradient (can wait).
+A schedule only fixes the *order* of actions on each stage; `pipeline.simulate` lays them
+on ticks, checks cross-stage dependencies and measures bubble and memory.
+
+Generators (`make_schedule`):
+- gpipe: all forwards, then all backwards (Huang et al. 2019). Peak memory m micro-batches.
+- 1f1b: warm-up of p-s-1 forwards on stage s, steady one-forward-one-backward, cool-down of
+  the remaining backwards (PipeDream-flush, Narayanan et al. 2021). Same bubble as GPipe,
+  peak memory min(p-s, m).
+- interleaved: Megatron's interleaved 1F1B with v chunks per stage (Narayanan et al. 2021,
+  "Efficient Large-Scale Language Model Training on GPU Clusters Using Megatron-LM", §2.2);
+  bubble ratio (p-1)/(v·m). Needs m to be a multiple of p.
+- zb-h1: 1F1B with the backward split into B and W; W's are deferred to fill the cool-down
+  bubble (Qi et al. 2024, "Zero Bubble Pipeline Parallelism", ICLR, §3.1 ZB-H1).
+  With F=B=W=1 its bubble is p-1 ticks against 1F1B's 3(p-1), at 1F1B's peak memory p.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+
+Kind = Literal["F", "B", "W"]
+
+
+class ScheduleError(ValueError):
+    """A schedule that cannot run, or bad sizes; the message names the value and the fix."""
+
+
+@dataclass(frozen=True, order=True)
+class Action:
+    """One unit of work on one stage: `kind` of `microbatch` through virtual chunk `chunk`."""
+
+    kind: Kind
+    microbatch: int
+    chunk: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.microbatch}.{self.chunk}"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-stage action lists: `actions[s]` is what stage s runs, in order."""
+
+    name: str
+    stages: int  # p
+    microbatches: int  # m
+    virtual_stages: int  # v: chunks per stage
+    split_backward: bool  # True: B = input gradient, W = weight gradient (zero bubble)
+    actions: tuple[tuple[Action, ...], ...]
+
+    def virtual_stage(self, stage: int, chunk: int) -> int:
+        """Position of (stage, chunk) along the model: chunk·p + stage."""
+        return chunk * self.stages + stage
+
+    def place(self, virtual_stage: int) -> tuple[int, int]:
+        """Inverse of `virtual_stage`: (stage, chunk) that holds a virtual stage."""
+        return virtual_stage % self.stages, virtual_stage // self.stages
+
+
+# ------------------------------------------------------------------ generators
+
+
+def _gpipe(p: int, m: int) -> list[list[Action]]:
+    """All F then all B: every activation is alive when the first B starts (memory m)."""
+    return [
+        [Action("F", i) for i in range(m)] + [Action("B", i) for i in range(m)]
+        for _ in range(p)
+    ]
+
+
+def _one_f_one_b(p: int, m: int) -> list[list[Action]]:
+    """Warm-up p-s-1 F's, steady F+B pairs, cool-down B's: stage s holds <= p-s activations."""
+    out = []
+    for s in range(p):
+        warm = min(p - s - 1, m)
+        acts = [Action("F", i) for i in range(warm)]
+        for i in range(m - warm):  # steady: one forward, then the oldest backward
+            acts += [Action("F", warm + i), Action("B", i)]
+        acts += [Action("B", i) for i in range(m - warm, m)]  # cool-down
+        out.append(acts)
+    return out
+
+
+def _interleaved(p: int, m: int, v: int) -> list[list[Action]]:
+    """Megatron's interleaved 1F1B (Narayanan et al. 2021).
+
+    Stage s runs m·v chunk-forwards in groups of p micro-batches: micro-batches g·p..g·p+p-1
+    through chunk 0, then the same group through chunk 1, ... (k-th forward: group k // (p·v),
+    chunk (k mod p·v) // p). Backwards go through the chunks in reverse order. Warm-up is
+    (v-1)·p + (p-s-1) forwards: enough for the first micro-batch to come back through all
+    later virtual stages; with v=1 this is exactly 1F1B. Megatron uses 2·(p-s-1) in place
+    of p-s-1 to overlap its blocking send/recv; our ticks model communication as free at
+    the tick boundary, where the smaller warm-up is already bubble-optimal and uses less
+    memory.
+    """
+
+    def fwd(k: int) -> Action:
+        group, r = divmod(k, p * v)
+        return Action("F", group * p + r % p, r // p)
+
+    def bwd(k: int) -> Action:
+        group, r = divmod(k, p * v)
+        return Action("B", group * p + r % p, v - 1 - r // p)
+
+    total = m * v
+    out = []
+    for s in range(p):
+        warm = min((v - 1) * p + p - s - 1, total)
+        acts = [fwd(k) for k in range(warm)]
+        for k in range(total - warm):
+            acts += [fwd(warm + k), bwd(k)]
+        acts += [bwd(k) for k in range(total - warm, total)]
+        out.append(acts)
+    return out
+
+
+def _zb_h1(p: int, m: int) -> list[list[Action]]:
+    """ZB-H1 (Qi et al. 2024, §3.1), found by list scheduling at unit costs F=B=W=1.
+
+    Each tick, a free stage runs, in this priority: a ready B (it is on the critical path:
+    the stage upstream waits for its gradient); else the next F if its input has arrived
+    and the stage is under both memory caps; else its oldest pending W; else it idles.
+    Caps: at most p-s micro-batches between F and B (1F1B's warm-up, so the F/B order is
+    1F1B's) and at most p between F and W (1F1B's peak, on stage 0, which the paper keeps
+    as ZB-H1's memory budget). Deferred W's fill what would be 1F1B's cool-down bubble.
+    """
+    done: dict[tuple[str, int, int], int] = {}  # (kind, mb, stage) -> end tick
+    acts: list[list[Action]] = [[] for _ in range(p)]
+    nf, nb, nw = [0] * p, [0] * p, [0] * p  # F, B, W started per stage (each runs in order)
+    busy = [0] * p
+    t = 0
+    while sum(nw) < p * m:
+        started = []
+        for s in range(p):
+            if busy[s] > t:
+                continue
+            i = nb[s]
+            b_ready = i < nf[s] and done.get(("F", i, s), t + 1) <= t and (
+                s == p - 1 or done.get(("B", i, s + 1), t + 1) <= t
+            )
+            j = nf[s]
+            f_ready = (
+                j < m
+                and (s == 0 or done.get(("F", j, s - 1), t + 1) <= t)
+                and nf[s] - nb[s] < p - s
+                and nf[s] - nw[s] < p
+            )
+            if b_ready:
+                kind, mb = "B", i
+            elif f_ready:
+                kind, mb = "F", j
+            elif nw[s] < nb[s]:
+                kind, mb = "W", nw[s]
+            else:
+                continue
+            acts[s].append(Action(kind, mb))
+            started.append((kind, mb, s))
+            busy[s] = t + 1
+            counter = {"F": nf, "B": nb, "W": nw}[kind]
+            counter[s] += 1
+        for key in started:  # results of tick t are visible from tick t+1
+            done[key] = t + 1
+        t += 1
+    return acts
+
+
+def make_schedule(name: str, stages: int, microbatches: int, virtual_stages: int = 1) -> Schedule:
+    """Build a named schedule for p=`stages`, m=`microbatches`, v=`virtual_stages`."""
+    p, m, v = stages, microbatches, virtual_stages
+    for flag, value in (("stages", p), ("microbatches", m), ("virtual-stages", v)):
+        if not isinstance(value, int) or value < 1:
+            raise ScheduleError(f"{flag} must be a positive integer (got {value!r}); use --{flag} 1 or more")
+    if name not in SCHEDULES:
+        raise ScheduleError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}")
+    if name != "interleaved" and v != 1:
+        raise ScheduleError(
+            f"{name} runs one chunk per stage (got virtual stages {v}); "
+            "use --virtual-stages 1, or --schedule interleaved"
+        )
+    if name == "interleaved" and m % p:
+        raise ScheduleError(
+            f"interleaved needs microbatches ({m}) to be a multiple of stages ({p}); "
+            f"use --microbatches {-(-m // p) * p}"
+        )
+    build = {
+        "gpipe": lambda: _gpipe(p, m),
+        "1f1b": lambda: _one_f_one_b(p, m),
+        "interleaved": lambda: _interleaved(p, m, v),
+        "zb-h1": lambda: _zb_h1(p, m),
+    }[name]
+    schedule = Schedule(
+        name=name, stages=p, microbatches=m, virtual_stages=v,
+        split_backward=name == "zb-h1",
+        actions=tuple(tuple(a) for a in build()),
+    )
+    validate(schedule)
+    return schedule
+
+
+# ------------------------------------------------------------------ validation
+
+
+def dependencies(schedule: Schedule, action: Action, stage: int) -> list[tuple[int, Action]]:
+    """What `action` on `stage` waits for, as (stage, action) pairs.
+
+    F(mb, k) needs F(mb, k-1); B(mb, k) needs F(mb, k) and B(mb, k+1) (the last virtual stage
+    computes the loss right after its F, so it needs only its own F); W(mb, k) needs B(mb, k).
+    """
+    mb, chunk = action.microbatch, action.chunk
+    k = schedule.virtual_stage(stage, chunk)
+    if action.kind == "F":
+        if k == 0:
+            return []
+        s_prev, c_prev = schedule.place(k - 1)
+        return [(s_prev, Action("F", mb, c_prev))]
+    if action.kind == "B":
+        deps = [(stage, Action("F", mb, chunk))]
+        if k < schedule.stages * schedule.virtual_stages - 1:
+            s_next, c_next = schedule.place(k + 1)
+            deps.append((s_next, Action("B", mb, c_next)))
+        return deps
+    return [(stage, Action("B", mb, chunk))]
+
+
+def validate(schedule: Schedule) -> None:
+    """Raise ScheduleError unless every action runs exactly once and each stage's own order
+    can be satisfied. Cross-stage order (deadlock) is checked by `pipeline.simulate`."""
+    p, m, v = schedule.stages, schedule.microbatches, schedule.virtual_stages
+    if len(schedule.actions) != p:
+        raise ScheduleError(f"schedule has {len(schedule.actions)} action lists for {p} stages; "
+                            "give one list per stage")
+    kinds = ("F", "B", "W") if schedule.split_backward else ("F", "B")
+    for s, acts in enumerate(schedule.actions):
+        position: dict[Action, int] = {}
+        for n, a in enumerate(acts):
+            if a.kind not in kinds:
+                raise ScheduleError(f"stage {s} runs {a}, but this schedule's kinds are "
+                                    f"{'/'.join(kinds)}; W needs split_backward=True")
+            if not (0 <= a.microbatch < m and 0 <= a.chunk < v):
+                raise ScheduleError(f"stage {s} runs {a}: micro-batch must be in 0..{m - 1} "
+                                    f"and chunk in 0..{v - 1}")
+            if a in position:
+                raise ScheduleError(f"stage {s} runs {a} twice (positions {position[a]} and "
+                                    f"{n}); keep one")
+            position[a] = n
+        for mb in range(m):
+            for c in range(v):
+                for kind in kinds:
+                    if Action(kind, mb, c) not in position:
+                        raise ScheduleError(f"stage {s} never runs {Action(kind, mb, c)}; "
+                                            "add it to its action list")
+        for a, n in position.items():
+            for dep_stage, dep in dependencies(schedule, a, s):
+                if dep_stage == s and position[dep] > n:
+                    raise ScheduleError(f"stage {s} runs {a} (position {n}) before {dep} "
+                                        f"(position {position[dep]}), which it needs; "
+                                        f"move {a} after {dep}")

@@ -1,0 +1,150 @@
+"""Lay a schedule's per-stage action lists on integer ticks and measure it.
+
+Timing model: each stage runs its actions in the given order, one at a time; an action
+starts at the first tick where the stage is free and every dependency (see
+`schedules.dependencies`) has ended. A result that ends at tick e on one stage can be used
+from tick e on any stage: the ppermute happens at the tick boundary.
+
+Memory model (why `peak_inflight` counts what it counts): a micro-batch's activations for
+chunk c are *in flight* on a stage from the start of its F until the end of its last
+backward pass there: B, or W when the backward is split. W needs the same stashed inputs
+(or `jax.linearize` residuals) as B, so an executor must keep the buffer slot until W ends;
+`slots` is sized by that rule. Under it ZB-H1 matches 1F1B's peak memory as the paper
+states it (Qi et al. 2024: the maximum over stages, p micro-batches, reached by 1F1B on
+stage 0), while its later stages hold more than their 1F1B counterparts (p-s).
+Activations are counted per (micro-batch, chunk); with v chunks each is 1/v of a stage.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from pipeline.schedules import Action, Schedule, ScheduleError, dependencies, validate
+
+
+def default_costs(schedule: Schedule) -> dict[str, int]:
+    """F=1, B=2 (a backward does about twice a forward's matmuls); split: F=B=W=1."""
+    return {"F": 1, "B": 1, "W": 1} if schedule.split_backward else {"F": 1, "B": 2}
+
+
+@dataclass(frozen=True)
+class Simulation:
+    """The timed schedule. `table[t][s]` is the action occupying stage s at tick t (an
+    action of cost c fills c consecutive ticks); `starts[(s, action)]` is its first tick."""
+
+    schedule: Schedule
+    costs: Mapping[str, int]
+    ticks: int  # makespan
+    starts: dict[tuple[int, Action], int]
+    table: list[list[Action | None]]
+    bubble_fraction: float  # idle stage-ticks / (p * ticks)
+    stage_bubble: tuple[float, ...]  # idle ticks of stage s / ticks
+    peak_inflight: tuple[int, ...]  # max (micro-batch, chunk) activations held per stage
+    slots: dict[tuple[int, int, int], int]  # (stage, microbatch, chunk) -> buffer slot
+    ideal_ticks: int  # one stage's work: the makespan with no bubble
+
+    @property
+    def bubble_ratio(self) -> float:
+        """(ticks - ideal) / ideal: the bubble relative to useful time, as Megatron states it."""
+        return (self.ticks - self.ideal_ticks) / self.ideal_ticks
+
+    def end(self, stage: int, action: Action) -> int:
+        return self.starts[(stage, action)] + self.costs[action.kind]
+
+
+def simulate(schedule: Schedule, costs: Mapping[str, int] | None = None) -> Simulation:
+    """Time `schedule`; raise ScheduleError if its cross-stage order deadlocks."""
+    validate(schedule)
+    costs = dict(costs) if costs is not None else default_costs(schedule)
+    kinds = ("F", "B", "W") if schedule.split_backward else ("F", "B")
+    for kind in kinds:
+        if not isinstance(costs.get(kind), int) or costs[kind] < 1:
+            raise ScheduleError(f"cost of {kind} must be a positive integer "
+                                f"(got {costs.get(kind)!r}); give costs like {default_costs(schedule)}")
+    p = schedule.stages
+    starts = _place(schedule, costs)
+    ticks = max(starts[(s, a)] + costs[a.kind] for s, a in starts)
+
+    table: list[list[Action | None]] = [[None] * p for _ in range(ticks)]
+    for (s, a), t0 in starts.items():
+        for t in range(t0, t0 + costs[a.kind]):
+            table[t][s] = a
+    idle = [sum(row[s] is None for row in table) for s in range(p)]
+    peak, slots = _assign_slots(schedule, costs, starts)
+    return Simulation(
+        schedule=schedule, costs=costs, ticks=ticks, starts=starts, table=table,
+        bubble_fraction=sum(idle) / (p * ticks),
+        stage_bubble=tuple(i / ticks for i in idle),
+        peak_inflight=peak, slots=slots,
+        ideal_ticks=sum(costs[a.kind] for a in schedule.actions[0]),  # same on every stage
+    )
+
+
+def _place(schedule: Schedule, costs: Mapping[str, int]) -> dict[tuple[int, Action], int]:
+    """Start tick of every action: sweep the stages, placing each one's next action as soon
+    as all its dependencies are placed, until done or no stage can move (deadlock)."""
+    p = schedule.stages
+    end: dict[tuple[int, Action], int] = {}
+    starts: dict[tuple[int, Action], int] = {}
+    nxt = [0] * p  # index of each stage's next unplaced action
+    free = [0] * p  # tick at which each stage is free
+    while True:
+        moved = False
+        for s in range(p):
+            acts = schedule.actions[s]
+            while nxt[s] < len(acts):
+                a = acts[nxt[s]]
+                deps = dependencies(schedule, a, s)
+                if any(d not in end for d in deps):
+                    break
+                t0 = max([free[s]] + [end[d] for d in deps])
+                starts[(s, a)] = t0
+                free[s] = end[(s, a)] = t0 + costs[a.kind]
+                nxt[s] += 1
+                moved = True
+        if all(nxt[s] == len(schedule.actions[s]) for s in range(p)):
+            return starts
+        if not moved:
+            s = next(s for s in range(p) if nxt[s] < len(schedule.actions[s]))
+            a = schedule.actions[s][nxt[s]]
+            waits = [f"{d} on stage {ds}" for ds, d in dependencies(schedule, a, s)
+                     if (ds, d) not in end]
+            raise ScheduleError(f"deadlock: stage {s} is stuck at {a} waiting for "
+                                f"{', '.join(waits)}; reorder so it runs earlier")
+
+
+def _assign_slots(schedule: Schedule, costs: Mapping[str, int],
+                  starts: dict[tuple[int, Action], int]
+                  ) -> tuple[tuple[int, ...], dict[tuple[int, int, int], int]]:
+    """Peak in-flight activations per stage and a buffer slot for each (stage, mb, chunk).
+
+    Lifetime: [start of F, end of the last backward action) (see module docstring); a slot
+    freed at tick e can be reused by an F starting at e. Smallest free slot first, in order
+    of start tick: greedy colouring of intervals, so slots used == peak overlap.
+    """
+    last = "W" if schedule.split_backward else "B"
+    peaks, slots = [], {}
+    for s in range(schedule.stages):
+        spans = []
+        for mb in range(schedule.microbatches):
+            for c in range(schedule.virtual_stages):
+                born = starts[(s, Action("F", mb, c))]
+                dies = starts[(s, Action(last, mb, c))] + costs[last]
+                spans.append((born, dies, mb, c))
+        spans.sort()
+        live: list[tuple[int, int]] = []  # (dies, slot)
+        free_slots: list[int] = []
+        used = 0
+        for born, dies, mb, c in spans:
+            for d, slot in [x for x in live if x[0] <= born]:
+                live.remove((d, slot))
+                free_slots.append(slot)
+            if free_slots:
+                slot = min(free_slots)
+                free_slots.remove(slot)
+            else:
+                slot, used = used, used + 1
+            live.append((dies, slot))
+            slots[(s, mb, c)] = slot
+        peaks.append(used)
+    return tuple(peaks), slots

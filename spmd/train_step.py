@@ -1,0 +1,150 @@
+"""Sharded model/optimizer state and the jitted train step.
+
+State is created already sharded (`jit(init, out_shardings=...)`): no device ever holds the full
+model. The step is a pure function over (params, opt_state, batch) under `jax.jit` with donated
+buffers and fixed output shardings, so params, gradients and optimizer state keep their layout.
+"""
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import NamedSharding, PartitionSpec
+
+from models import ModelConfig, Transformer, cross_entropy
+from spmd.rules import Rules, check_layout, param_shardings
+
+Remat = Literal["none", "layer", "stage"]
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 300
+    learning_rate: float = 3e-3
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    microbatches: int = 1  # pipeline micro-batches per step (m)
+    schedule: str = "gpipe"
+    virtual_stages: int = 1
+    remat: Remat = "none"
+
+
+def make_optimizer(tc: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW, linear warm-up then cosine decay, global-norm clipping; no decay on norms/biases."""
+    lr = optax.warmup_cosine_decay_schedule(
+        0.0, tc.learning_rate, tc.warmup_steps, max(tc.steps, tc.warmup_steps + 1),
+        tc.learning_rate * tc.min_lr_ratio,
+    )
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    tx = optax.chain(
+        optax.clip_by_global_norm(tc.clip_norm),
+        optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=tc.weight_decay, mask=decay_mask),
+    )
+    return tx, lr
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Token batches (B, T): B split over the data-parallel axes."""
+    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+
+
+class Trainer:
+    """Everything one layout needs: mesh, shardings, optimizer and the compiled functions."""
+
+    def __init__(self, cfg: ModelConfig, tc: TrainConfig, mesh, rules: Rules, batch_shape):
+        check_layout(cfg, dict(mesh.shape), batch_shape[0], batch_shape[1], rules)
+        self.cfg, self.tc, self.mesh, self.rules = cfg, tc, mesh, rules
+        self.stages = mesh.shape["stage"]
+        if self.stages > 1:
+            from pipeline.run import check_pipeline
+
+            check_pipeline(cfg, tc, dict(mesh.shape), batch_shape[0])
+        with nnx.use_eager_sharding(False):
+            abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+        self.graphdef, abstract_params = nnx.split(abstract)
+        self.param_shardings = param_shardings(abstract_params, mesh, rules)
+        self.tx, self.lr = make_optimizer(tc)
+        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.opt_shardings = optax.tree_map_params(
+            self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
+            transform_non_params=lambda _: replicated,
+        )
+        self.batch_sharding = batch_sharding(mesh)
+        scalar = replicated
+        self._step = jax.jit(
+            self._train_step,
+            in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding,
+                          self.batch_sharding),
+            out_shardings=(self.param_shardings, self.opt_shardings,
+                           {"loss": scalar, "grad_norm": scalar, "lr": scalar}),
+            donate_argnums=(0, 1),
+        )
+        self._loss_and_grads = jax.jit(
+            jax.value_and_grad(self.loss),
+            out_shardings=(scalar, self.param_shardings),
+        )
+        self._loss = jax.jit(self.loss, out_shardings=scalar)
+
+    # ---- state ------------------------------------------------------------------------
+    def init(self, seed: int):
+        """Parameters and optimizer state, each created directly in its sharded layout."""
+
+        def make_params():
+            with nnx.use_eager_sharding(False):
+                return nnx.split(Transformer(self.cfg, nnx.Rngs(seed)))[1]
+
+        with jax.set_mesh(self.mesh):
+            params = jax.jit(make_params, out_shardings=self.param_shardings)()
+            opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
+        return params, opt_state
+
+    # ---- the traced functions ---------------------------------------------------------
+    def loss(self, params, inputs, targets):
+        """Mean next-token loss over the global batch; the pipeline when `stage` > 1."""
+        with flax_spmd.logical_axis_rules(self.rules.activations):
+            model = nnx.merge(self.graphdef, params)
+            if self.stages > 1:
+                from pipeline.run import pipeline_loss
+
+                return pipeline_loss(model, inputs, targets, self.tc, self.stages)
+            x = model.run_blocks(model.embed(inputs), remat=self.tc.remat != "none")
+            return cross_entropy(model.logits(x), targets)
+
+    def _train_step(self, params, opt_state, inputs, targets):
+        loss, grads = jax.value_and_grad(self.loss)(params, inputs, targets)
+        # Updates applied before this one (Adam's and the schedule's counters agree).
+        done = optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+                   "lr": jnp.asarray(self.lr(done), jnp.float32)}
+        return params, opt_state, metrics
+
+    # ---- callables (enter the mesh so bare PartitionSpecs resolve against it) ---------
+    def step(self, params, opt_state, inputs, targets):
+        with jax.set_mesh(self.mesh):
+            return self._step(params, opt_state, inputs, targets)
+
+    def loss_and_grads(self, params, inputs, targets):
+        with jax.set_mesh(self.mesh):
+            return self._loss_and_grads(params, inputs, targets)
+
+    def eval_loss(self, params, inputs, targets):
+        with jax.set_mesh(self.mesh):
+            return self._loss(params, inputs, targets)
+
+    def place(self, batch):
+        """Host (B, T) arrays → global arrays sharded over the data-parallel axes."""
+        return jax.device_put(batch, self.batch_sharding)
+
+    def lower_step(self, params, opt_state, inputs, targets):
+        """The step's lowering, for compile-time inspection (collectives, memory, FLOPs)."""
+        with jax.set_mesh(self.mesh):
+            return self._step.lower(params, opt_state, inputs, targets)
