@@ -21,8 +21,8 @@ class ModelConfig:
     vocab_size: int = 256  # byte-level text by default
     d_model: int = 128
     n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2  # grouped-query attention: n_heads // n_kv_heads query heads share one K/V
+    n_heads: int = 16
+    n_kv_heads: int = 8  # grouped-query attention: n_heads // n_kv_heads query heads share one K/V
     d_ff: int = 384
     max_seq_len: int = 256
     style: Literal["llama", "gpt2"] = "llama"
