@@ -125,53 +125,32 @@ def _interleaved(p: int, m: int, v: int) -> list[list[Action]]:
 
 
 def _zb_h1(p: int, m: int) -> list[list[Action]]:
-    """ZB-H1 (Qi et al. 2024, §3.1), found by list scheduling at unit costs F=B=W=1.
+    """ZB-H1 (Qi et al. 2024, §3.1): 1F1B's F/B order, with W's deferred into the cool-down.
 
-    Each tick, a free stage runs, in this priority: a ready B (it is on the critical path:
-    the stage upstream waits for its gradient); else the next F if its input has arrived
-    and the stage is under both memory caps; else its oldest pending W; else it idles.
-    Caps: at most p-s micro-batches between F and B (1F1B's warm-up, so the F/B order is
-    1F1B's) and at most p between F and W (1F1B's peak, on stage 0, which the paper keeps
-    as ZB-H1's memory budget). Deferred W's fill what would be 1F1B's cool-down bubble.
+    Stage s runs exactly 1F1B's sequence of F's and B's (B is now only the input gradient,
+    so the gradient reaches stage s-1 sooner). After each B it runs the oldest pending W
+    only while more than s W's are pending; the rest run at the end. Why s: with F=B=W=1
+    the last gradient needs s more ticks to travel from stage s to stage 0, so stage s's
+    last B ends s+1 ticks before stage 0 finishes; its s deferred W's and the last one fill
+    exactly those ticks, where 1F1B idles in its cool-down. Bubble: p-1 ticks (1F1B: 3(p-1))
+    for m >= p.
+    Memory: a micro-batch is held from F to W, so stage s holds (p-s) + s = p micro-batches,
+    1F1B's peak (its stage 0), which is the paper's "same memory as 1F1B".
     """
-    done: dict[tuple[str, int, int], int] = {}  # (kind, mb, stage) -> end tick
-    acts: list[list[Action]] = [[] for _ in range(p)]
-    nf, nb, nw = [0] * p, [0] * p, [0] * p  # F, B, W started per stage (each runs in order)
-    busy = [0] * p
-    t = 0
-    while sum(nw) < p * m:
-        started = []
-        for s in range(p):
-            if busy[s] > t:
-                continue
-            i = nb[s]
-            b_ready = i < nf[s] and done.get(("F", i, s), t + 1) <= t and (
-                s == p - 1 or done.get(("B", i, s + 1), t + 1) <= t
-            )
-            j = nf[s]
-            f_ready = (
-                j < m
-                and (s == 0 or done.get(("F", j, s - 1), t + 1) <= t)
-                and nf[s] - nb[s] < p - s
-                and nf[s] - nw[s] < p
-            )
-            if b_ready:
-                kind, mb = "B", i
-            elif f_ready:
-                kind, mb = "F", j
-            elif nw[s] < nb[s]:
-                kind, mb = "W", nw[s]
-            else:
-                continue
-            acts[s].append(Action(kind, mb))
-            started.append((kind, mb, s))
-            busy[s] = t + 1
-            counter = {"F": nf, "B": nb, "W": nw}[kind]
-            counter[s] += 1
-        for key in started:  # results of tick t are visible from tick t+1
-            done[key] = t + 1
-        t += 1
-    return acts
+    out = []
+    for s, fb in enumerate(_one_f_one_b(p, m)):
+        acts: list[Action] = []
+        n_b = n_w = 0
+        for a in fb:
+            acts.append(a)
+            if a.kind == "B":
+                n_b += 1
+                while n_b - n_w > s:  # keep at most s W's waiting
+                    acts.append(Action("W", n_w))
+                    n_w += 1
+        acts += [Action("W", i) for i in range(n_w, m)]
+        out.append(acts)
+    return out
 
 
 def make_schedule(name: str, stages: int, microbatches: int, virtual_stages: int = 1) -> Schedule:
@@ -179,7 +158,8 @@ def make_schedule(name: str, stages: int, microbatches: int, virtual_stages: int
     p, m, v = stages, microbatches, virtual_stages
     for flag, value in (("stages", p), ("microbatches", m), ("virtual-stages", v)):
         if not isinstance(value, int) or value < 1:
-            raise ScheduleError(f"{flag} must be a positive integer (got {value!r}); use --{flag} 1 or more")
+            raise ScheduleError(
+                f"{flag} must be a positive integer (got {value!r}); use --{flag} 1 or more")
     if name not in SCHEDULES:
         raise ScheduleError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}")
     if name != "interleaved" and v != 1:

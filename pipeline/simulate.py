@@ -59,8 +59,8 @@ def simulate(schedule: Schedule, costs: Mapping[str, int] | None = None) -> Simu
     kinds = ("F", "B", "W") if schedule.split_backward else ("F", "B")
     for kind in kinds:
         if not isinstance(costs.get(kind), int) or costs[kind] < 1:
-            raise ScheduleError(f"cost of {kind} must be a positive integer "
-                                f"(got {costs.get(kind)!r}); give costs like {default_costs(schedule)}")
+            raise ScheduleError(f"cost of {kind} must be a positive integer (got "
+                                f"{costs.get(kind)!r}); give costs like {default_costs(schedule)}")
     p = schedule.stages
     starts = _place(schedule, costs)
     ticks = max(starts[(s, a)] + costs[a.kind] for s, a in starts)
@@ -148,3 +148,37 @@ def _assign_slots(schedule: Schedule, costs: Mapping[str, int],
             slots[(s, mb, c)] = slot
         peaks.append(used)
     return tuple(peaks), slots
+
+
+def closed_form(schedule: Schedule) -> dict[str, object]:
+    """Ticks, bubble fraction and peak in-flight per stage predicted by formula, for the
+    named generators at default costs (F=1, B=2; split: F=B=W=1). The simulator must agree.
+
+    gpipe, 1f1b: ticks 3(m+p-1), idle fraction (p-1)/(m+p-1); peak m (gpipe), min(p-s, m).
+    interleaved: ticks 3(v·m+p-1) in chunk ticks: bubble ratio (p-1)/(v·m) (Narayanan et al.
+      2021, §2.2.2); peak v·p-s chunk activations (warm-up + 1).
+    zb-h1: ticks 3m+p-1 for m >= p (bubble p-1 ticks, 1F1B's is 3(p-1); Qi et al. 2024);
+      for m < p stage 0 waits 2p-1 ticks for the first gradient, then has 2m work: 2m+2p-1.
+      Peak min(p, m) on every stage (held from F to W).
+    """
+    p, m, v = schedule.stages, schedule.microbatches, schedule.virtual_stages
+    name = schedule.name
+    if name in ("gpipe", "1f1b"):
+        ticks = 3 * (m + p - 1)
+        peak = [m] * p if name == "gpipe" else [min(p - s, m) for s in range(p)]
+    elif name == "interleaved":
+        ticks = 3 * (v * m + p - 1)
+        peak = [min(v * p - s, v * m) for s in range(p)]
+    elif name == "zb-h1":
+        ticks = 2 * m + p - 1 + max(m, p)
+        peak = [min(p, m)] * p
+    else:
+        raise ScheduleError(f"no closed form for schedule {name!r}; closed forms exist for "
+                            "gpipe, 1f1b, interleaved, zb-h1")
+    ideal = 3 * v * m
+    return {
+        "ticks": ticks,
+        "bubble_fraction": (ticks - ideal) / ticks,
+        "bubble_ratio": (ticks - ideal) / ideal,
+        "peak_inflight": tuple(peak),
+    }

@@ -14,7 +14,8 @@ Facts about the text (checked on jax 0.10.2, CPU backend) that shape the parser:
   XLA's own anonymous mesh, so we expand it to explicit groups and map those.
 - A `lax.scan` body appears once; the enclosing `while` carries
   `"known_trip_count":{"n":"K"}` in its backend_config. A while without a known trip
-  count is counted as running once (the true count is data dependent).
+  count is counted as running once (the true count is data dependent), as is a
+  collective in a computation that no parsed call edge reaches.
 - Async pairs (`all-reduce-start`/`-done`, ...) are counted once, at the `-start`, with
   the `-done`'s result shape (the `-start` result also holds the operands/contexts).
 """
@@ -36,7 +37,7 @@ _COMP_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s+\(.*\)\s*->\s*.*\{\s*$")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
 _CALL_ONE = re.compile(
     r"\b(body|condition|to_apply|calls|true_computation|false_computation)=%?([\w.\-]+)")
-_CALL_MANY = re.compile(r"\b(?:branch_computations|calls)=\{([^}]*)\}")
+_CALL_MANY = re.compile(r"\b(?:branch_computations|called_computations|calls)=\{([^}]*)\}")
 _TRIP = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 _OP_NAME = re.compile(r'op_name="((?:[^"\\]|\\.)*)"')
 _ARRAY = re.compile(r"([a-z][a-z0-9]*)\[([^\]]*)\]")
@@ -297,7 +298,7 @@ def collectives(compiled_text: str, mesh: jax.sharding.Mesh) -> list[Collective]
                 for i in instrs if i.opcode.endswith("-done") and i.operands}
         for ins in instrs:
             op = ins.opcode.removesuffix("-start")
-            if op not in OPS or counts[comp] == 0:
+            if op not in OPS:
                 continue
             if op == "reduce-scatter":
                 size = sum(shape_bytes(o) if "[" in o else shape_bytes(shapes[o.lstrip("%")])
@@ -312,7 +313,8 @@ def collectives(compiled_text: str, mesh: jax.sharding.Mesh) -> list[Collective]
             else:
                 axes = _axes_spanned(replica_groups(ins.attrs) or [], mesh, agree=True)
             name = _OP_NAME.search(ins.attrs)
-            result.append(Collective(op, size, counts[comp], axes,
+            # A computation no parsed edge reaches (count 0) is reported once, not dropped.
+            result.append(Collective(op, size, counts[comp] or 1, axes,
                                      name.group(1) if name else ""))
     return result
 

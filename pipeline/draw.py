@@ -1,0 +1,109 @@
+"""Show a simulated schedule: ASCII timeline, JSON, PNG.
+
+Cell notation: `F3` is the forward of micro-batch 3, `B3` its backward (input gradient only
+when the backward is split), `W3` its weight gradient, `.` an idle tick. With interleaving
+(v > 1) the chunk follows a dot: `F3.1` is micro-batch 3 through chunk 1, i.e. virtual
+stage 1·p + s. An action that lasts c ticks shows its label in each of its c columns.
+The PNG uses one colour per kind, lighter for later chunks, with `3` / `3.1` in the box.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.schedules import Action
+from pipeline.simulate import Simulation, closed_form
+
+COLORS = {"F": "#4C72B0", "B": "#DD8452", "W": "#55A868"}  # one colour per kind
+
+
+def label(action: Action | None, virtual_stages: int) -> str:
+    """`F3`, or `F3.1` when there is more than one chunk; `.` for idle."""
+    if action is None:
+        return "."
+    text = f"{action.kind}{action.microbatch}"
+    return f"{text}.{action.chunk}" if virtual_stages > 1 else text
+
+
+def ascii_timeline(sim: Simulation) -> str:
+    """One row per stage, one aligned column per tick, plus a tick header."""
+    v = sim.schedule.virtual_stages
+    rows = [[label(a, v) for a in (sim.table[t][s] for t in range(sim.ticks))]
+            for s in range(sim.schedule.stages)]
+    width = max([len(str(sim.ticks - 1))] + [len(c) for row in rows for c in row])
+    head = "tick".ljust(9) + " ".join(str(t).rjust(width) for t in range(sim.ticks))
+    lines = [head]
+    for s, row in enumerate(rows):
+        lines.append(f"stage {s}".ljust(9) + " ".join(c.rjust(width) for c in row))
+    return "\n".join(lines)
+
+
+def summary(sim: Simulation) -> str:
+    """Simulated figures, each next to its closed form (`simulate.closed_form`)."""
+    sch, cf = sim.schedule, closed_form(sim.schedule)
+    costs = " ".join(f"{k}={c}" for k, c in sim.costs.items())
+    lines = [
+        f"{sch.name}: p={sch.stages} m={sch.microbatches} v={sch.virtual_stages} "
+        f"(costs {costs} ticks per chunk action)",
+        f"{'':22}{'simulated':>10}{'closed form':>13}",
+        f"{'ticks':22}{sim.ticks:>10}{cf['ticks']:>13}",
+        f"{'ideal ticks':22}{sim.ideal_ticks:>10}",
+        f"{'bubble fraction':22}{sim.bubble_fraction:>10.4f}{cf['bubble_fraction']:>13.4f}",
+        f"{'bubble ratio':22}{sim.bubble_ratio:>10.4f}{cf['bubble_ratio']:>13.4f}",
+        f"{'stage':<8}{'bubble':>8}{'peak in-flight':>16}{'closed form':>13}",
+    ]
+    for s in range(sch.stages):
+        lines.append(f"{s:<8}{sim.stage_bubble[s]:>8.4f}{sim.peak_inflight[s]:>16}"
+                     f"{cf['peak_inflight'][s]:>13}")
+    return "\n".join(lines)
+
+
+def to_json(sim: Simulation) -> dict:
+    """Plain-data view of the simulation (start tick of every action, per stage, in order)."""
+    sch = sim.schedule
+    return {
+        "schedule": sch.name,
+        "stages": sch.stages,
+        "microbatches": sch.microbatches,
+        "virtual_stages": sch.virtual_stages,
+        "ticks": sim.ticks,
+        "bubble_fraction": sim.bubble_fraction,
+        "peak_inflight": list(sim.peak_inflight),
+        "actions": [
+            [{"kind": a.kind, "microbatch": a.microbatch, "chunk": a.chunk,
+              "tick": sim.starts[(s, a)]} for a in acts]
+            for s, acts in enumerate(sch.actions)
+        ],
+    }
+
+
+def save_png(sim: Simulation, path: str | Path) -> None:
+    """Draw the timeline as coloured boxes (F/B/W) labelled with micro-batch numbers."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise RuntimeError("save_png needs matplotlib: pip install matplotlib") from err
+    sch = sim.schedule
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.3 * sim.ticks + 1.5), 0.5 * sch.stages + 1.2))
+    for (s, a), t0 in sim.starts.items():
+        cost = sim.costs[a.kind]
+        ax.add_patch(plt.Rectangle((t0, s - 0.4), cost, 0.8, facecolor=COLORS[a.kind],
+                                   edgecolor="black", linewidth=0.5,
+                                   alpha=1.0 - 0.35 * a.chunk / max(1, sch.virtual_stages - 1)))
+        text = label(a, sch.virtual_stages)[1:]  # the colour already says the kind
+        ax.text(t0 + cost / 2, s, text, ha="center", va="center", fontsize=7)
+    ax.set_xlim(0, sim.ticks)
+    ax.set_ylim(sch.stages - 0.5, -0.5)  # stage 0 on top
+    ax.set_yticks(range(sch.stages), [f"stage {s}" for s in range(sch.stages)])
+    ax.set_xlabel("tick")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in COLORS
+               if k != "W" or sch.split_backward]
+    ax.legend(handles, [k for k in COLORS if k != "W" or sch.split_backward],
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    ax.set_title(f"{sch.name}: p={sch.stages} m={sch.microbatches} v={sch.virtual_stages}, "
+                 f"{sim.ticks} ticks, bubble {sim.bubble_fraction:.1%}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
