@@ -67,39 +67,41 @@ def rotary(x: jax.Array, theta: float) -> jax.Array:
 
 
 class Attention(nnx.Module):
-    """Megatron: q/k/v are column-parallel (split over heads), the out-projection row-parallel."""
+    """Megatron: q/k/v are column-parallel (split over heads), the out-projection row-parallel.
+
+    q, k and v share one fused weight laid out per key/value group, (D, K, G + 2, H): the G
+    query heads of group k, then its key head, then its value head. Splitting K over `tensor`
+    keeps every group whole on one shard, and one matmul means one partial input-gradient, so
+    the backward pass all-reduces X once, not three times.
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, n, k, h, std = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.init_std
-        self.cfg = cfg
-        self.wq = _param(rngs, std, (d, n, h), ("embed", "heads", None))
-        self.wk = _param(rngs, std, (d, k, h), ("embed", "kv_heads", None))
-        self.wv = _param(rngs, std, (d, k, h), ("embed", "kv_heads", None))
+        self.cfg, self.group = cfg, n // k
+        self.wqkv = _param(rngs, std, (d, k, self.group + 2, h), ("embed", "kv_heads", None, None))
         # Scaled init of residual outputs (GPT-2): std / sqrt(2 L).
         self.wo = _param(rngs, std / (2 * cfg.n_layers) ** 0.5, (n, h, d), ("heads", None, "embed"))
         self.biases = cfg.style == "gpt2"
         if self.biases:
-            self.bq = _const(0.0, (n, h), ("heads", None))
-            self.bk = _const(0.0, (k, h), ("kv_heads", None))
-            self.bv = _const(0.0, (k, h), ("kv_heads", None))
+            self.bqkv = _const(0.0, (k, self.group + 2, h), ("kv_heads", None, None))
             self.bo = _const(0.0, (d,), ("embed",))
 
     def __call__(self, x):  # (B, T, D)
-        cfg, dt = self.cfg, self.cfg.dtype
+        cfg, dt, g = self.cfg, self.cfg.dtype, self.group
         x = constrain(x, ("batch", None, "embed"))  # sequence parallelism: all-gather T here
         with jax.named_scope("attn_qkv"):
-            q = jnp.einsum("btd,dnh->btnh", x, self.wq[...].astype(dt))
-            k = jnp.einsum("btd,dkh->btkh", x, self.wk[...].astype(dt))
-            v = jnp.einsum("btd,dkh->btkh", x, self.wv[...].astype(dt))
+            qkv = jnp.einsum("btd,dkch->btkch", x, self.wqkv[...].astype(dt))  # c = G + 2
             if self.biases:
-                q, k, v = q + self.bq[...], k + self.bk[...], v + self.bv[...]
-            q = constrain(q, ("batch", None, "heads", None)).astype(dt)
-            k = constrain(k, ("batch", None, "kv_heads", None)).astype(dt)
-            v = constrain(v, ("batch", None, "kv_heads", None)).astype(dt)
+                qkv = qkv + self.bqkv[...].astype(dt)
+            qkv = constrain(qkv, ("batch", None, "kv_heads", None, None))
+            b, t = x.shape[:2]
+            q = qkv[:, :, :, :g].reshape(b, t, cfg.n_heads, cfg.head_dim)  # heads k*G .. k*G+G-1
+            k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # (B, T, K, H)
             if cfg.style == "llama":
                 q, k = rotary(q, cfg.rope_theta), rotary(k, cfg.rope_theta)
         with jax.named_scope("attn_core"):
             o = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, N, H)
+            o = constrain(o, ("batch", None, "heads", None))
         with jax.named_scope("attn_out"):
             y = jnp.einsum("btnh,nhd->btd", o, self.wo[...].astype(dt))
             # Row-parallel output: all-reduce over `tensor` (reduce-scatter over T with SP).
@@ -110,29 +112,35 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """Megatron: up/gate column-parallel (split over F), down-projection row-parallel."""
+    """Megatron: up/gate column-parallel (split over F), down-projection row-parallel.
+
+    SwiGLU's gate and up weights are fused, (D, 2, F), for the same reason as q/k/v: one
+    matmul, one backward all-reduce.
+    """
 
     def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
         d, f, std = cfg.d_model, cfg.d_ff, cfg.init_std
         self.cfg, self.gated = cfg, cfg.style == "llama"
-        self.w_up = _param(rngs, std, (d, f), ("embed", "mlp"))
-        self.w_gate = _param(rngs, std, (d, f), ("embed", "mlp")) if self.gated else None
+        ins = 2 if self.gated else 1
+        self.w_in = _param(rngs, std, (d, ins, f), ("embed", None, "mlp"))
         self.w_down = _param(rngs, std / (2 * cfg.n_layers) ** 0.5, (f, d), ("mlp", "embed"))
         self.biases = not self.gated
         if self.biases:
-            self.b_up = _const(0.0, (f,), ("mlp",))
+            self.b_in = _const(0.0, (ins, f), (None, "mlp"))
             self.b_down = _const(0.0, (d,), ("embed",))
 
     def __call__(self, x):  # (B, T, D)
         dt = self.cfg.dtype
         x = constrain(x, ("batch", None, "embed"))  # sequence parallelism: all-gather T here
         with jax.named_scope("mlp_up"):
-            up = jnp.einsum("btd,df->btf", x, self.w_up[...].astype(dt))
-            if self.gated:  # SwiGLU (Shazeer 2020)
-                gate = jnp.einsum("btd,df->btf", x, self.w_gate[...].astype(dt))
-                hid = jax.nn.silu(gate) * up
+            up = jnp.einsum("btd,dcf->btcf", x, self.w_in[...].astype(dt))
+            if self.biases:
+                up = up + self.b_in[...].astype(dt)
+            up = constrain(up, ("batch", None, None, "mlp"))
+            if self.gated:  # SwiGLU (Shazeer 2020): silu(gate) * up
+                hid = jax.nn.silu(up[:, :, 0]) * up[:, :, 1]
             else:
-                hid = jax.nn.gelu(up + self.b_up[...].astype(dt))
+                hid = jax.nn.gelu(up[:, :, 0])
             hid = constrain(hid, ("batch", None, "mlp"))
         with jax.named_scope("mlp_down"):
             y = jnp.einsum("btf,fd->btd", hid, self.w_down[...].astype(dt))
@@ -199,7 +207,7 @@ class Transformer(nnx.Module):
         with jax.named_scope("embed"):
             # Vocab-parallel: each `tensor` shard looks up its rows, then one all-reduce
             # (reduce-scatter over T with sequence parallelism).
-            x = jnp.take(self.embedding[...], tokens, axis=0)
+            x = constrain(jnp.take(self.embedding[...], tokens, axis=0), ("batch", None, "embed"))
             if self.cfg.style == "gpt2":
                 x = x + self.positions[...][: tokens.shape[1]]
             return constrain(x.astype(self.cfg.dtype), ("batch", "seq", "embed"))
