@@ -26,12 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from models.config import ConfigError
+
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
 
 Kind = Literal["F", "B", "W"]
 
 
-class ScheduleError(ValueError):
+class ScheduleError(ConfigError):
     """A schedule that cannot run, or bad sizes; the message names the value and the fix."""
 
 

@@ -20,7 +20,9 @@ PARAM_RULES: tuple[Rule, ...] = (
     ("heads", "tensor"),  # column-parallel q (none); row-parallel out-proj (all-reduce of X)
     ("kv_heads", "tensor"),  # column-parallel k, v (none)
     ("mlp", "tensor"),  # column-parallel up/gate (none); row-parallel down (all-reduce of X)
-    ("layers", None),  # the pipeline reshapes [L] → [p, L/p] and puts p on `stage`
+    # Layer l lives on stage l // (L/p): the canonical [L, ...] is split contiguously over
+    # `stage`, so the pipeline's reshape to [p, L/p, ...] moves no data (sends: see pipeline/).
+    ("layers", "stage"),
 )
 
 

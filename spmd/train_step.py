@@ -123,7 +123,7 @@ class Trainer:
         done = optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    "lr": jnp.asarray(self.lr(done), jnp.float32)}
         return params, opt_state, metrics
 

@@ -22,28 +22,29 @@ BATCH, SEQ = 8, 16
 RTOL = 1e-5
 
 
-def batch(cfg: ModelConfig = TEST_MODEL, seed: int = 0):
-    tok = np.random.default_rng(seed).integers(0, cfg.vocab_size, (BATCH, SEQ + 1), np.int32)
+def batch(cfg: ModelConfig = TEST_MODEL, seed: int = 0, shape: tuple[int, int] = (BATCH, SEQ)):
+    b, s = shape
+    tok = np.random.default_rng(seed).integers(0, cfg.vocab_size, (b, s + 1), np.int32)
     return tok[:, :-1], tok[:, 1:]
 
 
-def trainer(cfg, mesh_spec: str, sequence_parallel=False, **train_kw) -> Trainer:
+def trainer(cfg, mesh_spec: str, sequence_parallel=False, shape=(BATCH, SEQ), **train_kw):
     devices = jax.devices()[:1] if mesh_spec == "single" else None
     mesh = make_mesh("data=1" if mesh_spec == "single" else mesh_spec, devices)
-    return Trainer(cfg, TrainConfig(**train_kw), mesh, Rules(sequence_parallel), (BATCH, SEQ))
+    return Trainer(cfg, TrainConfig(**train_kw), mesh, Rules(sequence_parallel), shape)
 
 
-def loss_and_grads(cfg, mesh_spec, sequence_parallel=False, **train_kw):
-    tr = trainer(cfg, mesh_spec, sequence_parallel, **train_kw)
+def loss_and_grads(cfg, mesh_spec, sequence_parallel=False, shape=(BATCH, SEQ), **train_kw):
+    tr = trainer(cfg, mesh_spec, sequence_parallel, shape, **train_kw)
     params, _ = tr.init(seed=0)
-    loss, grads = tr.loss_and_grads(params, *tr.place(batch(cfg)))
+    loss, grads = tr.loss_and_grads(params, *tr.place(batch(cfg, shape=shape)))
     return float(loss), jax.device_get(grads)
 
 
 @functools.cache
-def reference(cfg: ModelConfig):
+def reference(cfg: ModelConfig, shape: tuple[int, int] = (BATCH, SEQ)):
     """The single-device model: loss and gradients on the same data and init."""
-    return loss_and_grads(cfg, "single")
+    return loss_and_grads(cfg, "single", shape=shape)
 
 
 def rel_err(a, b, floor: float = 1e-30) -> float:
@@ -52,8 +53,8 @@ def rel_err(a, b, floor: float = 1e-30) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), floor))
 
 
-def assert_matches_reference(cfg, loss, grads, rtol=RTOL):
-    ref_loss, ref_grads = reference(cfg)
+def assert_matches_reference(cfg, loss, grads, rtol=RTOL, shape=(BATCH, SEQ)):
+    ref_loss, ref_grads = reference(cfg, shape)
     assert rel_err(loss, ref_loss) <= rtol, f"loss {loss} vs single-device {ref_loss}"
     # A leaf whose exact gradient is zero (the key bias: softmax ignores a shift shared by all
     # keys) holds only rounding noise, so each leaf's error is taken relative to at least 1e-3

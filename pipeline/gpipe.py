@@ -1,0 +1,99 @@
+"""GPipe over the `stage` mesh axis: a forward tick loop that `jax.grad` differentiates.
+
+Symbols: L layers, p stages (the `stage` axis), m micro-batches, b_mb = b/m.
+Stage s holds layers [s·L/p, (s+1)·L/p). At tick t (0 ≤ t < m + p − 1) stage s runs micro-batch
+t − s when 0 ≤ t − s < m, and is idle otherwise; a `ppermute` hands each stage's output to the
+next stage for the following tick. Idle fraction per stage: (p − 1)/(m + p − 1) (Huang et al.
+2019). Autodiff of the loop gives all-forward-then-all-backward, so activations of all m
+micro-batches are alive at once (memory grows with m; see the 1F1B executor for the fix).
+
+The `shard_map` is manual over `stage` only: data/fsdp/tensor stay with the compiler, so the
+Megatron constraints inside every block (and sequence parallelism) keep working per stage.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from models.transformer import scan_blocks
+
+
+def to_stages(stacked, stages: int):
+    """[L, ...] → [p, L/p, ...]: layer l goes to stage l // (L/p). Exactly undone by `from_stages`.
+
+    The canonical layout is already split contiguously over `stage` (spmd.rules), so this reshape
+    moves no data.
+    """
+    return jax.tree.map(lambda a: a.reshape(stages, a.shape[0] // stages, *a.shape[1:]), stacked)
+
+
+def from_stages(staged):
+    """[p, L/p, ...] → [L, ...]."""
+    return jax.tree.map(lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:]), staged)
+
+
+def to_microbatches(x: jax.Array, m: int) -> jax.Array:
+    """(B, ...) → (m, B/m, ...), micro-batch i = rows i, i + m, i + 2m, ...
+
+    Strided, not contiguous, so that every data shard holds b_mb/d rows of every micro-batch:
+    splitting a data-sharded batch this way moves nothing.
+    """
+    return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+
+
+def stage_function(block_def: nnx.GraphDef, remat: str):
+    """One stage's forward: its L/p layers under `lax.scan`, with the chosen recomputation.
+
+    remat "none": store every layer's intermediates; "layer": keep each layer's input, recompute
+    inside the layer; "stage": keep only the stage input, recompute the whole stage.
+    """
+
+    def run(params, x):
+        return scan_blocks(block_def, params, x, remat=remat == "layer")
+
+    return jax.checkpoint(run) if remat == "stage" else run
+
+
+def gpipe(block_def: nnx.GraphDef, staged, xs: jax.Array, remat: str = "none") -> jax.Array:
+    """Run micro-batches `xs` (m, b_mb, T, D) through all stages; returns the last stage's outputs.
+
+    If p divides m the outputs come back split over `stage` along m (a reduce-scatter), so the
+    head and loss after the loop run once, not p times; otherwise they are summed to every stage.
+    """
+    p = jax.tree.leaves(staged)[0].shape[0]
+    m = xs.shape[0]
+    run_stage = stage_function(block_def, remat)
+    scatter = m % p == 0
+
+    @functools.partial(
+        jax.shard_map, in_specs=(P("stage"), P()), out_specs=P("stage") if scatter else P(),
+        axis_names={"stage"},
+    )
+    def loop(staged, xs):
+        params = jax.tree.map(lambda a: a[0], staged)  # this stage's [L/p, ...]
+        s = jax.lax.axis_index("stage")
+        varying = functools.partial(jax.lax.pcast, axis_name="stage", to="varying")
+
+        def tick(carry, t):
+            received, outputs = carry
+            mb = t - s  # the micro-batch this stage works on at tick t
+            x = jnp.where(s == 0, xs[jnp.clip(t, 0, m - 1)], received)
+            # Bubble ticks skip the compute: nothing they would produce is ever used.
+            y = jax.lax.cond((mb >= 0) & (mb < m), run_stage, lambda _, x: x, params, x)
+            done = jnp.clip(mb, 0, m - 1)
+            keep = (s == p - 1) & (mb >= 0)
+            outputs = outputs.at[done].set(jnp.where(keep, y, outputs[done]))
+            sent = jax.lax.ppermute(y, "stage", [(i, i + 1) for i in range(p - 1)])
+            return (sent, outputs), None
+
+        init = (varying(jnp.zeros_like(xs[0])), varying(jnp.zeros_like(xs)))
+        (_, outputs), _ = jax.lax.scan(tick, init, jnp.arange(m + p - 1))
+        # Only the last stage holds results; the others hold zeros.
+        if scatter:
+            return jax.lax.psum_scatter(outputs, "stage", scatter_dimension=0, tiled=True)
+        return jax.lax.psum(outputs, "stage")
+
+    return loop(staged, xs)

@@ -1,0 +1,194 @@
+"""Checkpoints on Orbax: sharded params and optimizer state plus a JSON record of the run.
+
+On disk, one directory per saved step (N = the index of the step just completed):
+
+    DIR/step_N/params      nnx.State of global arrays, mesh-independent (OCDBT/Zarr)
+    DIR/step_N/opt_state   the optax state, likewise
+    DIR/step_N/run         JSON: step, data_position (= N + 1, the next step), seed, model,
+                           train, mesh, and whatever the caller adds (e.g. an RNG state)
+
+Orbax writes a step into `step_N.orbax-checkpoint-tmp*` and renames it to `step_N` only once every
+item is on disk, so a save killed midway never looks complete: `latest_step` lists committed
+directories only. Saving is asynchronous: `save` returns once the arrays are copied to host
+memory (the caller may then donate them to the next step), the files are written in a background
+thread. `restore` reads every array straight into the target trainer's shardings (each device
+reads only its own shards), so a checkpoint from any mesh restores onto any other and no device
+ever holds the full model.
+"""
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from models import Transformer
+from models.config import ConfigError, ModelConfig
+from spmd.train_step import TrainConfig, Trainer
+
+STEP_PREFIX = "step"  # directories step_0, step_1, ...
+ITEMS = ("params", "opt_state", "run")
+
+
+def run_info(cfg: ModelConfig, tc: TrainConfig, mesh_spec: str, seed: int) -> dict[str, Any]:
+    """What every checkpoint of a run records about it (as JSON-ready dicts)."""
+    return {"seed": seed, "mesh": mesh_spec, "model": dataclasses.asdict(cfg),
+            "train": dataclasses.asdict(tc)}
+
+
+def _abstract(tree, shardings):
+    """ShapeDtypeStructs carrying the target shardings: Orbax reads each shard onto its device."""
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), tree, shardings
+    )
+
+
+def _abstract_state(trainer: Trainer):
+    """The (params, opt_state) trees of `trainer`, shapes and dtypes only: nothing allocated."""
+    with nnx.use_eager_sharding(False):
+        model = nnx.eval_shape(lambda: Transformer(trainer.cfg, nnx.Rngs(0)))
+    params = nnx.split(model)[1]
+    return params, jax.eval_shape(trainer.tx.init, params)
+
+
+def _one_line(err: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(err).split()) or "no message"
+    return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+class CheckpointManager:
+    """One run's checkpoints in one directory. Create with `CheckpointManager.open`."""
+
+    def __init__(self, directory: Path, manager: ocp.CheckpointManager, info: dict):
+        self.directory, self._manager, self._run_info = directory, manager, info
+        self._name_format = ocp.step.standard_name_format(step_prefix=STEP_PREFIX)
+
+    @classmethod
+    def open(cls, directory: str | Path, run_info: dict, *, keep: int = 3,
+             overwrite: bool = False, resume: bool = False) -> "CheckpointManager":
+        """Open DIR for a fresh run (refused if it holds checkpoints, unless `overwrite`, which
+        deletes them) or, with `resume`, to continue the run saved there (refused if the saved
+        model config differs). Uncommitted leftovers of a killed save are deleted either way."""
+        directory = Path(directory).absolute()
+        if overwrite and resume:
+            raise ConfigError("--overwrite and --resume exclude each other; pick one")
+        if keep < 1:
+            raise ConfigError(f"--keep must be at least 1 checkpoint, got {keep}")
+        if directory.exists() and not directory.is_dir():
+            raise ConfigError(f"checkpoint directory {directory} is a file; give a folder")
+        options = ocp.CheckpointManagerOptions(
+            step_prefix=STEP_PREFIX,
+            preservation_policy=ocp.checkpoint_managers.LatestN(keep),
+            cleanup_tmp_directories=True,  # leftovers of saves killed before their commit
+            enable_async_checkpointing=True,
+        )
+        manager = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+        self = cls(directory, manager, json.loads(json.dumps(run_info)))
+        latest = self.latest_step()
+        if latest is not None and not resume:
+            if not overwrite:
+                manager.close()
+                raise ConfigError(
+                    f"checkpoint directory {directory} already holds checkpoints (latest: "
+                    f"{self._path(latest).name}); pass --resume to continue that run or "
+                    "--overwrite to delete them and start afresh"
+                )
+            for step in manager.all_steps():
+                manager.delete(step)
+        elif latest is not None:
+            try:
+                self._check_model(latest, self.read_info(latest))
+            except ConfigError:
+                manager.close()
+                raise
+        return self
+
+    # ---- queries ----------------------------------------------------------------------
+    def _path(self, step: int) -> Path:
+        return self.directory / self._name_format.build_name(step)
+
+    def all_steps(self) -> list[int]:
+        """Committed steps on disk, oldest first (a save still in flight is not listed)."""
+        return sorted(m.step for m in self._name_format.find_all(self.directory))
+
+    def latest_step(self) -> int | None:
+        """The latest *complete* checkpoint, read from disk; None if there is none."""
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def read_info(self, step: int) -> dict:
+        """The JSON record of `step`, without touching the arrays."""
+        args = ocp.args.Composite(run=ocp.args.JsonRestore())
+        return self._restore(step, args).run
+
+    def _check_model(self, step: int, record: dict) -> None:
+        saved, current = record.get("model", {}), self._run_info.get("model", {})
+        for field in sorted(set(saved) | set(current)):
+            if saved.get(field) != current.get(field):
+                raise ConfigError(
+                    f"cannot resume from {self._path(step)}: it was saved with model {field}="
+                    f"{saved.get(field)!r} but this run has {field}={current.get(field)!r}; "
+                    "use the saved model settings, or --overwrite to start afresh"
+                )
+
+    # ---- save / restore ---------------------------------------------------------------
+    def save(self, step: int, params, opt_state, info: dict | None = None) -> None:
+        """Start saving after step `step` (asynchronous: `wait()` to block until written).
+        Returns once the arrays are in host memory, so they may be donated to the next step."""
+        record = {"step": step, "data_position": step + 1, **self._run_info, **(info or {})}
+        args = ocp.args.Composite(
+            params=ocp.args.StandardSave(params),
+            opt_state=ocp.args.StandardSave(opt_state),
+            run=ocp.args.JsonSave(record),
+        )
+        if step in self.all_steps():
+            raise ConfigError(f"checkpoint {self._path(step)} already exists; delete it first")
+        self._manager.save(step, args=args, force=True)
+
+    def restore(self, step: int, trainer: Trainer) -> tuple[Any, Any, dict]:
+        """(params, opt_state, info) of `step`, each array placed in `trainer`'s shardings."""
+        if step not in self.all_steps():
+            raise ConfigError(
+                f"no complete checkpoint {self._path(step)}; saved steps: {self.all_steps()}"
+            )
+        abstract_params, abstract_opt = _abstract_state(trainer)
+        args = ocp.args.Composite(
+            params=ocp.args.StandardRestore(_abstract(abstract_params, trainer.param_shardings)),
+            opt_state=ocp.args.StandardRestore(_abstract(abstract_opt, trainer.opt_shardings)),
+            run=ocp.args.JsonRestore(),
+        )
+        out = self._restore(step, args)
+        self._check_model(step, out.run)
+        return out.params, out.opt_state, out.run
+
+    def _restore(self, step: int, args: ocp.args.Composite):
+        # Any failure inside Orbax/TensorStore (missing or truncated file, bad JSON, shape
+        # mismatch) means this checkpoint cannot be used: say so in one line, never start afresh.
+        try:
+            out = self._manager.restore(step, args=args)
+            for name in args.keys():
+                if out[name] is None:
+                    raise FileNotFoundError(f"item {name!r} is missing")
+            return out
+        except Exception as err:  # noqa: BLE001 - converted to one line for the user
+            raise ConfigError(
+                f"checkpoint {self._path(step)} is unreadable ({_one_line(err)}); "
+                "delete it or resume from an earlier step"
+            ) from err
+
+    def wait(self) -> None:
+        """Block until every started save is committed."""
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish pending saves and release Orbax's threads."""
+        self._manager.close()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

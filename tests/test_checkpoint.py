@@ -1,0 +1,185 @@
+"""Checkpoints: exact resume, restore onto any mesh, crash safety, overwrite guard, corruption."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from models.config import ConfigError
+from spmd.checkpoint import CheckpointManager, run_info
+from spmd.train_step import TrainConfig
+from tests.helpers import RTOL, TEST_MODEL, batch, rel_err, trainer
+
+MESH = "data=2,tensor=4"
+INFO = run_info(TEST_MODEL, TrainConfig(), MESH, seed=0)
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def train(tr, params, opt_state, steps):
+    """Run `steps` (batch i for step i); return the new state and the losses."""
+    losses = []
+    for step in steps:
+        params, opt_state, metrics = tr.step(params, opt_state, *tr.place(batch(seed=step)))
+        losses.append(float(metrics["loss"]))
+    return params, opt_state, losses
+
+
+def saved(directory, steps=(0,)):
+    """A directory holding committed checkpoints of the initial state at `steps`."""
+    tr = trainer(TEST_MODEL, MESH)
+    params, opt_state = tr.init(0)
+    with CheckpointManager.open(directory, INFO) as ckpt:
+        for step in steps:
+            ckpt.save(step, params, opt_state)
+    return tr
+
+
+def test_resume_is_bit_identical(tmp_path):
+    tr = trainer(TEST_MODEL, MESH)
+    _, _, straight = train(tr, *tr.init(0), range(4))
+
+    params, opt_state, first = train(tr, *tr.init(0), range(2))
+    ckpt = CheckpointManager.open(tmp_path, INFO)
+    ckpt.save(1, params, opt_state)
+    # Keep training at once: the next step donates the saved buffers while the write is in flight.
+    train(tr, params, opt_state, [2])
+    ckpt.close()
+
+    tr = trainer(TEST_MODEL, MESH)  # a new process would start from here
+    ckpt = CheckpointManager.open(tmp_path, INFO, resume=True)
+    step = ckpt.latest_step()
+    params, opt_state, info = ckpt.restore(step, tr)
+    ckpt.close()
+    assert (step, info["step"], info["data_position"]) == (1, 1, 2)
+    assert info["model"] == INFO["model"] and info["mesh"] == MESH
+    _, _, rest = train(tr, params, opt_state, range(info["data_position"], 4))
+    assert first + rest == straight
+
+
+@pytest.fixture(scope="module")
+def after_one_step(tmp_path_factory):
+    """A checkpoint after step 0 on MESH, its params on the host, and the loss of step 1."""
+    directory = tmp_path_factory.mktemp("ckpt")
+    tr = trainer(TEST_MODEL, MESH)
+    params, opt_state, _ = train(tr, *tr.init(0), [0])
+    with CheckpointManager.open(directory, INFO) as ckpt:
+        ckpt.save(0, params, opt_state)
+    host_params = jax.device_get(params)
+    _, _, (next_loss,) = train(tr, params, opt_state, [1])
+    return directory, host_params, next_loss
+
+
+@pytest.mark.parametrize("target", ["tensor=8", "data=8", "single"])
+def test_restore_onto_another_mesh(after_one_step, target):
+    directory, host_params, next_loss = after_one_step
+    tr = trainer(TEST_MODEL, target)
+    with CheckpointManager.open(directory, INFO, resume=True) as ckpt:
+        params, opt_state, _ = ckpt.restore(0, tr)
+    for tree, shardings in [(params, tr.param_shardings), (opt_state, tr.opt_shardings)]:
+        leaves, targets = jax.tree.leaves(tree), jax.tree.leaves(shardings)
+        assert len(leaves) == len(targets)
+        for leaf, sharding in zip(leaves, targets, strict=True):
+            assert leaf.sharding == sharding
+    # The stored arrays are global and mesh-independent: restored bit for bit.
+    for got, want in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(host_params),
+                         strict=True):
+        np.testing.assert_array_equal(got, want)
+    # The next step re-associates sums over another set of shards: equal to float32 rounding.
+    _, _, (loss,) = train(tr, params, opt_state, [1])
+    assert rel_err(loss, next_loss) <= RTOL, f"{target}: loss {loss} vs {MESH}: {next_loss}"
+
+
+# Saves step 1, then kills itself at the very moment Orbax commits step 2: every file of step 2
+# is written (into step_2.orbax-checkpoint-tmp*) but the rename to step_2 never happens. Hooking
+# the commit's rename makes the kill deterministic, unlike a timer racing the background write.
+CRASHING_SAVE = """
+import os, signal, sys
+from spmd.checkpoint import CheckpointManager
+from tests.test_checkpoint import INFO, MESH, TEST_MODEL, trainer
+
+rename = os.rename
+def killing_rename(src, dst):
+    if "step_2.orbax-checkpoint-tmp" in os.fspath(src):
+        os.kill(os.getpid(), signal.SIGKILL)
+    rename(src, dst)
+os.rename = killing_rename
+
+params, opt_state = trainer(TEST_MODEL, MESH).init(0)
+ckpt = CheckpointManager.open(sys.argv[1], INFO)
+ckpt.save(1, params, opt_state)
+ckpt.wait()
+ckpt.save(2, params, opt_state)
+ckpt.wait()
+"""
+
+
+def test_killed_save_is_ignored(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", CRASHING_SAVE, str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, f"the save was not killed:\n{proc.stderr[-2000:]}"
+    assert (tmp_path / "step_1").is_dir() and not (tmp_path / "step_2").exists()
+    assert list(tmp_path.glob("step_2.orbax-checkpoint-tmp*")), "no half-written step left"
+
+    tr = trainer(TEST_MODEL, MESH)
+    with CheckpointManager.open(tmp_path, INFO, resume=True) as ckpt:
+        assert ckpt.latest_step() == 1
+        params, _, info = ckpt.restore(1, tr)
+    assert info["step"] == 1
+    assert not list(tmp_path.glob("step_2*")), "the uncommitted leftovers were not cleaned up"
+    init_params, _ = tr.init(0)
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(init_params), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
+    saved(tmp_path, steps=(0, 1))
+    with pytest.raises(ConfigError, match="--overwrite") as err:
+        CheckpointManager.open(tmp_path, INFO)
+    assert str(tmp_path) in str(err.value) and "--resume" in str(err.value)
+    with CheckpointManager.open(tmp_path, INFO, overwrite=True) as ckpt:
+        assert ckpt.latest_step() is None
+    assert not list(tmp_path.glob("step_*"))
+
+
+def test_resume_refuses_another_model(tmp_path):
+    saved(tmp_path)
+    other = {**INFO, "model": {**INFO["model"], "d_model": 128}}
+    with pytest.raises(ConfigError, match="d_model=64 but this run has d_model=128"):
+        CheckpointManager.open(tmp_path, other, resume=True)
+
+
+def truncate_data(step_dir: Path):
+    for f in (step_dir / "params").rglob("d/*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+
+
+def delete_manifest(step_dir: Path):
+    for f in (step_dir / "opt_state").rglob("manifest.ocdbt"):
+        f.unlink()
+
+
+def garble_json(step_dir: Path):
+    (step_dir / "run" / "metadata").write_text("{not json")
+
+
+@pytest.mark.parametrize("damage", [truncate_data, delete_manifest, garble_json])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage):
+    tr = saved(tmp_path, steps=(0, 1))
+    damage(tmp_path / "step_1")
+    # Resuming reads the JSON record at open and the arrays at restore: either may fail first.
+    with pytest.raises(ConfigError, match="delete it or resume from an earlier step") as err:
+        with CheckpointManager.open(tmp_path, INFO, resume=True) as ckpt:
+            ckpt.restore(ckpt.latest_step(), tr)
+    assert f"checkpoint {tmp_path / 'step_1'} is unreadable (" in str(err.value)
+    assert "\n" not in str(err.value)
+    shutil.rmtree(tmp_path / "step_1")  # the fix the message suggests
+    with CheckpointManager.open(tmp_path, INFO, resume=True) as ckpt:
+        assert ckpt.latest_step() == 0
+        ckpt.restore(0, tr)

@@ -1,0 +1,84 @@
+"""Pipeline parallelism (GPipe over `stage`, composed with data and tensor) equals one device."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from pipeline.gpipe import from_stages, to_stages
+from spmd.hlo import collectives
+from tests.helpers import TEST_MODEL, assert_matches_reference, batch, loss_and_grads, trainer
+
+PIPE_MODEL = dataclasses.replace(TEST_MODEL, n_layers=8)
+SHAPE = (40, 8)  # per-data-shard batch 40 or 20: divisible by m in {1, p} and by 2p+1 = 5
+
+
+def mesh_of(d, p, t):
+    return f"data={d},stage={p},tensor={t}"
+
+
+CASES = [  # (data, stage, tensor), m in {1, p, 2p+1 where it divides the data shard's batch}
+    *[((1, 2, 4), m) for m in (1, 2, 5)],
+    *[((2, 2, 2), m) for m in (1, 2, 5)],
+    *[((1, 4, 2), m) for m in (1, 4)],
+    *[((2, 4, 1), m) for m in (1, 4)],
+    *[((1, 8, 1), m) for m in (1, 8)],
+]
+
+
+@pytest.mark.parametrize("dpt,m", CASES, ids=[f"{mesh_of(*c)}-m{m}" for c, m in CASES])
+def test_gpipe_matches_single_device(dpt, m):
+    loss, grads = loss_and_grads(PIPE_MODEL, mesh_of(*dpt), shape=SHAPE, microbatches=m)
+    assert_matches_reference(PIPE_MODEL, loss, grads, shape=SHAPE)
+
+
+@pytest.mark.parametrize("dpt,m,sp,remat", [
+    ((2, 2, 2), 2, True, "none"),
+    ((1, 4, 2), 4, True, "layer"),
+    ((2, 2, 2), 5, False, "stage"),
+    ((1, 2, 4), 2, False, "layer"),
+])
+def test_gpipe_with_sequence_parallelism_and_remat(dpt, m, sp, remat):
+    loss, grads = loss_and_grads(PIPE_MODEL, mesh_of(*dpt), sp, shape=SHAPE, microbatches=m,
+                                 remat=remat)
+    assert_matches_reference(PIPE_MODEL, loss, grads, shape=SHAPE)
+
+
+def test_stage_partition_is_exactly_invertible_and_local():
+    tr = trainer(PIPE_MODEL, mesh_of(1, 4, 2), shape=SHAPE, microbatches=4)
+    params, _ = tr.init(seed=0)
+    blocks = params["blocks"]
+    staged = to_stages(blocks, 4)
+    wqkv = staged["attn"]["wqkv"][...]
+    assert wqkv.shape[:2] == (4, 2)
+    # Stage s holds layers 2s, 2s+1 and nothing else.
+    for shard in wqkv.addressable_shards:
+        assert shard.data.shape[:2] == (1, 2)
+    for a, b in zip(jax.tree.leaves(from_stages(staged)), jax.tree.leaves(blocks), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def lowered_step(dpt, m, shape=SHAPE, **kw):
+    tr = trainer(PIPE_MODEL, mesh_of(*dpt), shape=shape, microbatches=m, **kw)
+    params, opt_state = tr.init(seed=0)
+    return tr, tr.lower_step(params, opt_state, *tr.place(batch(PIPE_MODEL, shape=shape)))
+
+
+def test_one_activation_sized_permute_per_tick():
+    (d, p, t), m = (1, 4, 2), 4
+    tr, lowered = lowered_step((d, p, t), m)
+    permutes = [c for c in collectives(lowered.compile().as_text(), tr.mesh)
+                if c.op == "collective-permute"]
+    x_mb = SHAPE[0] // d // m * SHAPE[1] * PIPE_MODEL.d_model * 4  # b_mb·s·h float32
+    assert all(c.axes == ("stage",) and c.bytes == x_mb for c in permutes), permutes
+    # Forward loop and its transpose: one send per tick each, m + p - 1 ticks.
+    assert sum(c.count for c in permutes) == 2 * (m + p - 1)
+
+
+def test_compile_size_does_not_grow_with_microbatches():
+    sizes = {}
+    for m in (4, 32):
+        _, lowered = lowered_step((1, 4, 2), m, shape=(64, 8))
+        sizes[m] = len(lowered.compile().as_text())
+    assert abs(sizes[32] - sizes[4]) <= 0.2 * sizes[4], sizes
