@@ -54,13 +54,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def configure_devices(args: argparse.Namespace) -> None:
-    """Must run before jax is imported: XLA reads the flag once, at backend start."""
-    n = 8 if args.cpu_devices is None else args.cpu_devices
+    """Must run before jax is imported: XLA reads the flag once, at backend start.
+
+    An explicit --cpu-devices wins (and selects the CPU); otherwise an existing flag is kept.
+    """
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    count = "--xla_force_host_platform_device_count"
     if args.cpu_devices is not None:
         os.environ["JAX_PLATFORMS"] = "cpu"
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+        flags = [f for f in flags if not f.startswith(count)]
+    if not any(f.startswith(count) for f in flags):
+        flags.append(f"{count}={args.cpu_devices or 8}")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
 
 
 def build(args: argparse.Namespace):
