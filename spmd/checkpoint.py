@@ -18,6 +18,7 @@ ever holds the full model.
 
 import dataclasses
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,23 @@ def _abstract_state(trainer: Trainer):
 def _one_line(err: BaseException, limit: int = 200) -> str:
     text = " ".join(str(err).split()) or "no message"
     return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
+
+
+def _quiet_closed_loop_callbacks() -> None:
+    """After a failed read, TensorStore completes the reads still in flight and calls back into
+    the asyncio loop that Orbax has already closed; Python then prints one "Event loop is closed"
+    traceback per read (at random, after our one-line error). Drop exactly those."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiet_closed_loop", False):
+        return
+
+    def hook(unraisable):
+        err = unraisable.exc_value
+        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.quiet_closed_loop = True
+    sys.unraisablehook = hook
 
 
 class CheckpointManager:
@@ -138,14 +156,15 @@ class CheckpointManager:
     def save(self, step: int, params, opt_state, info: dict | None = None) -> None:
         """Start saving after step `step` (asynchronous: `wait()` to block until written).
         Returns once the arrays are in host memory, so they may be donated to the next step."""
+        if step in self.all_steps():
+            raise ConfigError(f"checkpoint {self._path(step)} already exists; delete it first")
         record = {"step": step, "data_position": step + 1, **self._run_info, **(info or {})}
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
             opt_state=ocp.args.StandardSave(opt_state),
             run=ocp.args.JsonSave(record),
         )
-        if step in self.all_steps():
-            raise ConfigError(f"checkpoint {self._path(step)} already exists; delete it first")
+        # Orbax first waits for the previous save, so at most one is in flight.
         self._manager.save(step, args=args, force=True)
 
     def restore(self, step: int, trainer: Trainer) -> tuple[Any, Any, dict]:
@@ -174,6 +193,7 @@ class CheckpointManager:
                     raise FileNotFoundError(f"item {name!r} is missing")
             return out
         except Exception as err:  # noqa: BLE001 - converted to one line for the user
+            _quiet_closed_loop_callbacks()
             raise ConfigError(
                 f"checkpoint {self._path(step)} is unreadable ({_one_line(err)}); "
                 "delete it or resume from an earlier step"

@@ -2,6 +2,7 @@
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -29,21 +30,35 @@ def train(tr, params, opt_state, steps):
     return params, opt_state, losses
 
 
-def saved(directory, steps=(0,)):
-    """A directory holding committed checkpoints of the initial state at `steps`."""
-    tr = trainer(TEST_MODEL, MESH)
-    params, opt_state = tr.init(0)
+@pytest.fixture(scope="module")
+def tr():
+    """One trainer on MESH for the whole file: its init and step compile once."""
+    return trainer(TEST_MODEL, MESH)
+
+
+@pytest.fixture(scope="module")
+def initial(tr):
+    """The initial (params, opt_state) on the host (`init` compiles anew at every call)."""
+    return jax.device_get(tr.init(0))
+
+
+def fresh(tr, initial):
+    """The initial state placed on `tr`'s mesh: new buffers, so `step` may donate them."""
+    return jax.device_put(initial, (tr.param_shardings, tr.opt_shardings))
+
+
+def saved(tr, initial, directory, steps=(0,)):
+    """Commit checkpoints of the initial state at `steps` into `directory`."""
+    params, opt_state = fresh(tr, initial)
     with CheckpointManager.open(directory, INFO) as ckpt:
         for step in steps:
             ckpt.save(step, params, opt_state)
-    return tr
 
 
-def test_resume_is_bit_identical(tmp_path):
-    tr = trainer(TEST_MODEL, MESH)
-    _, _, straight = train(tr, *tr.init(0), range(4))
+def test_resume_is_bit_identical(tr, initial, tmp_path):
+    _, _, straight = train(tr, *fresh(tr, initial), range(4))
 
-    params, opt_state, first = train(tr, *tr.init(0), range(2))
+    params, opt_state, first = train(tr, *fresh(tr, initial), range(2))
     ckpt = CheckpointManager.open(tmp_path, INFO)
     ckpt.save(1, params, opt_state)
     # Keep training at once: the next step donates the saved buffers while the write is in flight.
@@ -62,11 +77,10 @@ def test_resume_is_bit_identical(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def after_one_step(tmp_path_factory):
+def after_one_step(tr, initial, tmp_path_factory):
     """A checkpoint after step 0 on MESH, its params on the host, and the loss of step 1."""
     directory = tmp_path_factory.mktemp("ckpt")
-    tr = trainer(TEST_MODEL, MESH)
-    params, opt_state, _ = train(tr, *tr.init(0), [0])
+    params, opt_state, _ = train(tr, *fresh(tr, initial), [0])
     with CheckpointManager.open(directory, INFO) as ckpt:
         ckpt.save(0, params, opt_state)
     host_params = jax.device_get(params)
@@ -94,9 +108,10 @@ def test_restore_onto_another_mesh(after_one_step, target):
     assert rel_err(loss, next_loss) <= RTOL, f"{target}: loss {loss} vs {MESH}: {next_loss}"
 
 
-# Saves step 1, then kills itself at the very moment Orbax commits step 2: every file of step 2
+# Restores step 1, then kills itself at the very moment Orbax commits step 2: every file of step 2
 # is written (into step_2.orbax-checkpoint-tmp*) but the rename to step_2 never happens. Hooking
-# the commit's rename makes the kill deterministic, unlike a timer racing the background write.
+# the commit's rename makes the kill deterministic, unlike a timer racing the background write;
+# the uncommitted directory it leaves is exactly what a kill at any earlier moment leaves, or less.
 CRASHING_SAVE = """
 import os, signal, sys
 from spmd.checkpoint import CheckpointManager
@@ -104,41 +119,39 @@ from tests.test_checkpoint import INFO, MESH, TEST_MODEL, trainer
 
 rename = os.rename
 def killing_rename(src, dst):
-    if "step_2.orbax-checkpoint-tmp" in os.fspath(src):
+    if os.path.basename(src).startswith("step_2.orbax-checkpoint-tmp"):
         os.kill(os.getpid(), signal.SIGKILL)
     rename(src, dst)
 os.rename = killing_rename
 
-params, opt_state = trainer(TEST_MODEL, MESH).init(0)
-ckpt = CheckpointManager.open(sys.argv[1], INFO)
-ckpt.save(1, params, opt_state)
-ckpt.wait()
+ckpt = CheckpointManager.open(sys.argv[1], INFO, resume=True)
+params, opt_state, _ = ckpt.restore(1, trainer(TEST_MODEL, MESH))
 ckpt.save(2, params, opt_state)
 ckpt.wait()
 """
 
 
-def test_killed_save_is_ignored(tmp_path):
+def test_killed_save_is_ignored(tr, initial, tmp_path):
+    saved(tr, initial, tmp_path, steps=(1,))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.run([sys.executable, "-c", CRASHING_SAVE, str(tmp_path)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == -9, f"the save was not killed:\n{proc.stderr[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL, f"the save was not killed:\n{proc.stderr[-2000:]}"
     assert (tmp_path / "step_1").is_dir() and not (tmp_path / "step_2").exists()
-    assert list(tmp_path.glob("step_2.orbax-checkpoint-tmp*")), "no half-written step left"
+    (partial,) = tmp_path.glob("step_2.orbax-checkpoint-tmp*")
+    assert {p.name for p in partial.iterdir()} >= {"params", "opt_state", "run"}
 
-    tr = trainer(TEST_MODEL, MESH)
     with CheckpointManager.open(tmp_path, INFO, resume=True) as ckpt:
         assert ckpt.latest_step() == 1
         params, _, info = ckpt.restore(1, tr)
     assert info["step"] == 1
-    assert not list(tmp_path.glob("step_2*")), "the uncommitted leftovers were not cleaned up"
-    init_params, _ = tr.init(0)
-    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(init_params), strict=True):
+    assert not partial.exists(), "the uncommitted leftovers were not cleaned up"
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(initial[0]), strict=True):
         np.testing.assert_array_equal(got, want)
 
 
-def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
-    saved(tmp_path, steps=(0, 1))
+def test_fresh_run_refuses_a_directory_with_checkpoints(tr, initial, tmp_path):
+    saved(tr, initial, tmp_path, steps=(0, 1))
     with pytest.raises(ConfigError, match="--overwrite") as err:
         CheckpointManager.open(tmp_path, INFO)
     assert str(tmp_path) in str(err.value) and "--resume" in str(err.value)
@@ -147,8 +160,18 @@ def test_fresh_run_refuses_a_directory_with_checkpoints(tmp_path):
     assert not list(tmp_path.glob("step_*"))
 
 
-def test_resume_refuses_another_model(tmp_path):
-    saved(tmp_path)
+def test_keeps_the_latest(tr, initial, tmp_path):
+    params, opt_state = fresh(tr, initial)
+    with CheckpointManager.open(tmp_path, INFO, keep=2) as ckpt:
+        for step in range(4):
+            ckpt.save(step, params, opt_state, {"note": step})
+        ckpt.wait()
+        assert ckpt.all_steps() == [2, 3]
+        assert ckpt.read_info(3)["note"] == 3
+
+
+def test_resume_refuses_another_model(tr, initial, tmp_path):
+    saved(tr, initial, tmp_path)
     other = {**INFO, "model": {**INFO["model"], "d_model": 128}}
     with pytest.raises(ConfigError, match="d_model=64 but this run has d_model=128"):
         CheckpointManager.open(tmp_path, other, resume=True)
@@ -170,8 +193,8 @@ def garble_json(step_dir: Path):
 
 
 @pytest.mark.parametrize("damage", [truncate_data, delete_manifest, garble_json])
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path, damage):
-    tr = saved(tmp_path, steps=(0, 1))
+def test_corrupt_checkpoint_is_a_clear_error(tr, initial, tmp_path, damage):
+    saved(tr, initial, tmp_path, steps=(0, 1))
     damage(tmp_path / "step_1")
     # Resuming reads the JSON record at open and the arrays at restore: either may fail first.
     with pytest.raises(ConfigError, match="delete it or resume from an earlier step") as err:
