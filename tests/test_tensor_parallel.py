@@ -33,10 +33,12 @@ def test_init_is_sharded_and_identical_on_every_mesh():
     single = trainer(TEST_MODEL, "single").init(seed=0)[0]
     tr = trainer(TEST_MODEL, "data=2,tensor=4")
     params, opt_state = tr.init(seed=0)
-    wq = params["blocks"]["attn"]["wq"][...]
-    assert wq.sharding.spec[2] == "tensor"  # heads split over `tensor`
-    c = TEST_MODEL  # never a full copy: each device holds n_heads / t of the query heads
-    assert wq.addressable_shards[0].data.shape == (c.n_layers, c.d_model, c.n_heads // 4, c.head_dim)
+    wqkv = params["blocks"]["attn"]["wqkv"][...]
+    assert wqkv.sharding.spec[2] == "tensor"  # kv groups split over `tensor`
+    c = TEST_MODEL  # never a full copy: each device holds n_kv_heads / t of the groups
+    group = c.n_heads // c.n_kv_heads + 2
+    assert wqkv.addressable_shards[0].data.shape == (
+        c.n_layers, c.d_model, c.n_kv_heads // 4, group, c.head_dim)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(single), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     # Adam moments live exactly where their parameters live.
