@@ -182,6 +182,27 @@ def scan_blocks(block_def: nnx.GraphDef, stacked: nnx.State, x: jax.Array, remat
     return jax.lax.scan(body, x, stacked)[0]
 
 
+class LMHead(nnx.Module):
+    """Final norm + vocab-parallel output projection (the embedding's transpose when tied)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.cfg, self.norm = cfg, Norm(cfg)
+        tied = cfg.tie_embeddings
+        self.w = None if tied else _param(rngs, cfg.init_std, (cfg.d_model, cfg.padded_vocab),
+                                          ("embed", "vocab"))
+
+    def __call__(self, x: jax.Array, embedding: jax.Array | None = None) -> jax.Array:
+        """(B, T, D) → (B, T, V) float32 logits; `embedding` (V, D) when tied."""
+        with jax.named_scope("head"):
+            x = constrain(self.norm(x), ("batch", None, "embed"))
+            w = embedding.T if self.w is None else self.w[...]
+            logits = jnp.einsum("btd,dv->btv", x, w.astype(self.cfg.dtype))
+            logits = constrain(logits.astype(jnp.float32), ("batch", None, "vocab"))
+            # Pad columns (vocab_size..V) can never be predicted.
+            vocab_ids = jnp.arange(self.cfg.padded_vocab)
+            return jnp.where(vocab_ids < self.cfg.vocab_size, logits, -1e30)
+
+
 class Transformer(nnx.Module):
     """tokens → embed → blocks[L] (stacked, scanned) → final norm → head → logits."""
 
@@ -199,9 +220,7 @@ class Transformer(nnx.Module):
             return Block(cfg, rngs)
 
         self.blocks = make_blocks(rngs)
-        self.final_norm = Norm(cfg)
-        if not cfg.tie_embeddings:
-            self.head = _param(rngs, cfg.init_std, (d, v), ("embed", "vocab"))
+        self.head = LMHead(cfg, rngs)
 
     def embed(self, tokens: jax.Array) -> jax.Array:  # (B, T) int → (B, T, D)
         with jax.named_scope("embed"):
@@ -217,14 +236,7 @@ class Transformer(nnx.Module):
         return scan_blocks(block_def, stacked, x, remat)
 
     def logits(self, x: jax.Array) -> jax.Array:  # (B, T, D) → (B, T, V) float32
-        with jax.named_scope("head"):
-            x = constrain(self.final_norm(x), ("batch", None, "embed"))
-            w = self.embedding[...].T if self.cfg.tie_embeddings else self.head[...]
-            logits = jnp.einsum("btd,dv->btv", x, w.astype(self.cfg.dtype))
-            logits = constrain(logits.astype(jnp.float32), ("batch", None, "vocab"))
-            # Pad columns (vocab_size..V) can never be predicted.
-            vocab_ids = jnp.arange(self.cfg.padded_vocab)
-            return jnp.where(vocab_ids < self.cfg.vocab_size, logits, -1e30)
+        return self.head(x, self.embedding[...] if self.cfg.tie_embeddings else None)
 
     def __call__(self, tokens: jax.Array, remat: bool = False) -> jax.Array:
         return self.logits(self.run_blocks(self.embed(tokens), remat))

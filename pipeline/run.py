@@ -1,49 +1,69 @@
 """The model's loss through a pipeline: embed → pipelined blocks → head + loss.
 
-Embedding and head run outside the loop (DESIGN section 1). The embedding is a cheap gather and
-runs on every stage; the head's matmul and the loss run on micro-batches split over `stage`
-(stage treated as extra data parallelism there) whenever p divides m.
+Two ways to run the blocks:
+- `gpipe`: the forward tick loop of `pipeline.gpipe`, differentiated by `jax.grad`. Embedding and
+  head run outside the loop (DESIGN section 1); the head and loss run on micro-batches split over
+  `stage` (stage as extra data parallelism there) whenever p divides m.
+- every other schedule (`1f1b`, `interleaved`, `zb-h1`): the table-driven executor of
+  `pipeline.executor`, which runs the forward and backward actions by hand in the schedule's
+  order. The last stage needs dLoss/dy for each micro-batch as soon as its forward is done, so
+  there the head and loss run inside the loop, on the last stage.
+The embedding always runs outside, on every stage (a gather: cheap to repeat).
 """
 
 from flax import nnx
 from flax.core import spmd as flax_spmd
 
 from models import ConfigError, ModelConfig, Transformer, cross_entropy
+from pipeline.executor import pipelined_loss, to_virtual_stages
 from pipeline.gpipe import gpipe, to_microbatches, to_stages
 from pipeline.schedules import make_schedule, validate
 from pipeline.simulate import simulate
 
-EXECUTORS = {"gpipe": gpipe}
-
 
 def check_pipeline(cfg: ModelConfig, tc, mesh_shape: dict[str, int], batch: int) -> None:
     """Pipeline settings that must hold before compiling; one line each."""
-    p, m = mesh_shape["stage"], tc.microbatches
-    if tc.schedule not in EXECUTORS:
-        from pipeline.schedules import SCHEDULES
-
-        known = [s for s in SCHEDULES if s in EXECUTORS]
+    p, m, v = mesh_shape["stage"], tc.microbatches, tc.virtual_stages
+    validate(make_schedule(tc.schedule, p, m, v))  # unknown name, v or m that the schedule refuses
+    if cfg.n_layers % (p * v):
         raise ConfigError(
-            f"unknown or not yet executable --schedule {tc.schedule!r}; choose from "
-            f"{', '.join(known)} (`scripts/schedule.py` simulates {', '.join(SCHEDULES)})"
+            f"n_layers ({cfg.n_layers}) is not divisible by stages x virtual stages ({p} x {v}); "
+            "change --layers, --virtual-stages or the --mesh"
         )
-    validate(make_schedule(tc.schedule, p, m, tc.virtual_stages))
     per_shard = batch // (mesh_shape["data"] * mesh_shape["fsdp"])
     if per_shard % m:
         raise ConfigError(
             f"the batch per data shard ({per_shard} = {batch} / data x fsdp) is not divisible "
             f"by --microbatches {m}; choose a divisor of {per_shard} or change --batch-size"
         )
-    if tc.remat not in ("none", "layer", "stage"):
-        raise ConfigError(f"unknown --remat {tc.remat!r}; choose none, layer or stage")
 
 
-def pipeline_loss(model: Transformer, inputs, targets, tc, stages: int):
-    """Same value as the unpipelined loss: the mean over the same global batch of tokens."""
-    m = tc.microbatches
+def head_parts(model: Transformer):
+    """(head params, head_fn(params, y, targets) → mean loss) for the executor's last stage."""
+    head_def, head_state = nnx.split(model.head)
+    tied = model.embedding[...] if model.cfg.tie_embeddings else None
+
+    def head_fn(params, y, targets):
+        state, embedding = params
+        return cross_entropy(nnx.merge(head_def, state)(y, embedding), targets)
+
+    return (head_state, tied), head_fn
+
+
+def pipeline_loss(model: Transformer, inputs, targets, tc, stages: int, schedule: str | None = None):
+    """Same value as the unpipelined loss: the mean over the same global batch of tokens.
+
+    `schedule` overrides `tc.schedule` (evaluation needs no backward: it runs `gpipe`).
+    """
+    m, v, schedule = tc.microbatches, tc.virtual_stages, schedule or tc.schedule
     xs = to_microbatches(model.embed(inputs), m)  # (m, b_mb, T, D)
     block_def, stacked = nnx.split(model.blocks)
-    ys = EXECUTORS[tc.schedule](block_def, to_stages(stacked, stages), xs, tc.remat)
+    if schedule != "gpipe":
+        staged = to_stages(stacked, stages) if v == 1 else to_virtual_stages(stacked, stages, v)
+        head_params, head_fn = head_parts(model)
+        return pipelined_loss(block_def, staged, head_fn, head_params, xs,
+                              to_microbatches(targets, m), schedule, tc.remat, v)
+    ys = gpipe(block_def, to_stages(stacked, stages), xs, tc.remat)
     ys = ys.reshape(-1, *ys.shape[2:])  # micro-batch-major (B, T, D)
     targets = to_microbatches(targets, m).reshape(targets.shape)
     if m % stages == 0:  # ys is split over `stage` along m: let the head use it that way
@@ -54,17 +74,21 @@ def pipeline_loss(model: Transformer, inputs, targets, tc, stages: int):
     return cross_entropy(model.logits(ys), targets)
 
 
-def stage_map(n_layers: int, stages: int) -> list[range]:
-    per = n_layers // stages
-    return [range(s * per, (s + 1) * per) for s in range(stages)]
+def stage_map(n_layers: int, stages: int, virtual_stages: int = 1) -> list[list[range]]:
+    """Per stage, per chunk, its layers: chunk c of stage s holds virtual stage c·p + s."""
+    p, v = stages, virtual_stages
+    per = n_layers // (p * v)
+    return [[range((c * p + s) * per, (c * p + s + 1) * per) for c in range(v)] for s in range(p)]
 
 
 def describe_pipeline(trainer) -> str:
     """The stage map and the schedule's simulated bubble, for the start of a run."""
     tc, p = trainer.tc, trainer.stages
     sim = simulate(make_schedule(tc.schedule, p, tc.microbatches, tc.virtual_stages))
-    lines = [f"pipeline: {tc.schedule}, {p} stages, {tc.microbatches} micro-batches, "
-             f"bubble fraction {sim.bubble_fraction:.3f} (= (p-1)/(m+p-1) for gpipe/1f1b)"]
-    for s, layers in enumerate(stage_map(trainer.cfg.n_layers, p)):
-        lines.append(f"  stage {s}: layers {layers.start}..{layers.stop - 1}")
+    lines = [f"pipeline: {tc.schedule}, {p} stages x {tc.virtual_stages} virtual, "
+             f"{tc.microbatches} micro-batches; simulated bubble fraction "
+             f"{sim.bubble_fraction:.3f}, peak in-flight micro-batches {list(sim.peak_inflight)}"]
+    for s, chunks in enumerate(stage_map(trainer.cfg.n_layers, p, tc.virtual_stages)):
+        text = ", ".join(f"{r.start}..{r.stop - 1}" for r in chunks)
+        lines.append(f"  stage {s}: layers {text}")
     return "\n".join(lines)

@@ -50,6 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--metrics", default=None, help="write one JSON object per step here")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--checkpoint-dir", default=None, help="save checkpoints here (orbax)")
+    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--keep", type=int, default=3, help="keep the last K checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the checkpoints already in --checkpoint-dir and start afresh")
     return p.parse_args(argv)
 
 
@@ -110,25 +116,53 @@ def print_layout(trainer, params) -> None:
         print(describe_pipeline(trainer))
 
 
+def open_checkpoints(args, trainer):
+    """(manager or None, params, opt_state, first step): fresh, or restored from the latest."""
+    from models import ConfigError
+    from spmd.checkpoint import CheckpointManager, run_info
+
+    params = opt_state = None
+    if not args.checkpoint_dir:
+        if args.resume:
+            raise ConfigError("--resume needs --checkpoint-dir DIR (where the run was saved)")
+        return None, *trainer.init(args.seed), 0
+    info = run_info(trainer.cfg, trainer.tc, args.mesh, args.seed)
+    manager = CheckpointManager.open(args.checkpoint_dir, info, keep=args.keep,
+                                     overwrite=args.overwrite, resume=args.resume)
+    latest = manager.latest_step() if args.resume else None
+    if latest is None:
+        if args.resume:
+            print(f"no checkpoint in {args.checkpoint_dir} yet: starting from step 0")
+        return manager, *trainer.init(args.seed), 0
+    params, opt_state, record = manager.restore(latest, trainer)
+    print(f"resumed from {args.checkpoint_dir} step {latest}: continuing at step "
+          f"{record['data_position']}")
+    return manager, params, opt_state, record["data_position"]
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_devices(args)
     from models import ConfigError
     from spmd.loop import LoopConfig, train
 
+    manager = None
     try:
         trainer, (train_tokens, heldout_tokens) = build(args)
         lc = LoopConfig(args.batch_size, args.seq_len, args.seed, args.eval_every)
-        params, opt_state = trainer.init(args.seed)
+        manager, params, opt_state, start = open_checkpoints(args, trainer)
         print_layout(trainer, params)
-        metrics_file = open(args.metrics, "w") if args.metrics else None  # noqa: SIM115
+        metrics_file = open(args.metrics, "a" if start else "w") if args.metrics else None  # noqa: SIM115
         tty = sys.stdout.isatty()
         steps = trainer.tc.steps
-        for record, _ in train(trainer, lc, train_tokens, heldout_tokens, params, opt_state):
+        for record, (params, opt_state) in train(trainer, lc, train_tokens, heldout_tokens,
+                                                 params, opt_state, start):
+            step = record["step"]
+            if manager and ((step + 1) % args.checkpoint_every == 0 or step == steps - 1):
+                manager.save(step, params, opt_state)
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-            step = record["step"]
             line = (f"step {step + 1:>5}/{steps}  loss {record['loss']:.4f}  "
                     f"lr {record['lr']:.2e}  |g| {record['grad_norm']:.3f}  "
                     f"{record['tokens_per_s']:,.0f} tok/s")
@@ -143,8 +177,13 @@ def main(argv=None) -> int:
         if metrics_file:
             metrics_file.close()
     except (ConfigError, FloatingPointError) as err:
+        if isinstance(err, FloatingPointError) and manager and manager.latest_step() is not None:
+            err = f"{err}; the last good checkpoint is step {manager.latest_step()}"
         print(f"error: {err}", file=sys.stderr)
         return 2
+    finally:
+        if manager:
+            manager.close()
     return 0
 
 

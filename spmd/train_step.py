@@ -6,6 +6,7 @@ buffers and fixed output shardings, so params, gradients and optimizer state kee
 """
 
 import dataclasses
+import functools
 from typing import Literal
 
 import jax
@@ -90,7 +91,8 @@ class Trainer:
             jax.value_and_grad(self.loss),
             out_shardings=(scalar, self.param_shardings),
         )
-        self._loss = jax.jit(self.loss, out_shardings=scalar)
+        # Evaluation needs no backward pass: every schedule's forward is GPipe's.
+        self._loss = jax.jit(functools.partial(self.loss, schedule="gpipe"), out_shardings=scalar)
 
     # ---- state ------------------------------------------------------------------------
     def init(self, seed: int):
@@ -106,14 +108,14 @@ class Trainer:
         return params, opt_state
 
     # ---- the traced functions ---------------------------------------------------------
-    def loss(self, params, inputs, targets):
+    def loss(self, params, inputs, targets, schedule: str | None = None):
         """Mean next-token loss over the global batch; the pipeline when `stage` > 1."""
         with flax_spmd.logical_axis_rules(self.rules.activations):
             model = nnx.merge(self.graphdef, params)
             if self.stages > 1:
                 from pipeline.run import pipeline_loss
 
-                return pipeline_loss(model, inputs, targets, self.tc, self.stages)
+                return pipeline_loss(model, inputs, targets, self.tc, self.stages, schedule)
             x = model.run_blocks(model.embed(inputs), remat=self.tc.remat != "none")
             return cross_entropy(model.logits(x), targets)
 

@@ -1,6 +1,7 @@
 """scripts/train.py end to end, the same loss curve on every mesh, and one-line errors."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,19 @@ def test_bad_input_is_one_line_and_exit_2(args, expect, corpus):
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and expect in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_resume_continues_the_same_loss_curve(tmp_path, corpus):
+    """Steps 3..5 after resuming from the step-2 checkpoint equal those of the straight run."""
+    ckpt = tmp_path / "ckpt"
+    straight = losses(tmp_path, corpus, "straight", "--checkpoint-dir", str(ckpt),
+                      "--checkpoint-every", "3")
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step_2", "step_5"]
+    shutil.rmtree(ckpt / "step_5")  # as if the run had stopped after step 2
+    resumed = losses(tmp_path, corpus, "resumed", "--checkpoint-dir", str(ckpt), "--resume",
+                     "--mesh", "tensor=8")  # onto another mesh, too
+    assert [r["step"] for r in resumed] == [3, 4, 5]
+    assert [r["loss"] for r in resumed] == pytest.approx([r["loss"] for r in straight[3:]],
+                                                         rel=1e-5)
+    refused = run(*TINY, "--data", corpus, "--steps", "6", "--checkpoint-dir", str(ckpt))
+    assert refused.returncode == 2 and "--overwrite" in refused.stderr

@@ -50,11 +50,11 @@ def test_init_is_sharded_and_identical_on_every_mesh():
 def test_step_updates_params_and_keeps_shardings():
     tr = trainer(TEST_MODEL, "data=2,tensor=4", steps=4, warmup_steps=1)
     params, opt_state = tr.init(seed=0)
-    before = np.asarray(params["head"][...])
+    before = np.asarray(params["head"]["w"][...])
     shardings = jax.tree.map(lambda a: a.sharding, params)
     params, opt_state, metrics = tr.step(params, opt_state, *tr.place(batch()))
     params, opt_state, metrics = tr.step(params, opt_state, *tr.place(batch()))
-    assert not np.allclose(np.asarray(params["head"][...]), before)
+    assert not np.allclose(np.asarray(params["head"]["w"][...]), before)
     assert int(jax.tree.leaves(opt_state)[0]) == 2  # two updates counted
     assert jax.tree.map(lambda a: a.sharding, params) == shardings
     assert np.isfinite(float(metrics["loss"])) and float(metrics["lr"]) > 0

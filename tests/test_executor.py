@@ -1,0 +1,110 @@
+"""The table-driven executor runs every schedule, equals one device, and 1F1B's memory is flat."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+from flax.core import spmd as flax_spmd
+
+from pipeline.executor import pipelined_loss, plan
+from pipeline.gpipe import gpipe, to_microbatches, to_stages
+from pipeline.run import head_parts
+from tests.helpers import TEST_MODEL, assert_matches_reference, batch, loss_and_grads, trainer
+
+PIPE_MODEL = dataclasses.replace(TEST_MODEL, n_layers=8)
+SHAPE = (24, 8)  # per-data-shard batch 24 or 12: divisible by every m used here
+
+
+def mesh_of(d, p, t):
+    return f"data={d},stage={p},tensor={t}"
+
+
+CASES = [("1f1b", dpt, m, 1, "none", False)
+         for dpt in ((1, 2, 4), (2, 2, 2), (1, 4, 2)) for m in (dpt[1], 2 * dpt[1])]
+CASES += [
+    ("gpipe-table", (2, 2, 2), 4, 1, "none", False),  # GPipe's table through the executor
+    ("zb-h1", (1, 4, 2), 4, 1, "none", False),
+    ("zb-h1", (2, 2, 2), 4, 1, "layer", True),
+    ("interleaved", (1, 2, 4), 4, 2, "none", False),
+    ("interleaved", (2, 2, 2), 2, 2, "stage", True),
+    ("1f1b", (1, 4, 2), 3, 1, "layer", False),  # m = 3: not a multiple of p
+    ("1f1b", (2, 2, 2), 4, 1, "stage", True),
+]
+
+
+@pytest.mark.parametrize(
+    "schedule,dpt,m,v,remat,sp", CASES,
+    ids=[f"{c[0]}-{mesh_of(*c[1])}-m{c[2]}-v{c[3]}-{c[4]}{'-sp' if c[5] else ''}" for c in CASES])
+def test_every_schedule_matches_single_device(schedule, dpt, m, v, remat, sp):
+    if schedule == "gpipe-table":
+        loss, grads = table_gpipe_loss_and_grads(dpt, m)
+    else:
+        loss, grads = loss_and_grads(PIPE_MODEL, mesh_of(*dpt), sp, shape=SHAPE, microbatches=m,
+                                     schedule=schedule, virtual_stages=v, remat=remat)
+    assert_matches_reference(PIPE_MODEL, loss, grads, shape=SHAPE)
+
+
+def table_gpipe_loss_and_grads(dpt, m):
+    """`--schedule gpipe` trains with autodiff; run GPipe's *table* through the executor here."""
+    tr, params = mesh_trainer(dpt, SHAPE)
+
+    def loss(params, inputs, targets):
+        with flax_spmd.logical_axis_rules(tr.rules.activations):
+            model = nnx.merge(tr.graphdef, params)
+            block_def, stacked = nnx.split(model.blocks)
+            hp, head_fn = head_parts(model)
+            return pipelined_loss(block_def, to_stages(stacked, tr.stages), head_fn, hp,
+                                  to_microbatches(model.embed(inputs), m),
+                                  to_microbatches(targets, m), "gpipe")
+
+    inputs, targets = tr.place(batch(PIPE_MODEL, shape=SHAPE))
+    with jax.set_mesh(tr.mesh):
+        value, grads = jax.jit(jax.value_and_grad(loss))(params, inputs, targets)
+    return float(value), jax.device_get(grads)
+
+
+def test_buffers_do_not_grow_with_microbatches():
+    for m in (4, 16, 64):
+        pl = plan("1f1b", 4, m)
+        assert pl.x_slots <= 4 and pl.g_slots <= 4, (m, pl.x_slots, pl.g_slots)
+    assert plan("gpipe", 4, 16).x_slots == 16
+
+
+@functools.cache
+def mesh_trainer(dpt, shape):
+    tr = trainer(PIPE_MODEL, mesh_of(*dpt), shape=shape, microbatches=1)
+    return tr, tr.init(seed=0)[0]
+
+
+def temp_bytes(kind, m, dpt=(1, 4, 2), b_mb=4, seq=64):
+    """Temp bytes of the compiled gradient of blocks + head on given embeddings xs (xs is an
+    argument and the gradients are outputs, so only the loop's working memory is counted).
+    kind: an executor schedule, or "autodiff-gpipe" (pipeline.gpipe under jax.grad)."""
+    tr, params = mesh_trainer(dpt, (b_mb, seq))
+    model = nnx.merge(tr.graphdef, params)
+    block_def, stacked = nnx.split(model.blocks)
+    hp, head_fn = head_parts(model)
+    staged = to_stages(stacked, dpt[1])
+    xs = jnp.zeros((m, b_mb, seq, PIPE_MODEL.d_model), jnp.float32)
+    tg = jnp.zeros((m, b_mb, seq), jnp.int32)
+
+    def f(staged, hp, xs, tg):
+        with flax_spmd.logical_axis_rules(tr.rules.activations):
+            if kind != "autodiff-gpipe":
+                return pipelined_loss(block_def, staged, head_fn, hp, xs, tg, kind)
+            ys = gpipe(block_def, staged, xs)
+            return head_fn(hp, ys.reshape(-1, *ys.shape[2:]), tg.reshape(-1, seq))
+
+    with jax.set_mesh(tr.mesh):
+        compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(
+            staged, hp, xs, tg).compile()
+    return compiled.memory_analysis().temp_size_in_bytes
+
+
+def test_1f1b_memory_flat_in_microbatches_gpipe_grows():
+    temp = {(k, m): temp_bytes(k, m) for k in ("1f1b", "autodiff-gpipe") for m in (4, 16)}
+    assert temp[("1f1b", 16)] <= 1.1 * temp[("1f1b", 4)], temp
+    assert temp[("autodiff-gpipe", 16)] > 2 * temp[("autodiff-gpipe", 4)], temp
