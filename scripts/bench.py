@@ -1,8 +1,12 @@
 """Benchmark layouts against one device on the same global batch, in one run.
 
-    python scripts/bench.py --layouts "data=2,stage=2,tensor=2" "stage=4,tensor=2" --microbatches 4 16
+    python scripts/bench.py --steps 2 --microbatches 4 8 --json bench.json --png bench.png
 
-Prints a markdown table (ratios to the single-device step) and, with --json FILE, the raw numbers.
+A layout is a mesh spec, optionally `:schedule` and `+sp` (sequence parallelism), e.g.
+`data=2,stage=2,tensor=2:1f1b` or `data=2,tensor=4+sp`. Prints a markdown table of ratios
+(step time, communicated bytes against DESIGN section 2's closed forms, FLOPs against one
+device) and, with --json FILE, every number; --png FILE plots peak memory and compile time
+against the micro-batch count for the pipeline layouts (needs matplotlib).
 """
 
 import argparse
@@ -13,13 +17,45 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+LAYOUTS = ["data=8", "tensor=8", "data=2,tensor=4", "data=2,tensor=4+sp",
+           "data=2,stage=2,tensor=2:gpipe", "data=2,stage=2,tensor=2:1f1b",
+           "data=2,stage=2,tensor=2:zb-h1", "data=2,stage=2,tensor=2:interleaved",
+           "stage=4,tensor=2:1f1b"]
+
+
+def parse_layout(text: str) -> tuple[str, str, bool]:
+    """`mesh[:schedule][+sp]` → (mesh, schedule, sequence_parallel)."""
+    sp = text.endswith("+sp")
+    text = text.removesuffix("+sp")
+    mesh, _, schedule = text.partition(":")
+    return mesh, schedule or "gpipe", sp
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_mem, ax_comp) = plt.subplots(1, 2, figsize=(10, 4))
+    for name in dict.fromkeys(r["layout"] for r in rows if "stage" in r["layout"]):
+        pts = sorted((r["microbatches"], r) for r in rows if r["layout"] == name)
+        ms = [m for m, _ in pts]
+        ax_mem.plot(ms, [r["peak_bytes_per_device"] / 2**20 for _, r in pts], "o-", label=name)
+        ax_comp.plot(ms, [r["compile_s"] for _, r in pts], "o-", label=name)
+    for ax, what in ((ax_mem, "peak MiB per device"), (ax_comp, "compile s")):
+        ax.set_xlabel("micro-batches m")
+        ax.set_ylabel(what)
+        ax.set_xscale("log", base=2)
+    ax_mem.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layouts", nargs="+", default=["data=8", "tensor=8", "data=2,tensor=4",
-                                                     "data=2,stage=2,tensor=2"])
+    ap.add_argument("--layouts", nargs="+", default=LAYOUTS)
     ap.add_argument("--microbatches", type=int, nargs="+", default=[4])
-    ap.add_argument("--schedule", default="gpipe")
     ap.add_argument("--preset", default="small")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
@@ -27,12 +63,16 @@ def main() -> int:
     ap.add_argument("--remat", default="none")
     ap.add_argument("--cpu-devices", type=int, default=8)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--png", default=None)
     args = ap.parse_args()
     os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.cpu_devices}")
 
     import jax
 
     from models import PRESETS
+    from pipeline.schedules import make_schedule
+    from pipeline.simulate import simulate
+    from spmd import analysis
     from spmd.data import Batches, stdlib_corpus
     from spmd.measure import measure
     from spmd.mesh import make_mesh
@@ -44,24 +84,51 @@ def main() -> int:
     shape = (args.batch_size, args.seq_len)
     runs = [("single", 1)] + [(lay, m) for lay in args.layouts
                               for m in (args.microbatches if "stage" in lay else [1])]
+    model_flops = analysis.model_flops(cfg, *shape, args.remat != "none")
     rows = []
     for layout, m in runs:
-        devices = jax.devices()[:1] if layout == "single" else None
-        mesh = make_mesh("data=1" if layout == "single" else layout, devices)
-        tc = TrainConfig(microbatches=m, schedule=args.schedule, remat=args.remat)
-        result = measure(Trainer(cfg, tc, mesh, Rules(), shape), inputs, targets, args.steps)
-        rows.append({"layout": layout, "microbatches": m, **result})
-        print(f"measured {layout} m={m}: {result['step_s']:.3f} s/step", file=sys.stderr)
+        spec, schedule, sp = parse_layout("data=1" if layout == "single" else layout)
+        mesh = make_mesh(spec, jax.devices()[:1] if layout == "single" else None)
+        v = 2 if schedule == "interleaved" else 1
+        tc = TrainConfig(microbatches=m, schedule=schedule, virtual_stages=v, remat=args.remat)
+        result = measure(Trainer(cfg, tc, mesh, Rules(sp), shape), inputs, targets, args.steps)
+        p = mesh.shape["stage"]
+        expected = analysis.expected(cfg, dict(mesh.shape), *shape, m, schedule, v, sp)
+        comm = sum(c["bytes"] for c in result["collectives"].values())
+        want = sum(e.total_bytes for e in expected)
+        bubble = simulate(make_schedule(schedule, p, m, v)).bubble_fraction if p > 1 else 0.0
+        rows.append({"layout": layout, "schedule": schedule if p > 1 else "-",
+                     "microbatches": m, "virtual_stages": v, "sequence_parallel": sp,
+                     "devices": mesh.size, **result, "comm_bytes": comm,
+                     "comm_bytes_analytical": want, "bubble_fraction": bubble,
+                     "model_flops": model_flops})
+        print(f"measured {layout} m={m}: {result['step_s']:.3f} s/step, "
+              f"compile {result['compile_s']:.1f} s", file=sys.stderr)
     base = rows[0]
-    print("| layout | m | compile s | step s | step / 1 device | temp MiB/device | loss |")
-    print("|---|---|---|---|---|---|---|")
     for r in rows:
         r["step_time_ratio"] = r["step_s"] / base["step_s"]
-        print(f"| {r['layout']} | {r['microbatches']} | {r['compile_s']:.2f} | {r['step_s']:.3f} | "
-              f"{r['step_time_ratio']:.2f} | {r['temp_bytes_per_device'] / 2**20:.1f} | "
-              f"{r['loss']:.5f} |")
+        r["comm_bytes_ratio"] = r["comm_bytes"] / r["comm_bytes_analytical"] \
+            if r["comm_bytes_analytical"] else None
+        # All devices' compiled FLOPs over one device's (cost_analysis of the same step).
+        r["flops_ratio"] = r["flops_per_device"] * r["devices"] / base["flops_per_device"]
+    print("| layout | schedule | m | step / 1 device | comm / closed form | FLOPs / 1 device "
+          "| peak MiB/device | compile s | tokens/s | bubble | loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        comm = f"{r['comm_bytes_ratio']:.2f}" if r["comm_bytes_ratio"] else "-"
+        print(f"| {r['layout'].split(':')[0]} | {r['schedule']} | {r['microbatches']} | "
+              f"{r['step_time_ratio']:.2f} | {comm} | {r['flops_ratio']:.2f} | "
+              f"{r['peak_bytes_per_device'] / 2**20:.1f} | {r['compile_s']:.1f} | "
+              f"{r['tokens_per_s']:,.0f} | {r['bubble_fraction']:.2f} | {r['loss']:.5f} |")
+    print(f"\nmodel FLOPs per step (PaLM 6N+12Lhs per token): {model_flops:.3g}; one device's "
+          f"compiled step (cost_analysis): {base['flops_per_device']:.3g}")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": rows}, indent=1))
+    if args.png:
+        try:
+            plot(rows, args.png)
+        except ImportError:
+            print("--png needs matplotlib; skipped", file=sys.stderr)
     return 0
 
 

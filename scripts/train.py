@@ -56,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="delete the checkpoints already in --checkpoint-dir and start afresh")
+    from spmd.distributed import add_flags
+
+    add_flags(p)
     return p.parse_args(argv)
 
 
@@ -148,11 +151,18 @@ def main(argv=None) -> int:
 
     manager = None
     try:
+        from spmd import distributed
+
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        primary = distributed.is_primary()
+        if not primary:  # only process 0 prints progress (errors still go to stderr)
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         trainer, (train_tokens, heldout_tokens) = build(args)
         lc = LoopConfig(args.batch_size, args.seq_len, args.seed, args.eval_every)
         manager, params, opt_state, start = open_checkpoints(args, trainer)
         print_layout(trainer, params)
-        metrics_file = open(args.metrics, "a" if start else "w") if args.metrics else None  # noqa: SIM115
+        metrics_file = (open(args.metrics, "a" if start else "w")  # noqa: SIM115
+                        if args.metrics and primary else None)
         tty = sys.stdout.isatty()
         steps = trainer.tc.steps
         for record, (params, opt_state) in train(trainer, lc, train_tokens, heldout_tokens,

@@ -143,8 +143,16 @@ class Trainer:
             return self._loss(params, inputs, targets)
 
     def place(self, batch):
-        """Host (B, T) arrays → global arrays sharded over the data-parallel axes."""
-        return jax.device_put(batch, self.batch_sharding)
+        """Host (B, T) arrays → global arrays sharded over the data-parallel axes.
+
+        `batch` is the global batch (the same on every process). With several processes each
+        contributes only the rows its own devices hold (`jax.make_array_from_process_local_data`).
+        """
+        if jax.process_count() == 1:
+            return jax.device_put(batch, self.batch_sharding)
+        from spmd.distributed import process_local
+
+        return process_local(self.batch_sharding, batch)
 
     def lower_step(self, params, opt_state, inputs, targets):
         """The step's lowering, for compile-time inspection (collectives, memory, FLOPs)."""

@@ -47,7 +47,10 @@ def test_train_script_loss_falls_and_writes_metrics(tmp_path, corpus):
 def test_same_loss_curve_on_every_mesh(tmp_path, corpus):
     one = [r["loss"] for r in losses(tmp_path, corpus, "one", "--mesh", "data=1", cpu_devices=1)]
     for mesh in ["data=8", "tensor=8", "data=4,tensor=2 --sequence-parallel",
-                 "data=2,stage=2,tensor=2", "stage=4,tensor=2"]:
+                 "data=2,stage=2,tensor=2", "stage=4,tensor=2",
+                 "data=2,stage=2,tensor=2 --schedule 1f1b",
+                 "stage=2,tensor=4 --schedule interleaved --virtual-stages 2",
+                 "stage=2,data=4 --schedule zb-h1 --microbatches 2 --sequence-parallel"]:
         curve = [r["loss"] for r in losses(tmp_path, corpus, "m", "--mesh", *mesh.split())]
         assert curve == pytest.approx(one, rel=1e-5), mesh
 
@@ -63,7 +66,11 @@ def test_same_loss_curve_on_every_mesh(tmp_path, corpus):
     (["--data", "/no/such/file.txt"], "--data /no/such/file.txt"),
     (["--mesh", "stage=8", "--layers", "2"], "n_layers (2) is not divisible by the stage axis"),
     (["--mesh", "stage=2,tensor=4", "--microbatches", "3"], "--microbatches 3"),
-    (["--mesh", "stage=2,tensor=4", "--schedule", "pipedream"], "--schedule 'pipedream'"),
+    (["--mesh", "stage=2,tensor=4", "--schedule", "pipedream"], "unknown schedule 'pipedream'"),
+    (["--mesh", "stage=2,tensor=4", "--schedule", "interleaved", "--virtual-stages", "2",
+      "--microbatches", "1"], "interleaved needs microbatches (1) to be a multiple of stages"),
+    (["--mesh", "stage=2,tensor=4", "--schedule", "interleaved", "--virtual-stages", "4"],
+     "n_layers (4) is not divisible by stages x virtual stages (2 x 4)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expect, corpus):
     out = run(*TINY, "--data", corpus, "--steps", "1", *args)

@@ -108,3 +108,22 @@ def test_1f1b_memory_flat_in_microbatches_gpipe_grows():
     temp = {(k, m): temp_bytes(k, m) for k in ("1f1b", "autodiff-gpipe") for m in (4, 16)}
     assert temp[("1f1b", 16)] <= 1.1 * temp[("1f1b", 4)], temp
     assert temp[("autodiff-gpipe", 16)] > 2 * temp[("autodiff-gpipe", 4)], temp
+
+
+SWEEP_MODEL = dataclasses.replace(TEST_MODEL, n_layers=16)  # divisible by p·v = 8·2
+SWEEP_SHAPE = (48, 8)  # every data shard's batch divisible by every m = p, 2p, 3p below
+SWEEP = [(schedule, dpt, k * dpt[1])
+         for schedule in ("1f1b", "interleaved", "zb-h1")
+         for dpt in ((1, 2, 4), (2, 2, 2), (1, 4, 2), (1, 8, 1)) for k in (1, 2, 3)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("schedule,dpt,m", SWEEP,
+                         ids=[f"{s}-{mesh_of(*d)}-m{m}" for s, d, m in SWEEP])
+def test_schedule_sweep_matches_single_device(schedule, dpt, m):
+    """Every schedule x mesh x m in {p, 2p, 3p}. GPipe's own sweep is in test_pipeline.py; both
+    are held to the single-device model, hence to each other within twice the tolerance."""
+    v = 2 if schedule == "interleaved" else 1
+    loss, grads = loss_and_grads(SWEEP_MODEL, mesh_of(*dpt), shape=SWEEP_SHAPE, microbatches=m,
+                                 schedule=schedule, virtual_stages=v)
+    assert_matches_reference(SWEEP_MODEL, loss, grads, shape=SWEEP_SHAPE)
