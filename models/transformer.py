@@ -21,11 +21,20 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     """Pin an activation's sharding by logical names, if a rules context is active.
 
     Outside `flax.core.spmd.logical_axis_rules(...)` (the single-device model) this is a no-op.
+    Mesh axes that the caller has made manual (inside a `shard_map`) are already split by hand,
+    so they are left out of the constraint.
     """
     rules = dict(flax_spmd.get_logical_axis_rules())
     if not rules:
         return x
-    spec = PartitionSpec(*(rules[n] if n else None for n in names))
+    manual = set(jax.sharding.get_abstract_mesh().manual_axes)
+
+    def auto(axes):
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        kept = tuple(a for a in axes if a not in manual)
+        return kept[0] if len(kept) == 1 else (kept or None)
+
+    spec = PartitionSpec(*(auto(rules[n]) if n else None for n in names))
     return jax.lax.with_sharding_constraint(x, spec)
 
 

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from pipeline.gpipe import stage_function
+from pipeline.gpipe import DP, stage_function, vary
 from pipeline.schedules import Action as Act, make_schedule
 from pipeline.simulate import simulate
 
@@ -131,14 +131,6 @@ def from_virtual_stages(staged):
     return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[3:]), staged)
 
 
-def _vary(tree):
-    def one(x):
-        if "stage" in jax.typeof(x).manual_axis_type.varying:
-            return x
-        return jax.lax.pcast(x, "stage", to="varying")
-    return jax.tree.map(one, tree)
-
-
 def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
     """Loss and gradients (blocks, head, inputs) of the whole pipelined step."""
     p = jax.tree.leaves(staged)[0].shape[0]
@@ -156,18 +148,18 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
         def run(w, hp, x, g, tgt):
             y0, dx0, dw0, dh0, l0 = zeros_out(w, hp, x)
             if kind == "idle":
-                return _vary((y0, dx0, dw0, dh0, l0))
+                return vary((y0, dx0, dw0, dh0, l0))
             if kind == "F":
-                return _vary((run_stage(w, x), dx0, dw0, dh0, l0))
+                return vary((run_stage(w, x), dx0, dw0, dh0, l0))
             want_dx, want_dw = kind in ("B", "BX"), kind in ("B", "BW")
             y, pull = jax.vjp(run_stage, w, x)
             dh, loss = dh0, l0
             if last:
                 loss, hpull = jax.vjp(lambda hp, y: head_fn(hp, y, tgt), hp, y)
-                dh, g = hpull(_vary(jnp.asarray(1.0 / m, loss.dtype)))
+                dh, g = hpull(vary(jnp.asarray(1.0 / m, loss.dtype)))
                 loss = loss.astype(jnp.float32) / m
             dw, dx = pull(g.astype(y.dtype))
-            return _vary((y0, dx if want_dx else dx0, dw if want_dw else dw0,
+            return vary((y0, dx if want_dx else dx0, dw if want_dw else dw0,
                           dh if (want_dw and last) else dh0,
                           loss if want_dx else l0))
         return run
@@ -182,17 +174,20 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
     tab = jnp.asarray(table)
 
     @functools.partial(
-        jax.shard_map, in_specs=(P("stage"), P(), P(), P()),
-        out_specs=(P("stage"), P(), P(), P()), axis_names={"stage"},
+        jax.shard_map, in_specs=(P("stage"), P(), P(None, DP), P(None, DP)),
+        out_specs=(P("stage"), P(), P(None, DP), P()), axis_names={"stage", *DP},
     )
     def loop(staged, head_params, xs, targets):
-        params = jax.tree.map(lambda a: a[0], staged)  # this stage's [v, L/(vp), ...]
-        hp = _vary(head_params)  # a varying copy: its gradient must not be psum'd per tick
+        # This stage's [v, L/(vp), ...] and the head, marked as differing per stage and per data
+        # shard: each shard accumulates its own gradients (of its own mean loss) through the
+        # loop, and they are averaged over the data axes once, after it, not once per tick.
+        params = vary(jax.tree.map(lambda a: a[0], staged))
+        hp = vary(head_params)
         s = jax.lax.axis_index("stage")
         x0 = xs[0]
         # Receive buffers start as NaN: a slot read before the planner's write (a bubble
         # leaking into real work) would turn the loss and every gradient into NaN.
-        init = _vary((
+        init = vary((
             jnp.full((pl.x_slots + 1, *x0.shape), jnp.nan, x0.dtype),
             jnp.full((pl.g_slots + 1, *x0.shape), jnp.nan, x0.dtype),
             jax.tree.map(jnp.zeros_like, params),
@@ -217,8 +212,12 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
             return (stash, gbuf, acc_w, acc_h, dxs, loss + l), None
 
         (_, _, acc_w, acc_h, dxs, loss), _ = jax.lax.scan(tick, init, tab)
-        return (jax.tree.map(lambda a: a[None], acc_w), jax.lax.psum(acc_h, "stage"),
-                jax.lax.psum(dxs[:m], "stage"), jax.lax.psum(loss, "stage"))
+        # Loss and gradients of the mean over data shards of each shard's mean loss.
+        n_dp = jax.lax.axis_size(DP)
+        mean_dp = functools.partial(jax.lax.pmean, axis_name=DP)
+        return (jax.tree.map(lambda a: mean_dp(a)[None], acc_w),
+                mean_dp(jax.lax.psum(acc_h, "stage")),
+                jax.lax.psum(dxs[:m], "stage") / n_dp, mean_dp(jax.lax.psum(loss, "stage")))
 
     return loop(staged, head_params, xs, targets)
 

@@ -7,8 +7,12 @@ next stage for the following tick. Idle fraction per stage: (p − 1)/(m + p −
 2019). Autodiff of the loop gives all-forward-then-all-backward, so activations of all m
 micro-batches are alive at once (memory grows with m; see the 1F1B executor for the fix).
 
-The `shard_map` is manual over `stage` only: data/fsdp/tensor stay with the compiler, so the
-Megatron constraints inside every block (and sequence parallelism) keep working per stage.
+The `shard_map` is manual over `stage` and the data-parallel axes (`data`, `fsdp`), automatic
+over `tensor`: the Megatron constraints inside every block (and sequence parallelism) keep
+working per stage, while each data shard runs its own copy of the loop. Being manual over the
+data axes is what keeps the data-parallel work out of the tick loop: a stage's weights enter the
+loop whole (under FSDP: one all-gather per step, not per micro-batch) and their gradients leave
+it as per-shard partial sums, reduced once per step at the boundary, not once per tick.
 """
 
 import functools
@@ -19,6 +23,21 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from models.transformer import scan_blocks
+
+DP = ("data", "fsdp")  # the data-parallel mesh axes: the batch is split over them
+
+
+def vary(tree):
+    """Mark values as varying over every manual mesh axis (they differ per stage and per data
+    shard), as shard_map's type check needs for scan carries, `lax.cond`/`lax.switch` results and
+    `jax.vjp` cotangents; a no-op on axes where they already vary."""
+    manual = tuple(jax.sharding.get_abstract_mesh().manual_axes)
+
+    def one(x):
+        missing = tuple(a for a in manual if a not in jax.typeof(x).manual_axis_type.varying)
+        return jax.lax.pcast(x, missing, to="varying") if missing else x
+
+    return jax.tree.map(one, tree)
 
 
 def to_stages(stacked, stages: int):
@@ -69,13 +88,18 @@ def gpipe(block_def: nnx.GraphDef, staged, xs: jax.Array, remat: str = "none") -
     scatter = m % p == 0
 
     @functools.partial(
-        jax.shard_map, in_specs=(P("stage"), P()), out_specs=P("stage") if scatter else P(),
-        axis_names={"stage"},
+        jax.shard_map, in_specs=(P("stage"), P(None, DP)),
+        out_specs=P("stage" if scatter else None, DP), axis_names={"stage", *DP},
     )
     def loop(staged, xs):
-        params = jax.tree.map(lambda a: a[0], staged)  # this stage's [L/p, ...]
+        # This stage's [L/p, ...], marked as differing per data shard here, once: the
+        # transpose of that mark, the data-parallel gradient sum, then also happens once per
+        # step, here, and not at every use inside the tick loop.
+        params = vary(jax.tree.map(lambda a: a[0], staged))
         s = jax.lax.axis_index("stage")
-        varying = functools.partial(jax.lax.pcast, axis_name="stage", to="varying")
+        # Varying over `stage` once, here: the input gradient is then summed over stages once
+        # per step, after the loop, instead of once per tick inside it.
+        xs = vary(xs)
 
         def tick(carry, t):
             received, outputs = carry
@@ -89,7 +113,7 @@ def gpipe(block_def: nnx.GraphDef, staged, xs: jax.Array, remat: str = "none") -
             sent = jax.lax.ppermute(y, "stage", [(i, i + 1) for i in range(p - 1)])
             return (sent, outputs), None
 
-        init = (varying(jnp.zeros_like(xs[0])), varying(jnp.zeros_like(xs)))
+        init = vary((jnp.zeros_like(xs[0]), jnp.zeros_like(xs)))
         (_, outputs), _ = jax.lax.scan(tick, init, jnp.arange(m + p - 1))
         # Only the last stage holds results; the others hold zeros.
         if scatter:

@@ -2,7 +2,7 @@
 
 Two ways to run the blocks:
 - `gpipe`: the forward tick loop of `pipeline.gpipe`, differentiated by `jax.grad`. Embedding and
-  head run outside the loop (DESIGN section 1); the head and loss run on micro-batches split over
+  head run outside the loop (DESIGN section 1); the head runs per micro-batch, split over
   `stage` (stage as extra data parallelism there) whenever p divides m.
 - every other schedule (`1f1b`, `interleaved`, `zb-h1`): the table-driven executor of
   `pipeline.executor`, which runs the forward and backward actions by hand in the schedule's
@@ -11,8 +11,8 @@ Two ways to run the blocks:
 The embedding always runs outside, on every stage (a gather: cheap to repeat).
 """
 
+import jax
 from flax import nnx
-from flax.core import spmd as flax_spmd
 
 from models import ConfigError, ModelConfig, Transformer, cross_entropy
 from pipeline.executor import pipelined_loss, to_virtual_stages
@@ -63,15 +63,13 @@ def pipeline_loss(model: Transformer, inputs, targets, tc, stages: int, schedule
         head_params, head_fn = head_parts(model)
         return pipelined_loss(block_def, staged, head_fn, head_params, xs,
                               to_microbatches(targets, m), schedule, tc.remat, v)
-    ys = gpipe(block_def, to_stages(stacked, stages), xs, tc.remat)
-    ys = ys.reshape(-1, *ys.shape[2:])  # micro-batch-major (B, T, D)
-    targets = to_microbatches(targets, m).reshape(targets.shape)
-    if m % stages == 0:  # ys is split over `stage` along m: let the head use it that way
-        rules = dict(flax_spmd.get_logical_axis_rules())
-        rules["batch"] = ("stage", *rules["batch"])
-        with flax_spmd.logical_axis_rules(tuple(rules.items())):
-            return cross_entropy(model.logits(ys), targets)
-    return cross_entropy(model.logits(ys), targets)
+    ys = gpipe(block_def, to_stages(stacked, stages), xs, tc.remat)  # (m, b_mb, T, D)
+    # The head runs per micro-batch (vmap over m). When p divides m, ys comes back split over
+    # `stage` along m, and `spmd_axis_name` keeps it so: each stage runs the head on m/p
+    # micro-batches, with no reshuffle of rows between data shards.
+    split = "stage" if m % stages == 0 else None
+    logits = jax.vmap(model.logits, spmd_axis_name=split)(ys)  # (m, b_mb, T, V)
+    return cross_entropy(logits, to_microbatches(targets, m))
 
 
 def stage_map(n_layers: int, stages: int, virtual_stages: int = 1) -> list[list[range]]:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,9 +48,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schedule", default="gpipe", help="pipeline schedule (stage > 1)")
     p.add_argument("--virtual-stages", type=int, default=1)
     p.add_argument("--remat", choices=["none", "layer", "stage"], default="none")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="split each step's batch into K sequential chunks, one update")
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--metrics", default=None, help="write one JSON object per step here")
     p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw the train and eval loss curves here at the end (matplotlib)")
+    p.add_argument("--profile-dir", default=None,
+                   help="write a jax.profiler trace of steps 2..4 of this run here")
     p.add_argument("--checkpoint-dir", default=None, help="save checkpoints here (orbax)")
     p.add_argument("--checkpoint-every", type=int, default=100)
     p.add_argument("--keep", type=int, default=3, help="keep the last K checkpoints")
@@ -95,6 +102,7 @@ def build(args: argparse.Namespace):
         steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup,
         microbatches=args.microbatches or (2 * stages if stages > 1 else 1),
         schedule=args.schedule, virtual_stages=args.virtual_stages, remat=args.remat,
+        grad_accum=args.grad_accum,
     )
     tokens = load_tokens(args.data)
     check_vocab(tokens, cfg.vocab_size)
@@ -143,13 +151,45 @@ def open_checkpoints(args, trainer):
     return manager, params, opt_state, record["data_position"]
 
 
+def format_eta(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class Profile:
+    """A jax.profiler trace of the steps `first + 1 .. first + 3` (the first one compiles)."""
+
+    def __init__(self, directory: str | None, first: int):
+        self.directory, self.start, self.stop, self.on = directory, first + 1, first + 3, False
+
+    def after(self, step: int, last: bool) -> None:
+        """Call after each step: starts before step `start`, stops after step `stop`."""
+        import jax
+
+        if self.directory and step == self.start - 1 and not last:
+            jax.profiler.start_trace(self.directory)
+            self.on = True
+        elif self.on and (step == self.stop or last):
+            self.close()
+            print(f"profile of steps {self.start}..{step} written to {self.directory} "
+                  "(open with TensorBoard's profile plugin or Perfetto)")
+
+    def close(self) -> None:
+        if self.on:
+            import jax
+
+            self.on = False
+            jax.profiler.stop_trace()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_devices(args)
     from models import ConfigError
     from spmd.loop import LoopConfig, train
 
-    manager = None
+    manager = profile = None
     try:
         from spmd import distributed
 
@@ -157,6 +197,10 @@ def main(argv=None) -> int:
         primary = distributed.is_primary()
         if not primary:  # only process 0 prints progress (errors still go to stderr)
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        if args.plot and primary:
+            from scripts.plot import check_matplotlib
+
+            check_matplotlib()  # now, not after the whole run
         trainer, (train_tokens, heldout_tokens) = build(args)
         lc = LoopConfig(args.batch_size, args.seq_len, args.seed, args.eval_every)
         manager, params, opt_state, start = open_checkpoints(args, trainer)
@@ -165,9 +209,13 @@ def main(argv=None) -> int:
                         if args.metrics and primary else None)
         tty = sys.stdout.isatty()
         steps = trainer.tc.steps
+        profile = Profile(args.profile_dir, start)
+        records, clock = [], None  # clock: (time, step) after the first step (it compiles)
         for record, (params, opt_state) in train(trainer, lc, train_tokens, heldout_tokens,
                                                  params, opt_state, start):
             step = record["step"]
+            records.append(record)
+            profile.after(step, step == steps - 1)
             if manager and ((step + 1) % args.checkpoint_every == 0 or step == steps - 1):
                 manager.save(step, params, opt_state)
             if metrics_file:
@@ -178,20 +226,38 @@ def main(argv=None) -> int:
                     f"{record['tokens_per_s']:,.0f} tok/s")
             if "eval_loss" in record:
                 line += f"  eval {record['eval_loss']:.4f}"
-            if tty:
-                print("\r" + line, end="\n" if "eval_loss" in record else "", flush=True)
+            now = time.perf_counter()
+            if clock is None:
+                clock = (now, step)
+            elif step < steps - 1:  # mean wall time per step since the first (evals included)
+                eta = (now - clock[0]) / (step - clock[1]) * (steps - 1 - step)
+                line += f"  ETA {format_eta(eta)}"
+            if tty:  # one line, rewritten in place; evaluations stay on screen
+                print("\r" + line + "\x1b[K", end="\n" if "eval_loss" in record else "",
+                      flush=True)
             elif step % args.log_every == 0 or step == steps - 1 or "eval_loss" in record:
                 print(line, flush=True)
         if tty:
             print()
+        profile.close()
         if metrics_file:
             metrics_file.close()
+        if args.plot and primary:
+            from scripts.plot import plot, read_metrics
+
+            # A resumed run's metrics file holds the earlier steps too.
+            plot(read_metrics(args.metrics) if args.metrics else records, args.plot)
+            print(f"loss curves written to {args.plot}")
     except (ConfigError, FloatingPointError) as err:
-        if isinstance(err, FloatingPointError) and manager and manager.latest_step() is not None:
-            err = f"{err}; the last good checkpoint is step {manager.latest_step()}"
+        if isinstance(err, FloatingPointError) and manager:
+            manager.wait()  # a save still in flight is a good checkpoint too
+            if manager.latest_step() is not None:
+                err = f"{err}; the last good checkpoint is step {manager.latest_step()}"
         print(f"error: {err}", file=sys.stderr)
         return 2
     finally:
+        if profile:
+            profile.close()
         if manager:
             manager.close()
     return 0

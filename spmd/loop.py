@@ -34,7 +34,8 @@ def train(
 ) -> Iterator[tuple[dict, tuple]]:
     """Yield per step its metrics (step, loss, lr, grad_norm, tokens_per_s, step_s, and eval_loss
     every `eval_every` steps and at the last) and the new (params, opt_state).
-    A NaN/Inf loss raises FloatingPointError naming the step, before that state is yielded."""
+    A NaN/Inf loss or gradient norm raises FloatingPointError naming the step, before that
+    state is yielded (so it is never checkpointed)."""
     if params is None:
         params, opt_state = trainer.init(lc.seed)
     batches = Batches(train_tokens, lc.batch_size, lc.seq_len, lc.seed)
@@ -47,8 +48,10 @@ def train(
         params, opt_state, metrics = trainer.step(params, opt_state, inputs, targets)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - t0
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"loss became {metrics['loss']} at step {step}")
+        for name in ("loss", "grad_norm"):  # a non-finite gradient poisons this step's update
+            if not math.isfinite(metrics[name]):
+                what = "gradient norm" if name == "grad_norm" else name
+                raise FloatingPointError(f"{what} became {metrics[name]} at step {step}")
         record = {"step": step, **metrics, "tokens_per_s": tokens_per_step / elapsed,
                   "step_s": elapsed}
         if lc.eval_every and (step % lc.eval_every == 0 or step == last):

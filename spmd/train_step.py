@@ -16,7 +16,7 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding, PartitionSpec
 
-from models import ModelConfig, Transformer, cross_entropy
+from models import ConfigError, ModelConfig, Transformer, cross_entropy
 from spmd.rules import Rules, check_layout, param_shardings
 
 Remat = Literal["none", "layer", "stage"]
@@ -34,6 +34,7 @@ class TrainConfig:
     schedule: str = "gpipe"
     virtual_stages: int = 1
     remat: Remat = "none"
+    grad_accum: int = 1  # sequential chunks per step (gradient accumulation)
 
 
 def make_optimizer(tc: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
@@ -55,6 +56,16 @@ def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
 
 
+def check_grad_accum(k: int, batch: int, mesh_shape: dict[str, int]) -> None:
+    dp = mesh_shape["data"] * mesh_shape["fsdp"]
+    per_shard = batch // dp
+    if k < 1 or per_shard % k:
+        raise ConfigError(
+            f"the batch per data shard ({per_shard} = {batch} / data x fsdp) is not divisible "
+            f"by --grad-accum {k}; choose a divisor of {per_shard} or change --batch-size"
+        )
+
+
 class Trainer:
     """Everything one layout needs: mesh, shardings, optimizer and the compiled functions."""
 
@@ -62,10 +73,12 @@ class Trainer:
         check_layout(cfg, dict(mesh.shape), batch_shape[0], batch_shape[1], rules)
         self.cfg, self.tc, self.mesh, self.rules = cfg, tc, mesh, rules
         self.stages = mesh.shape["stage"]
+        check_grad_accum(tc.grad_accum, batch_shape[0], dict(mesh.shape))
         if self.stages > 1:
             from pipeline.run import check_pipeline
 
-            check_pipeline(cfg, tc, dict(mesh.shape), batch_shape[0])
+            # Each accumulation chunk goes through the pipeline: it is the pipeline's batch.
+            check_pipeline(cfg, tc, dict(mesh.shape), batch_shape[0] // tc.grad_accum)
         with nnx.use_eager_sharding(False):
             abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
         self.graphdef, abstract_params = nnx.split(abstract)
@@ -88,7 +101,7 @@ class Trainer:
             donate_argnums=(0, 1),
         )
         self._loss_and_grads = jax.jit(
-            jax.value_and_grad(self.loss),
+            self._accumulated_loss_and_grads,
             out_shardings=(scalar, self.param_shardings),
         )
         # Evaluation needs no backward pass: every schedule's forward is GPipe's.
@@ -119,8 +132,35 @@ class Trainer:
             x = model.run_blocks(model.embed(inputs), remat=self.tc.remat != "none")
             return cross_entropy(model.logits(x), targets)
 
+    def _accumulated_loss_and_grads(self, params, inputs, targets):
+        """Loss and gradients of the global batch, in `grad_accum` sequential chunks.
+
+        Chunk i holds rows i, i + K, i + 2K, ... (strided like pipeline micro-batches, so each
+        data shard keeps its own rows: nothing moves). Every chunk has the same number of
+        tokens, so the mean of the chunk means is the mean over the full batch. `lax.scan`
+        runs the chunks one after another (activations of one chunk alive at a time) and
+        compiles the loss once, whatever K.
+        """
+        k = self.tc.grad_accum
+        if k == 1:
+            return jax.value_and_grad(self.loss)(params, inputs, targets)
+        from pipeline.gpipe import to_microbatches
+
+        spec = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp"), None))
+        chunks = [jax.lax.with_sharding_constraint(to_microbatches(a, k), spec)
+                  for a in (inputs, targets)]
+
+        def body(carry, chunk):
+            loss, grads = jax.value_and_grad(self.loss)(params, *chunk)
+            return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+        zeros = jax.lax.with_sharding_constraint(
+            jax.tree.map(jnp.zeros_like, params), self.param_shardings)
+        (loss, grads), _ = jax.lax.scan(body, (jnp.zeros((), jnp.float32), zeros), chunks)
+        return loss / k, jax.tree.map(lambda g: g / k, grads)
+
     def _train_step(self, params, opt_state, inputs, targets):
-        loss, grads = jax.value_and_grad(self.loss)(params, inputs, targets)
+        loss, grads = self._accumulated_loss_and_grads(params, inputs, targets)
         # Updates applied before this one (Adam's and the schedule's counters agree).
         done = optax.tree_utils.tree_get_all_with_path(opt_state, "count")[0][1]
         updates, opt_state = self.tx.update(grads, opt_state, params)

@@ -1,0 +1,66 @@
+"""Generate text from the latest checkpoint of a scripts/train.py run (byte-level model).
+
+    python scripts/sample.py --checkpoint-dir ckpt --prompt "def main(" --max-new-tokens 200
+
+The model and its settings come from the checkpoint; it restores onto any mesh without `stage`
+(default: one device). Greedy with --temperature 0. Bad settings print one line and exit 2.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.train import configure_devices  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint-dir", required=True, help="the --checkpoint-dir of the run")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (deterministic)")
+    p.add_argument("--top-k", type=int, default=40, help="sample among the K likeliest; 0: all")
+    p.add_argument("--mesh", default=None,
+                   help="axis sizes over data, fsdp, tensor (default data=1 on one device)")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="emulate N CPU devices (selects the CPU)")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    configure_devices(args)
+    import jax
+
+    from models import ConfigError
+    from spmd.mesh import parse_mesh_spec
+    from spmd.sampling import decode, encode, generate, load
+
+    try:
+        if args.max_new_tokens < 1:
+            raise ConfigError("--max-new-tokens must be at least 1")
+        mesh_spec = args.mesh or "data=1"
+        size = 1
+        for n in parse_mesh_spec(mesh_spec).values():
+            size *= n
+        devices = jax.devices()[:size]  # the mesh may use fewer devices than there are
+        prompt_bytes = args.prompt.encode("utf-8")
+        trainer, params, info = load(args.checkpoint_dir, mesh_spec,
+                                     len(prompt_bytes) + args.max_new_tokens, devices)
+        prompt = encode(args.prompt, trainer.cfg.vocab_size)
+        out = generate(trainer, params, prompt, args.max_new_tokens, args.temperature,
+                       args.top_k, args.seed)
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"# checkpoint step {info['step']} of {args.checkpoint_dir}", file=sys.stderr)
+    for row in out:
+        print(decode(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Text from a trained checkpoint: restore onto any mesh, then sample token by token.
+
+Each new token recomputes the whole sequence (no KV cache): simple, and cheap at these sizes.
+The sequence lives in a fixed-size buffer (prompt + new tokens), so one `jax.jit` compiles once;
+the loop over positions runs inside it (`lax.fori_loop`). Positions past the current length hold
+padding, but attention is causal, so the logits at position `length - 1` never see them.
+"""
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from flax.core import spmd as flax_spmd
+
+from models import ConfigError, ModelConfig
+from spmd.checkpoint import ITEMS, STEP_PREFIX, CheckpointManager
+from spmd.mesh import make_mesh
+from spmd.rules import Rules
+from spmd.train_step import TrainConfig, Trainer
+
+
+def _known(cls, saved: dict) -> dict:
+    """The fields of `cls` in a saved record (a record from another version may hold more)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in saved.items() if k in names}
+
+
+def load(directory: str | Path, mesh_spec: str, seq_len: int, devices=None):
+    """(trainer, params, run record) of the latest checkpoint in `directory`, on `mesh_spec`.
+
+    The trainer is built from the saved model and train config; the checkpoint is opened read
+    only (a training run may still be writing there). Params are mesh-independent, so a run
+    saved on any mesh, pipelined or not, restores here; the mesh must not have `stage` > 1.
+    """
+    directory = Path(directory).absolute()
+    if not directory.is_dir():
+        raise ConfigError(f"--checkpoint-dir {directory}: no such folder")
+    options = ocp.CheckpointManagerOptions(step_prefix=STEP_PREFIX, read_only=True,
+                                           save_interval_steps=0, create=False)
+    absl = logging.getLogger("absl")  # Orbax warns that a read-only directory is read only
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        raw = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
+    finally:
+        absl.setLevel(level)
+    try:
+        probe = CheckpointManager(directory, raw, {})
+        step = probe.latest_step()
+        if step is None:
+            raise ConfigError(f"no checkpoint in {directory}; train with --checkpoint-dir first")
+        info = probe.read_info(step)
+        cfg = ModelConfig(**_known(ModelConfig, info["model"]))
+        tc = TrainConfig(**{**_known(TrainConfig, info["train"]), "grad_accum": 1})
+        mesh = make_mesh(mesh_spec, devices)
+        if mesh.shape["stage"] > 1:
+            raise ConfigError(f"sampling runs the plain model: give a --mesh without stage "
+                              f"(got {mesh_spec})")
+        rows = mesh.shape["data"] * mesh.shape["fsdp"]
+        trainer = Trainer(cfg, tc, mesh, Rules(), (rows, seq_len))
+        params, _, info = CheckpointManager(directory, raw, info).restore(step, trainer)
+    finally:
+        raw.close()
+    return trainer, params, info
+
+
+def encode(text: str, vocab_size: int) -> np.ndarray:
+    """Byte-level tokens of `text` (UTF-8)."""
+    tokens = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+    if tokens.size == 0:
+        raise ConfigError("--prompt is empty; give at least one character")
+    if tokens.max() >= vocab_size:
+        raise ConfigError(f"the prompt holds byte {tokens.max()} but the model's vocab_size is "
+                          f"{vocab_size}: it was not trained on bytes")
+    return tokens
+
+
+def decode(tokens) -> str:
+    """Bytes → text; ids above 255 and invalid UTF-8 become U+FFFD."""
+    return bytes(int(t) if t < 256 else 0xFF for t in tokens).decode("utf-8", errors="replace")
+
+
+def generate(trainer: Trainer, params, prompt: np.ndarray, new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> np.ndarray:
+    """(rows, len(prompt) + new_tokens) tokens: the prompt then the samples, one row per data
+    shard (rows sample independently). Greedy when `temperature` is 0, else softmax of
+    logits / temperature restricted to the `top_k` most likely tokens (0: all)."""
+    cfg: ModelConfig = trainer.cfg
+    rows = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+    length = prompt.size + new_tokens
+    if length > cfg.max_seq_len:
+        raise ConfigError(f"prompt ({prompt.size} tokens) + --max-new-tokens {new_tokens} "
+                          f"exceeds the model's max_seq_len ({cfg.max_seq_len}); shorten them")
+    if temperature < 0 or top_k < 0:
+        raise ConfigError("--temperature and --top-k must be >= 0")
+    top_k = min(top_k, cfg.vocab_size)
+
+    def pick(logits, key):  # (rows, V) → (rows,)
+        if temperature == 0:
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logits = logits / temperature
+        if top_k:
+            kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+            logits = jnp.where(logits < kth, -jnp.inf, logits)
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+    def run(params, buffer, key):
+        with flax_spmd.logical_axis_rules(trainer.rules.activations):
+            model = nnx.merge(trainer.graphdef, params)
+
+            def body(pos, carry):
+                buffer, key = carry
+                key, sub = jax.random.split(key)
+                logits = jax.lax.dynamic_index_in_dim(model(buffer), pos - 1, 1, keepdims=False)
+                return jax.lax.dynamic_update_index_in_dim(
+                    buffer, pick(logits, sub)[:, None], pos, 1), key
+
+            return jax.lax.fori_loop(prompt.size, length, body, (buffer, key))[0]
+
+    buffer = np.zeros((rows, length), np.int32)
+    buffer[:, : prompt.size] = prompt
+    with jax.set_mesh(trainer.mesh):
+        out = jax.jit(run)(params, trainer.place(buffer), jax.random.key(seed))
+    return np.asarray(jax.device_get(out))
