@@ -66,9 +66,13 @@ class Batches:
                 "give more data or a shorter --seq-len"
             )
 
-    def __call__(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+    def __call__(self, step: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(inputs, targets) of step `step`: all rows of the global batch, or only `rows` (what
+        one process reads in a multi-process run; the rows are the same as in the global batch)."""
         rng = np.random.default_rng((self.seed, step))
         starts = rng.integers(0, self.tokens.size - self.seq_len - 1, self.batch_size)
+        if rows is not None:
+            starts = starts[rows]
         windows = np.stack([self.tokens[s : s + self.seq_len + 1] for s in starts]).astype(np.int32)
         return windows[:, :-1], windows[:, 1:]
 

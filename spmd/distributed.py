@@ -117,16 +117,3 @@ def local_rows(sharding, global_shape: tuple[int, ...]) -> np.ndarray:
     if not starts:
         return np.zeros(0, int)
     return np.concatenate([np.arange(a, b, s) for a, b, s in starts])
-
-
-def process_local(sharding, batch):
-    """Global host arrays (identical on every process) → global jax.Arrays in `sharding`,
-    each process contributing only the rows its own devices hold."""
-    import jax
-
-    def one(x):
-        x = np.asarray(x)
-        rows = local_rows(sharding, x.shape)
-        return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
-
-    return jax.tree.map(one, batch)

@@ -24,7 +24,7 @@ class LoopConfig:
 
 def evaluate(trainer: Trainer, params, heldout: Batches, batches: int) -> float:
     """Mean loss over a fixed set of held-out batches (the same ones at every evaluation)."""
-    losses = [trainer.eval_loss(params, *trainer.place(heldout(i))) for i in range(batches)]
+    losses = [trainer.eval_loss(params, *trainer.fetch(heldout, i)) for i in range(batches)]
     return float(np.mean([float(v) for v in losses]))
 
 
@@ -43,7 +43,7 @@ def train(
     tokens_per_step = lc.batch_size * lc.seq_len
     last = trainer.tc.steps - 1
     for step in range(start_step, trainer.tc.steps):
-        inputs, targets = trainer.place(batches(step))
+        inputs, targets = trainer.fetch(batches, step)
         t0 = time.perf_counter()
         params, opt_state, metrics = trainer.step(params, opt_state, inputs, targets)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -183,16 +183,21 @@ class Trainer:
             return self._loss(params, inputs, targets)
 
     def place(self, batch):
-        """Host (B, T) arrays → global arrays sharded over the data-parallel axes.
+        """Host (B, T) arrays of the whole global batch → arrays sharded over the data axes."""
+        return jax.device_put(batch, self.batch_sharding)
 
-        `batch` is the global batch (the same on every process). With several processes each
-        contributes only the rows its own devices hold (`jax.make_array_from_process_local_data`).
-        """
+    def fetch(self, batches, step: int):
+        """Step `step` of `batches` (a `spmd.data.Batches`) as global arrays sharded over the
+        data axes. With several processes each reads only the rows its own devices hold, and
+        `jax.make_array_from_process_local_data` assembles the global batch."""
         if jax.process_count() == 1:
-            return jax.device_put(batch, self.batch_sharding)
-        from spmd.distributed import process_local
+            return self.place(batches(step))
+        from spmd.distributed import local_rows
 
-        return process_local(self.batch_sharding, batch)
+        shape = (batches.batch_size, batches.seq_len)
+        local = batches(step, local_rows(self.batch_sharding, shape))
+        return tuple(jax.make_array_from_process_local_data(self.batch_sharding, a, shape)
+                     for a in local)
 
     def lower_step(self, params, opt_state, inputs, targets):
         """The step's lowering, for compile-time inspection (collectives, memory, FLOPs)."""

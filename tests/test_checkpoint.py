@@ -1,5 +1,6 @@
 """Checkpoints: exact resume, restore onto any mesh, crash safety, overwrite guard, corruption."""
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -106,6 +107,29 @@ def test_restore_onto_another_mesh(after_one_step, target):
     # The next step re-associates sums over another set of shards: equal to float32 rounding.
     _, _, (loss,) = train(tr, params, opt_state, [1])
     assert rel_err(loss, next_loss) <= RTOL, f"{target}: loss {loss} vs {MESH}: {next_loss}"
+
+
+PIPE_MODEL = dataclasses.replace(TEST_MODEL, n_layers=4)
+
+
+@pytest.mark.slow
+def test_pipeline_checkpoint_restores_onto_every_layout(tmp_path):
+    """Saved from data=2,stage=2,tensor=2 under 1f1b; the next step's loss on other meshes and
+    schedules equals the original's to float32 rounding."""
+    source = trainer(PIPE_MODEL, "data=2,stage=2,tensor=2", microbatches=2, schedule="1f1b")
+    params, opt_state = source.init(0)
+    params, opt_state, _ = train(source, params, opt_state, [0])
+    info = run_info(PIPE_MODEL, source.tc, "data=2,stage=2,tensor=2", seed=0)
+    with CheckpointManager.open(tmp_path, info) as ckpt:
+        ckpt.save(0, params, opt_state)
+    _, _, (next_loss,) = train(source, params, opt_state, [1])
+    for target, kw in [("tensor=8", {}), ("stage=4,tensor=2", {"microbatches": 4,
+                       "schedule": "zb-h1"}), ("data=8", {}), ("single", {})]:
+        tr = trainer(PIPE_MODEL, target, **kw)
+        with CheckpointManager.open(tmp_path, info, resume=True) as ckpt:
+            params, opt_state, _ = ckpt.restore(0, tr)
+        _, _, (loss,) = train(tr, params, opt_state, [1])
+        assert rel_err(loss, next_loss) <= RTOL, f"{target}: loss {loss} vs {next_loss}"
 
 
 # Restores step 1, then kills itself at the very moment Orbax commits step 2: every file of step 2
