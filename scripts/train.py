@@ -11,7 +11,6 @@ import json
 import math
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -151,43 +150,12 @@ def open_checkpoints(args, trainer):
     return manager, params, opt_state, record["data_position"]
 
 
-def format_eta(seconds: float) -> str:
-    seconds = int(round(seconds))
-    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
-
-
-class Profile:
-    """A jax.profiler trace of the steps `first + 1 .. first + 3` (the first one compiles)."""
-
-    def __init__(self, directory: str | None, first: int):
-        self.directory, self.start, self.stop, self.on = directory, first + 1, first + 3, False
-
-    def after(self, step: int, last: bool) -> None:
-        """Call after each step: starts before step `start`, stops after step `stop`."""
-        import jax
-
-        if self.directory and step == self.start - 1 and not last:
-            jax.profiler.start_trace(self.directory)
-            self.on = True
-        elif self.on and (step == self.stop or last):
-            self.close()
-            print(f"profile of steps {self.start}..{step} written to {self.directory} "
-                  "(open with TensorBoard's profile plugin or Perfetto)")
-
-    def close(self) -> None:
-        if self.on:
-            import jax
-
-            self.on = False
-            jax.profiler.stop_trace()
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_devices(args)
     from models import ConfigError
     from spmd.loop import LoopConfig, train
+    from spmd.progress import Profile, Progress
 
     manager = profile = None
     try:
@@ -207,10 +175,9 @@ def main(argv=None) -> int:
         print_layout(trainer, params)
         metrics_file = (open(args.metrics, "a" if start else "w")  # noqa: SIM115
                         if args.metrics and primary else None)
-        tty = sys.stdout.isatty()
         steps = trainer.tc.steps
-        profile = Profile(args.profile_dir, start)
-        records, clock = [], None  # clock: (time, step) after the first step (it compiles)
+        progress, profile = Progress(steps, args.log_every), Profile(args.profile_dir, start)
+        records = []
         for record, (params, opt_state) in train(trainer, lc, train_tokens, heldout_tokens,
                                                  params, opt_state, start):
             step = record["step"]
@@ -221,24 +188,7 @@ def main(argv=None) -> int:
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-            line = (f"step {step + 1:>5}/{steps}  loss {record['loss']:.4f}  "
-                    f"lr {record['lr']:.2e}  |g| {record['grad_norm']:.3f}  "
-                    f"{record['tokens_per_s']:,.0f} tok/s")
-            if "eval_loss" in record:
-                line += f"  eval {record['eval_loss']:.4f}"
-            now = time.perf_counter()
-            if clock is None:
-                clock = (now, step)
-            elif step < steps - 1:  # mean wall time per step since the first (evals included)
-                eta = (now - clock[0]) / (step - clock[1]) * (steps - 1 - step)
-                line += f"  ETA {format_eta(eta)}"
-            if tty:  # one line, rewritten in place; evaluations stay on screen
-                print("\r" + line + "\x1b[K", end="\n" if "eval_loss" in record else "",
-                      flush=True)
-            elif step % args.log_every == 0 or step == steps - 1 or "eval_loss" in record:
-                print(line, flush=True)
-        if tty:
-            print()
+            progress.show(record)
         profile.close()
         if metrics_file:
             metrics_file.close()
