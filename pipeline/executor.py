@@ -1,7 +1,8 @@
 """One executor for any schedule table (gpipe, 1f1b, interleaved, zb-h1), backward by hand.
 
 `pipelined_loss` runs the whole schedule, forward AND backward actions, inside one
-`jax.shard_map` that is manual over `stage` only: a `lax.scan` over the ticks of
+`jax.shard_map` that is manual over `stage` and the data axes (as `pipeline.gpipe`; `tensor`
+stays automatic, so TP works inside each action): a `lax.scan` over the ticks of
 `simulate(schedule, F=B=W=1)`. Each tick every stage reads its row of a small int32 table
 (built here in numpy), runs idle / F / B / W with `lax.switch`, then sends one activation
 forward and one gradient backward (`ppermute`). A received tensor is written straight into a
@@ -17,8 +18,8 @@ B produces only the input gradient and W recomputes for the weight gradient.
 gradients (blocks, head, inputs) as residuals; its backward scales them by the incoming
 cotangent. So `jax.value_and_grad` of embed → pipelined_loss works unchanged.
 
-Known cost: with data parallelism the compiler all-reduces each B's weight gradient over
-`data` inside the loop (once per micro-batch, not once per step).
+Each data shard accumulates the gradients of its own mean loss through the loop; they are
+averaged over the data axes once, after it.
 """
 
 import dataclasses
