@@ -131,7 +131,6 @@ def open_checkpoints(args, trainer):
     from models import ConfigError
     from spmd.checkpoint import CheckpointManager, run_info
 
-    params = opt_state = None
     if not args.checkpoint_dir:
         if args.resume:
             raise ConfigError("--resume needs --checkpoint-dir DIR (where the run was saved)")

@@ -91,21 +91,21 @@ class Trainer:
             transform_non_params=lambda _: replicated,
         )
         self.batch_sharding = batch_sharding(mesh)
-        scalar = replicated
         self._step = jax.jit(
             self._train_step,
             in_shardings=(self.param_shardings, self.opt_shardings, self.batch_sharding,
                           self.batch_sharding),
             out_shardings=(self.param_shardings, self.opt_shardings,
-                           {"loss": scalar, "grad_norm": scalar, "lr": scalar}),
+                           {"loss": replicated, "grad_norm": replicated, "lr": replicated}),
             donate_argnums=(0, 1),
         )
         self._loss_and_grads = jax.jit(
             self._accumulated_loss_and_grads,
-            out_shardings=(scalar, self.param_shardings),
+            out_shardings=(replicated, self.param_shardings),
         )
         # Evaluation needs no backward pass: every schedule's forward is GPipe's.
-        self._loss = jax.jit(functools.partial(self.loss, schedule="gpipe"), out_shardings=scalar)
+        self._loss = jax.jit(functools.partial(self.loss, schedule="gpipe"),
+                             out_shardings=replicated)
 
     # ---- state ------------------------------------------------------------------------
     def init(self, seed: int):

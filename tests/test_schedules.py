@@ -282,7 +282,6 @@ def test_ascii_timeline_aligned():
 
 
 def test_save_png(tmp_path):
-    pytest.importorskip("matplotlib")
     path = tmp_path / "t.png"
     save_png(simulate(make_schedule("zb-h1", 3, 4)), path)
     assert path.read_bytes()[:4] == b"\x89PNG"
