@@ -1,6 +1,6 @@
 """The Transformer: logical axis names only; meshes live in `spmd`."""
 
-from models.config import PRESETS, ConfigError, ModelConfig
+from models.config import PRESETS, ConfigError, ModelConfig, build_config
 from models.transformer import Transformer, cross_entropy, scan_blocks
 
-__all__ = ["PRESETS", "ConfigError", "ModelConfig", "Transformer", "cross_entropy", "scan_blocks"]
+__all__ = ["PRESETS", "ConfigError", "ModelConfig", "build_config", "Transformer", "cross_entropy", "scan_blocks"]

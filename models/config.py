@@ -64,6 +64,22 @@ class ModelConfig:
             raise ConfigError(f"unknown style {self.style!r}; use 'llama' or 'gpt2'")
 
 
+def build_config(preset: str, **overrides) -> ModelConfig:
+    """A preset with `overrides`; a field the user left unset takes its style's default.
+
+    GPT-2 (Radford et al. 2019) is multi-head (kv heads = heads), has an MLP of 4·d and ties the
+    output head to the embedding; Llama's presets keep grouped-query attention, a SwiGLU width
+    of 3·d and an untied head.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown --preset {preset!r}; choose from {', '.join(PRESETS)}")
+    cfg = dataclasses.replace(PRESETS[preset], **overrides)
+    if cfg.style == "gpt2":
+        gpt2 = {"n_kv_heads": cfg.n_heads, "d_ff": 4 * cfg.d_model, "tie_embeddings": True}
+        cfg = dataclasses.replace(cfg, **{k: v for k, v in gpt2.items() if k not in overrides})
+    return cfg
+
+
 PRESETS = {
     # Tests: a few seconds to compile on 2 CPU cores.
     "tiny": ModelConfig(d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64),

@@ -6,7 +6,6 @@ every mesh. Bad settings print one line and exit with code 2.
 """
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -35,7 +34,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--preset", default="small", help="tiny | small | base")
     for flag, kind in MODEL_FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None)
-    p.add_argument("--tie-embeddings", action="store_true")
+    p.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="tie the output head to the embedding (default: gpt2 yes, llama no)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype; weights and optimizer state stay float32")
@@ -84,17 +84,16 @@ def configure_devices(args: argparse.Namespace) -> None:
 
 
 def build(args: argparse.Namespace):
-    from models import PRESETS, ConfigError
+    from models import build_config
     from spmd.data import check_vocab, load_tokens, split_heldout
     from spmd.mesh import make_mesh
     from spmd.rules import Rules
     from spmd.train_step import TrainConfig, Trainer
 
-    if args.preset not in PRESETS:
-        raise ConfigError(f"unknown --preset {args.preset!r}; choose from {', '.join(PRESETS)}")
     overrides = {FIELD.get(k, k): getattr(args, k) for k in MODEL_FLAGS if getattr(args, k)}
-    cfg = dataclasses.replace(PRESETS[args.preset], **overrides, compute_dtype=args.dtype,
-                              tie_embeddings=args.tie_embeddings)
+    if args.tie_embeddings is not None:
+        overrides["tie_embeddings"] = args.tie_embeddings
+    cfg = build_config(args.preset, **overrides, compute_dtype=args.dtype)
     mesh = make_mesh(args.mesh)
     stages = mesh.shape["stage"]
     tc = TrainConfig(
