@@ -1,0 +1,104 @@
+"""The single-device model against an independent plain-jnp reference (`tests/reference.py`).
+
+Every parallel layout is checked against the same model on one device; this checks that model
+against the published Llama and GPT-2 conventions, in float32, logits, loss and every gradient.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from models import Transformer, cross_entropy
+from tests import reference
+from tests.helpers import RTOL, TEST_MODEL, batch, rel_err
+
+CONFIGS = {
+    # Grouped-query (16 heads, 8 kv heads), untied head; vocab 250 is padded to 256.
+    "llama": TEST_MODEL,
+    # Multi-head, tied head, GELU MLP of 4·d, biases.
+    "gpt2": dataclasses.replace(
+        TEST_MODEL, style="gpt2", n_kv_heads=TEST_MODEL.n_heads, d_ff=4 * TEST_MODEL.d_model,
+        tie_embeddings=True,
+    ),
+}
+SHAPE = (2, 8)
+
+
+@functools.cache
+def results(style: str) -> dict:
+    """Model and reference on the same parameters and batch, compiled as one program: logits over
+    the real vocabulary, loss and gradients (in the model's pure-dict layout) from each side."""
+    cfg = CONFIGS[style]
+    inputs, targets = map(jnp.asarray, batch(cfg, shape=SHAPE))
+    with nnx.use_eager_sharding(False):
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+    # Random values for every leaf, not the init: norm scales off 1 and biases off 0, so that each
+    # one visibly shapes the logits. numpy, not jax.random, spares compiling the generator.
+    rng = np.random.default_rng(0)
+    pure = jax.tree_util.tree_map_with_path(
+        lambda path, x: (path[-1].key == "scale") + 0.05 * rng.standard_normal(x.shape, np.float32),
+        nnx.to_pure_dict(state),
+    )
+    nnx.replace_by_pure_dict(state, pure)
+
+    def model_loss(state):
+        logits = nnx.merge(graphdef, state)(inputs)
+        return cross_entropy(logits, targets), logits[..., : cfg.vocab_size]
+
+    @jax.jit
+    def run(state, pure):
+        (m_loss, m_logits), m_grads = jax.value_and_grad(model_loss, has_aux=True)(state)
+        r_loss, r_grads = jax.value_and_grad(reference.loss, argnums=1)(cfg, pure, inputs, targets)
+        r_logits = reference.forward(cfg, reference.plain_params(cfg, pure), inputs)
+        return (m_loss, m_logits, nnx.to_pure_dict(m_grads)), (r_loss, r_logits, r_grads)
+
+    model, ref = jax.device_get(run(state, pure))
+    return {"model": model, "reference": ref, "params": pure, "inputs": inputs}
+
+
+@pytest.mark.parametrize("style", CONFIGS)
+def test_logits_match(style):
+    # Measured: llama 3.6e-7, gpt2 3.7e-7 (logits' rms ≈ 0.4).
+    res = results(style)
+    (_, m_logits, _), (_, r_logits, _) = res["model"], res["reference"]
+    assert m_logits.shape == r_logits.shape == (*SHAPE, CONFIGS[style].vocab_size)
+    err = rel_err(m_logits, r_logits)
+    assert err <= RTOL, f"{style} logits: relative error {err:.2e} > {RTOL}"
+
+
+@pytest.mark.parametrize("style", CONFIGS)
+def test_loss_and_every_gradient_match(style):
+    # Measured: loss equal to the last bit; worst leaf llama 6.4e-7 (mlp_norm scale), gpt2 5.7e-7
+    # (bqkv).
+    res = results(style)
+    (m_loss, _, m_grads), (r_loss, _, r_grads) = res["model"], res["reference"]
+    assert rel_err(m_loss, r_loss) <= RTOL, f"{style} loss {m_loss} vs reference {r_loss}"
+    # Same floor as `assert_matches_reference`: a leaf whose exact gradient is zero holds only
+    # rounding noise, so its error is relative to at least 1e-3 of the whole gradient's norm.
+    # (gpt2's key bias, exactly zero, is a slice of the `bqkv` leaf, so here it never decides.)
+    floor = 1e-3 * float(np.sqrt(sum(np.sum(np.square(r)) for r in jax.tree.leaves(r_grads))))
+    m_paths, r_paths = (jax.tree_util.tree_leaves_with_path(g) for g in (m_grads, r_grads))
+    errs = {}
+    for (path, g), (r_path, r) in zip(m_paths, r_paths, strict=True):
+        assert path == r_path and g.shape == r.shape, (path, r_path)
+        errs[jax.tree_util.keystr(path)] = rel_err(g, r, floor)
+    worst = max(errs, key=errs.get)
+    assert errs[worst] <= RTOL, f"{style} gradient {worst}: relative error {errs[worst]:.2e}"
+
+
+@pytest.mark.parametrize("bug", ["interleaved_rope", "tile_kv"])
+def test_comparison_notices_a_wrong_convention(bug):
+    """Interleaved-pair RoPE or GQA by tiling kv heads (head j reads j % K, not j // G) must
+    move the logits far past the tolerance, or the passing comparison above proves nothing."""
+    cfg = CONFIGS["llama"]
+    res = results("llama")
+    pp = reference.plain_params(cfg, res["params"])
+    wrong = jax.jit(functools.partial(reference.forward, cfg, **{bug: True}))(pp, res["inputs"])
+    err = rel_err(wrong, res["model"][1])
+    # Measured: interleaved_rope 9.0e-2, tile_kv 1.4.
+    assert err > 1000 * RTOL, f"{bug}: logits moved only {err:.2e}"
