@@ -39,12 +39,16 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 
 
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: tuple[str | None, ...]):
+    """A weight (a projection or an embedding table): normal init, `role="weight"`."""
     value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
-    return nnx.Param(value, out_sharding=axes)
+    return nnx.Param(value, out_sharding=axes, role="weight")
 
 
-def _const(value: float, shape: tuple[int, ...], axes: tuple[str | None, ...]):
-    return nnx.Param(jnp.full(shape, value, jnp.float32), out_sharding=axes)
+def _const(role: str, shape: tuple[int, ...], axes: tuple[str | None, ...]):
+    """A norm `"gain"` (init 1) or a `"bias"` (init 0). The role is declared here, where the
+    parameter is, because its shape cannot tell: blocks are stacked, so a gain is (L, D)."""
+    value = {"gain": 1.0, "bias": 0.0}[role]
+    return nnx.Param(jnp.full(shape, value, jnp.float32), out_sharding=axes, role=role)
 
 
 class Norm(nnx.Module):
@@ -52,8 +56,8 @@ class Norm(nnx.Module):
 
     def __init__(self, cfg: ModelConfig):
         self.eps, self.rms = cfg.norm_eps, cfg.style == "llama"
-        self.scale = _const(1.0, (cfg.d_model,), ("embed",))
-        self.bias = None if self.rms else _const(0.0, (cfg.d_model,), ("embed",))
+        self.scale = _const("gain", (cfg.d_model,), ("embed",))
+        self.bias = None if self.rms else _const("bias", (cfg.d_model,), ("embed",))
 
     def __call__(self, x):  # (B, T, D)
         x32 = x.astype(jnp.float32)
@@ -92,8 +96,8 @@ class Attention(nnx.Module):
         self.wo = _param(rngs, std / (2 * cfg.n_layers) ** 0.5, (n, h, d), ("heads", None, "embed"))
         self.biases = cfg.style == "gpt2"
         if self.biases:
-            self.bqkv = _const(0.0, (k, self.group + 2, h), ("kv_heads", None, None))
-            self.bo = _const(0.0, (d,), ("embed",))
+            self.bqkv = _const("bias", (k, self.group + 2, h), ("kv_heads", None, None))
+            self.bo = _const("bias", (d,), ("embed",))
 
     def __call__(self, x):  # (B, T, D)
         cfg, dt, g = self.cfg, self.cfg.dtype, self.group
@@ -135,8 +139,8 @@ class MLP(nnx.Module):
         self.w_down = _param(rngs, std / (2 * cfg.n_layers) ** 0.5, (f, d), ("mlp", "embed"))
         self.biases = not self.gated
         if self.biases:
-            self.b_in = _const(0.0, (ins, f), (None, "mlp"))
-            self.b_down = _const(0.0, (d,), ("embed",))
+            self.b_in = _const("bias", (ins, f), (None, "mlp"))
+            self.b_down = _const("bias", (d,), ("embed",))
 
     def __call__(self, x):  # (B, T, D)
         dt = self.cfg.dtype

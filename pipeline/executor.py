@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from pipeline.gpipe import DP, stage_function, vary
+from pipeline.gpipe import DP, stage_function, vary, widen
 from pipeline.schedules import Action as Act, make_schedule
 from pipeline.simulate import simulate
 
@@ -218,7 +218,7 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
         mean_dp = functools.partial(jax.lax.pmean, axis_name=DP)
         return (jax.tree.map(lambda a: mean_dp(a)[None], acc_w),
                 mean_dp(jax.lax.psum(acc_h, "stage")),
-                jax.lax.psum(dxs[:m], "stage") / n_dp, mean_dp(jax.lax.psum(loss, "stage")))
+                jax.lax.psum(widen(dxs[:m]), "stage") / n_dp, mean_dp(jax.lax.psum(loss, "stage")))
 
     return loop(staged, head_params, xs, targets)
 

@@ -40,6 +40,17 @@ def vary(tree):
     return jax.tree.map(one, tree)
 
 
+def widen(x: jax.Array) -> jax.Array:
+    """`x` in at least float32, for a sum over a manual axis (`psum`, or the transpose of `vary`).
+
+    XLA's CPU backend aborts on a bfloat16 all-reduce inside a `shard_map` that leaves a mesh
+    axis automatic ("Invalid binary instruction opcode copy", jax 0.10.2: its AllReducePromotion
+    pass rebuilds the reduction region, which JAX lowers with a sharding annotation). These sums
+    cross the manual boundary once per step, not per tick, so doing them in float32 is cheap.
+    """
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def to_stages(stacked, stages: int):
     """[L, ...] → [p, L/p, ...]: layer l goes to stage l // (L/p). Exactly undone by `from_stages`.
 
@@ -98,13 +109,13 @@ def gpipe(block_def: nnx.GraphDef, staged, xs: jax.Array, remat: str = "none") -
         params = vary(jax.tree.map(lambda a: a[0], staged))
         s = jax.lax.axis_index("stage")
         # Varying over `stage` once, here: the input gradient is then summed over stages once
-        # per step, after the loop, instead of once per tick inside it.
-        xs = vary(xs)
+        # per step, after the loop, instead of once per tick inside it (in float32: `widen`).
+        dtype, xs = xs.dtype, vary(widen(xs))
 
         def tick(carry, t):
             received, outputs = carry
             mb = t - s  # the micro-batch this stage works on at tick t
-            x = jnp.where(s == 0, xs[jnp.clip(t, 0, m - 1)], received)
+            x = jnp.where(s == 0, xs[jnp.clip(t, 0, m - 1)].astype(dtype), received)
             # Bubble ticks skip the compute: nothing they would produce is ever used.
             y = jax.lax.cond((mb >= 0) & (mb < m), run_stage, lambda _, x: x, params, x)
             done = jnp.clip(mb, 0, m - 1)
@@ -113,11 +124,11 @@ def gpipe(block_def: nnx.GraphDef, staged, xs: jax.Array, remat: str = "none") -
             sent = jax.lax.ppermute(y, "stage", [(i, i + 1) for i in range(p - 1)])
             return (sent, outputs), None
 
-        init = vary((jnp.zeros_like(xs[0]), jnp.zeros_like(xs)))
+        init = vary((jnp.zeros(xs.shape[1:], dtype), jnp.zeros(xs.shape, dtype)))
         (_, outputs), _ = jax.lax.scan(tick, init, jnp.arange(m + p - 1))
         # Only the last stage holds results; the others hold zeros.
         if scatter:
-            return jax.lax.psum_scatter(outputs, "stage", scatter_dimension=0, tiled=True)
-        return jax.lax.psum(outputs, "stage")
+            return jax.lax.psum_scatter(widen(outputs), "stage", scatter_dimension=0, tiled=True)
+        return jax.lax.psum(widen(outputs), "stage")
 
-    return loop(staged, xs)
+    return loop(staged, xs).astype(xs.dtype)

@@ -37,16 +37,25 @@ class TrainConfig:
     grad_accum: int = 1  # sequential chunks per step (gradient accumulation)
 
 
-def make_optimizer(tc: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """AdamW, linear warm-up then cosine decay, global-norm clipping; no decay on norms/biases."""
+def decay_mask(params: nnx.State) -> nnx.State:
+    """True for the parameters that weight decay shrinks: the weights (projections, embedding
+    tables), not the norm gains and biases. Read from the `role` each parameter declares in
+    `models/`, not from its shape: stacked on `layers`, a gain is (L, D), as large as a matrix."""
+    return jax.tree.map(lambda v: v.replace(v.get_metadata()["role"] == "weight"), params,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def make_optimizer(tc: TrainConfig, params: nnx.State
+                   ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """AdamW, linear warm-up then cosine decay, global-norm clipping; `decay_mask(params)`."""
     lr = optax.warmup_cosine_decay_schedule(
         0.0, tc.learning_rate, tc.warmup_steps, max(tc.steps, tc.warmup_steps + 1),
         tc.learning_rate * tc.min_lr_ratio,
     )
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     tx = optax.chain(
         optax.clip_by_global_norm(tc.clip_norm),
-        optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=tc.weight_decay, mask=decay_mask),
+        optax.adamw(lr, b1=0.9, b2=0.95, weight_decay=tc.weight_decay,
+                    mask=decay_mask(params)),
     )
     return tx, lr
 
@@ -83,7 +92,7 @@ class Trainer:
             abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
         self.graphdef, abstract_params = nnx.split(abstract)
         self.param_shardings = param_shardings(abstract_params, mesh, rules)
-        self.tx, self.lr = make_optimizer(tc)
+        self.tx, self.lr = make_optimizer(tc, abstract_params)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
         replicated = NamedSharding(mesh, PartitionSpec())
         self.opt_shardings = optax.tree_map_params(
