@@ -15,6 +15,11 @@ from pipeline.run import head_parts
 from tests.helpers import TEST_MODEL, assert_matches_reference, batch, loss_and_grads, trainer
 
 PIPE_MODEL = dataclasses.replace(TEST_MODEL, n_layers=8)
+# GPT-2 as GPT-2 is: multi-head, MLP 4·d, biases, learned positions, head tied to the embedding
+# (whose gradient then gathers the embedding's and the head's parts, across stages).
+GPT2_MODEL = dataclasses.replace(PIPE_MODEL, style="gpt2", n_kv_heads=16, d_ff=256,
+                                 tie_embeddings=True)
+MODELS = {"llama": PIPE_MODEL, "gpt2": GPT2_MODEL}
 SHAPE = (24, 8)  # per-data-shard batch 24 or 12: divisible by every m used here
 
 
@@ -22,34 +27,41 @@ def mesh_of(d, p, t):
     return f"data={d},stage={p},tensor={t}"
 
 
-CASES = [("1f1b", dpt, m, 1, "none", False)
+CASES = [("1f1b", dpt, m, 1, "none", False, "llama")
          for dpt in ((1, 2, 4), (2, 2, 2), (1, 4, 2)) for m in (dpt[1], 2 * dpt[1])]
 CASES += [
-    ("gpipe-table", (2, 2, 2), 4, 1, "none", False),  # GPipe's table through the executor
-    ("zb-h1", (1, 4, 2), 4, 1, "none", False),
-    ("zb-h1", (2, 2, 2), 4, 1, "layer", True),
-    ("interleaved", (1, 2, 4), 4, 2, "none", False),
-    ("interleaved", (2, 2, 2), 2, 2, "stage", True),
-    ("1f1b", (1, 4, 2), 3, 1, "layer", False),  # m = 3: not a multiple of p
-    ("1f1b", (2, 2, 2), 4, 1, "stage", True),
+    ("gpipe-table", (2, 2, 2), 4, 1, "none", False, "llama"),  # GPipe's table, executor-run
+    ("zb-h1", (1, 4, 2), 4, 1, "none", False, "llama"),
+    ("zb-h1", (2, 2, 2), 4, 1, "layer", True, "llama"),
+    ("interleaved", (1, 2, 4), 4, 2, "none", False, "llama"),
+    ("interleaved", (2, 2, 2), 2, 2, "stage", True, "llama"),
+    ("1f1b", (1, 4, 2), 3, 1, "layer", False, "llama"),  # m = 3: not a multiple of p
+    ("1f1b", (2, 2, 2), 4, 1, "stage", True, "llama"),
+    # Every schedule with the gpt2 style and tied embeddings (autodiff GPipe: test_pipeline).
+    ("gpipe-table", (1, 2, 4), 2, 1, "none", False, "gpt2"),
+    ("1f1b", (2, 2, 2), 4, 1, "none", True, "gpt2"),
+    ("zb-h1", (1, 4, 2), 4, 1, "layer", False, "gpt2"),
+    ("interleaved", (2, 2, 2), 2, 2, "none", False, "gpt2"),
 ]
 
 
 @pytest.mark.parametrize(
-    "schedule,dpt,m,v,remat,sp", CASES,
-    ids=[f"{c[0]}-{mesh_of(*c[1])}-m{c[2]}-v{c[3]}-{c[4]}{'-sp' if c[5] else ''}" for c in CASES])
-def test_every_schedule_matches_single_device(schedule, dpt, m, v, remat, sp):
+    "schedule,dpt,m,v,remat,sp,style", CASES,
+    ids=[f"{c[0]}-{mesh_of(*c[1])}-m{c[2]}-v{c[3]}-{c[4]}{'-sp' if c[5] else ''}-{c[6]}"
+         for c in CASES])
+def test_every_schedule_matches_single_device(schedule, dpt, m, v, remat, sp, style):
+    cfg = MODELS[style]
     if schedule == "gpipe-table":
-        loss, grads = table_gpipe_loss_and_grads(dpt, m)
+        loss, grads = table_gpipe_loss_and_grads(cfg, dpt, m)
     else:
-        loss, grads = loss_and_grads(PIPE_MODEL, mesh_of(*dpt), sp, shape=SHAPE, microbatches=m,
+        loss, grads = loss_and_grads(cfg, mesh_of(*dpt), sp, shape=SHAPE, microbatches=m,
                                      schedule=schedule, virtual_stages=v, remat=remat)
-    assert_matches_reference(PIPE_MODEL, loss, grads, shape=SHAPE)
+    assert_matches_reference(cfg, loss, grads, shape=SHAPE)
 
 
-def table_gpipe_loss_and_grads(dpt, m):
+def table_gpipe_loss_and_grads(cfg, dpt, m):
     """`--schedule gpipe` trains with autodiff; run GPipe's *table* through the executor here."""
-    tr, params = mesh_trainer(dpt, SHAPE)
+    tr, params = mesh_trainer(dpt, SHAPE, cfg)
 
     def loss(params, inputs, targets):
         with flax_spmd.logical_axis_rules(tr.rules.activations):
@@ -60,7 +72,7 @@ def table_gpipe_loss_and_grads(dpt, m):
                                   to_microbatches(model.embed(inputs), m),
                                   to_microbatches(targets, m), "gpipe")
 
-    inputs, targets = tr.place(batch(PIPE_MODEL, shape=SHAPE))
+    inputs, targets = tr.place(batch(cfg, shape=SHAPE))
     with jax.set_mesh(tr.mesh):
         value, grads = jax.jit(jax.value_and_grad(loss))(params, inputs, targets)
     return float(value), jax.device_get(grads)
@@ -74,8 +86,8 @@ def test_buffers_do_not_grow_with_microbatches():
 
 
 @functools.cache
-def mesh_trainer(dpt, shape):
-    tr = trainer(PIPE_MODEL, mesh_of(*dpt), shape=shape, microbatches=1)
+def mesh_trainer(dpt, shape, cfg=PIPE_MODEL):
+    tr = trainer(cfg, mesh_of(*dpt), shape=shape, microbatches=1)
     return tr, tr.init(seed=0)[0]
 
 

@@ -45,6 +45,16 @@ def test_gpipe_with_sequence_parallelism_and_remat(dpt, m, sp, remat):
     assert_matches_reference(PIPE_MODEL, loss, grads, shape=SHAPE)
 
 
+def test_gpipe_gpt2_with_tied_embeddings():
+    """GPT-2 as GPT-2 is (multi-head, MLP 4·d, biases, learned positions, tied head): the tied
+    embedding's gradient sums its lookup part (before the loop) and its head part (after)."""
+    cfg = dataclasses.replace(PIPE_MODEL, style="gpt2", n_kv_heads=16, d_ff=256,
+                              tie_embeddings=True)
+    shape = (24, 8)  # test_executor's: its gpt2 cases share this single-device reference
+    loss, grads = loss_and_grads(cfg, mesh_of(2, 2, 2), True, shape=shape, microbatches=4)
+    assert_matches_reference(cfg, loss, grads, shape=shape)
+
+
 def test_stage_partition_is_exactly_invertible_and_local():
     tr = trainer(PIPE_MODEL, mesh_of(1, 4, 2), shape=SHAPE, microbatches=4)
     params, _ = tr.init(seed=0)
