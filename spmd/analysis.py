@@ -167,3 +167,65 @@ def attribute(c: Collective) -> str:
 
 def phase(c: Collective) -> str:
     return "bwd" if "transpose(" in c.name.split(":")[0] else "fwd"
+
+
+def _drop_common_ones(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[tuple, tuple]:
+    """Drop the dims that are 1 in both: XLA may keep or drop a one-layer axis."""
+    if len(a) != len(b):
+        return a, b
+    keep = [i for i, (x, y) in enumerate(zip(a, b)) if (x, y) != (1, 1)]
+    return tuple(a[i] for i in keep), tuple(b[i] for i in keep)
+
+
+def _param_views(shape: tuple, logical: tuple, shard: tuple) -> list[tuple[tuple, tuple]]:
+    """(per-device shard, full) dims of every view under which a parameter can be moved: the
+    whole array; for a stacked [L, ...] parameter also this stage's layers [L/p, ...] (the
+    pipeline's slice) and one layer [...] (sliced inside the layer scan)."""
+    views = [(shard, shape)]
+    if logical[:1] == ("layers",):
+        views += [(shard, shard[:1] + shape[1:]), (shard[1:], shape[1:])]
+    return [_drop_common_ones(s, g) for s, g in views]
+
+
+def _of_view(dims: tuple, shard: tuple, full: tuple) -> bool:
+    """Whether `dims` are those of the view, partly or wholly gathered (each dim a whole
+    multiple of the shard's, none beyond the full parameter)."""
+    return len(dims) == len(full) and all(s <= d <= f and d % s == 0
+                                          for d, s, f in zip(dims, shard, full))
+
+
+def _moves_view(op: str, operand: tuple, result: tuple, shard: tuple, full: tuple) -> bool:
+    """Whether this operand -> result moves a tensor of the view's dims. Dims decide, not
+    sizes: an activation shard of the same dims as a weight shard (sequence parallelism's
+    [b/d, s/t, h] vs one layer's [heads/t, head_dim, h]) gathers a dim the weight has no room
+    for. A weight may be gathered in steps (over `tensor`, then over `stage`): any step counts."""
+    operand, result = _drop_common_ones(operand, result)
+    if not (_of_view(operand, shard, full) and _of_view(result, shard, full)):
+        return False
+    return op == "all-to-all" or (result != operand
+                                  and all(r % o == 0 for o, r in zip(operand, result)))
+
+
+def weight_gathers(colls: list[Collective],
+                   params: list[tuple]) -> list[tuple[Collective, list[str]]]:
+    """The all-gathers and all-to-alls that move a parameter (or a tensor of its dims: its
+    gradient, its Adam moments), each with the names of the parameters whose dims it fits.
+
+    `params` are the rows of `spmd.loop.parameter_table` (path, global shape, logical axes,
+    spec, per-device shard shape). A collective is a weight's when an operand and its result
+    both have the dims of a parameter view (`_param_views`), from its per-device shard up to
+    its full dims, and an all-gather's result grows some of them. Byte counts cannot tell:
+    weight shards of the test models are whole multiples of an activation's bytes.
+    Gathers over `fsdp` are weight gathers by design (ZeRO-3): they are reported too.
+    """
+    views = [(row[0], v) for row in params for v in _param_views(row[1], row[2], row[4])]
+    found = []
+    for c in colls:
+        if c.op not in ("all-gather", "all-to-all"):
+            continue
+        names = sorted({name for name, (shard, full) in views
+                        for o, r in zip(c.operands, c.results, strict=True)
+                        if _moves_view(c.op, o, r, shard, full)})
+        if names:
+            found.append((c, names))
+    return found

@@ -18,6 +18,9 @@ Facts about the text (checked on jax 0.10.2, CPU backend) that shape the parser:
   collective in a computation that no parsed call edge reaches.
 - Async pairs (`all-reduce-start`/`-done`, ...) are counted once, at the `-start`, with
   the `-done`'s result shape (the `-start` result also holds the operands/contexts).
+- Operands are printed by name only (`all-gather(%fusion.2)`): their shapes are looked up
+  in the same computation. Each collective keeps its operand and result dimensions, so a
+  caller can tell *what* moved (e.g. a weight shard vs an activation: `spmd.analysis`).
 """
 from __future__ import annotations
 
@@ -52,24 +55,36 @@ class Collective:
     count: int              # executions per call (product of enclosing trip counts)
     axes: tuple[str, ...]   # mesh axes its groups / source-target pairs span
     name: str               # metadata op_name ('' if none)
+    operands: tuple[tuple[int, ...], ...] = ()  # per-device operand dims, one per array
+    results: tuple[tuple[int, ...], ...] = ()   # per-device result dims, one per array
 
     @property
     def total_bytes(self) -> int:
         return self.bytes * self.count
 
 
+def _arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+    """(element type, dims) of each array in an HLO shape string, tuples flattened in order;
+    layouts are ignored and a dynamic dim `<=5` counts at its bound."""
+    shape = re.sub(r"\{[^{}]*\}", "", shape)  # drop layouts like {1,0} or {1,0:T(8,128)}
+    return [(dtype, tuple(int(d) for d in filter(None, (d.strip().lstrip("<=")
+                                                        for d in dims.split(",")))))
+            for dtype, dims in _ARRAY.findall(shape)]
+
+
+def shape_dims(shape: str) -> tuple[tuple[int, ...], ...]:
+    """Dims of each array in an HLO shape string: `(f32[4,8]{1,0}, s32[])` -> ((4, 8), ())."""
+    return tuple(dims for _, dims in _arrays(shape))
+
+
 def shape_bytes(shape: str) -> int:
     """Bytes of an HLO shape string; tuples sum their leaves; layouts are ignored."""
-    shape = re.sub(r"\{[^{}]*\}", "", shape)  # drop layouts like {1,0} or {1,0:T(8,128)}
     total = 0
-    for dtype, dims in _ARRAY.findall(shape):
+    for dtype, dims in _arrays(shape):
         if dtype not in _BITS and not dtype.startswith("f8") and not dtype.startswith("f4"):
             raise ValueError(f"unknown element type {dtype!r} in {shape!r}")
         bits = _BITS.get(dtype, 8 if dtype.startswith("f8") else 4)
-        n = 1
-        for d in filter(None, (d.strip().lstrip("<=") for d in dims.split(","))):
-            n *= int(d)
-        total += (n * bits + 7) // 8
+        total += (int(np.prod(dims, dtype=np.int64)) * bits + 7) // 8
     return total
 
 
@@ -129,7 +144,9 @@ def _parse_instr(line: str) -> _Instr | None:
     if not op:
         return None
     close = _matching(rest, op.end() - 1)
-    operands = [o.strip() for o in _split_top(rest[op.end():close]) if o.strip()]
+    # Long operand lists carry comments: `%a, ..., /*index=5*/%f`.
+    operands = [re.sub(r"/\*.*?\*/", "", o).strip() for o in _split_top(rest[op.end():close])]
+    operands = [o for o in operands if o]
     return _Instr(name, shape, op.group(1), operands, rest[close + 1:])
 
 
@@ -291,7 +308,7 @@ def collectives(compiled_text: str, mesh: jax.sharding.Mesh) -> list[Collective]
     """All collectives in `compiled_text` (the output of `Compiled.as_text()`), in text order."""
     comps, entry = _parse_computations(compiled_text)
     counts = _execution_counts(comps, entry)
-    result = []
+    found = []
     for comp, instrs in comps.items():
         shapes = {i.name: i.shape for i in instrs}
         done = {i.operands[0].split()[-1].lstrip("%"): i.shape
@@ -300,11 +317,13 @@ def collectives(compiled_text: str, mesh: jax.sharding.Mesh) -> list[Collective]
             op = ins.opcode.removesuffix("-start")
             if op not in OPS:
                 continue
+            # An operand is a name, or (older printers) its shape followed by its name.
+            operands = [o if "[" in o else shapes[o.lstrip("%")] for o in ins.operands]
+            result = done.get(ins.name, ins.shape)
             if op == "reduce-scatter":
-                size = sum(shape_bytes(o) if "[" in o else shape_bytes(shapes[o.lstrip("%")])
-                           for o in ins.operands)
+                size = sum(shape_bytes(o) for o in operands)
             else:
-                size = shape_bytes(done.get(ins.name, ins.shape))
+                size = shape_bytes(result)
             if op == "collective-permute":
                 pairs = re.search(r"source_target_pairs=(\{.*?\}\})", ins.attrs)
                 groups = [_ints(p) for p in re.findall(r"\{([\d,\s]+)\}", pairs.group(1))] \
@@ -314,9 +333,10 @@ def collectives(compiled_text: str, mesh: jax.sharding.Mesh) -> list[Collective]
                 axes = _axes_spanned(replica_groups(ins.attrs) or [], mesh, agree=True)
             name = _OP_NAME.search(ins.attrs)
             # A computation no parsed edge reaches (count 0) is reported once, not dropped.
-            result.append(Collective(op, size, counts[comp] or 1, axes,
-                                     name.group(1) if name else ""))
-    return result
+            found.append(Collective(op, size, counts[comp] or 1, axes,
+                                    name.group(1) if name else "",
+                                    sum(map(shape_dims, operands), ()), shape_dims(result)))
+    return found
 
 
 def census(colls: list[Collective]) -> dict[str, dict]:

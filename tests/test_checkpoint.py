@@ -77,33 +77,43 @@ def test_resume_is_bit_identical(tr, initial, tmp_path):
     assert first + rest == straight
 
 
+def assert_restored(tr, state, saved_state):
+    """Every leaf of the restored (params, opt_state) carries `tr`'s sharding on `tr`'s mesh and
+    equals the saved one bit for bit: the stored arrays are global and mesh-independent and
+    restoring only reads them, nothing is recomputed (so no rounding tolerance is due)."""
+    assert jax.tree.structure(state) == jax.tree.structure(saved_state)
+    shardings = jax.tree.leaves((tr.param_shardings, tr.opt_shardings))
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    for (path, leaf), sharding, want in zip(leaves, shardings, jax.tree.leaves(saved_state),
+                                            strict=True):
+        where = jax.tree_util.keystr(path)
+        assert leaf.sharding == sharding and leaf.sharding.mesh == tr.mesh, where
+        np.testing.assert_array_equal(jax.device_get(leaf), want, err_msg=where)
+
+
 @pytest.fixture(scope="module")
 def after_one_step(tr, initial, tmp_path_factory):
-    """A checkpoint after step 0 on MESH, its params on the host, and the loss of step 1."""
+    """A checkpoint after step 0 on MESH, its (params, opt_state) on the host, and the loss of
+    step 1."""
     directory = tmp_path_factory.mktemp("ckpt")
     params, opt_state, _ = train(tr, *fresh(tr, initial), [0])
     with CheckpointManager.open(directory, INFO) as ckpt:
         ckpt.save(0, params, opt_state)
-    host_params = jax.device_get(params)
+    host_state = jax.device_get((params, opt_state))
+    # Adam's moments and count have moved off their initial zeros: a restore that dropped the
+    # optimizer state for a fresh one could not pass for this one.
+    assert all(np.any(leaf) for leaf in jax.tree.leaves(host_state[1]))
     _, _, (next_loss,) = train(tr, params, opt_state, [1])
-    return directory, host_params, next_loss
+    return directory, host_state, next_loss
 
 
 @pytest.mark.parametrize("target", ["tensor=8", "data=8", "single"])
 def test_restore_onto_another_mesh(after_one_step, target):
-    directory, host_params, next_loss = after_one_step
+    directory, host_state, next_loss = after_one_step
     tr = trainer(TEST_MODEL, target)
     with CheckpointManager.open(directory, INFO, resume=True) as ckpt:
         params, opt_state, _ = ckpt.restore(0, tr)
-    for tree, shardings in [(params, tr.param_shardings), (opt_state, tr.opt_shardings)]:
-        leaves, targets = jax.tree.leaves(tree), jax.tree.leaves(shardings)
-        assert len(leaves) == len(targets)
-        for leaf, sharding in zip(leaves, targets, strict=True):
-            assert leaf.sharding == sharding
-    # The stored arrays are global and mesh-independent: restored bit for bit.
-    for got, want in zip(jax.tree.leaves(jax.device_get(params)), jax.tree.leaves(host_params),
-                         strict=True):
-        np.testing.assert_array_equal(got, want)
+    assert_restored(tr, (params, opt_state), host_state)
     # The next step re-associates sums over another set of shards: equal to float32 rounding.
     _, _, (loss,) = train(tr, params, opt_state, [1])
     assert rel_err(loss, next_loss) <= RTOL, f"{target}: loss {loss} vs {MESH}: {next_loss}"
@@ -114,20 +124,23 @@ PIPE_MODEL = dataclasses.replace(TEST_MODEL, n_layers=4)
 
 @pytest.mark.slow
 def test_pipeline_checkpoint_restores_onto_every_layout(tmp_path):
-    """Saved from data=2,stage=2,tensor=2 under 1f1b; the next step's loss on other meshes and
-    schedules equals the original's to float32 rounding."""
+    """Saved from data=2,stage=2,tensor=2 under 1f1b; every params and optimizer-state leaf
+    restores bit for bit onto other meshes and schedules, in their layouts, and the next step's
+    loss there equals the original's to float32 rounding."""
     source = trainer(PIPE_MODEL, "data=2,stage=2,tensor=2", microbatches=2, schedule="1f1b")
     params, opt_state = source.init(0)
     params, opt_state, _ = train(source, params, opt_state, [0])
     info = run_info(PIPE_MODEL, source.tc, "data=2,stage=2,tensor=2", seed=0)
     with CheckpointManager.open(tmp_path, info) as ckpt:
         ckpt.save(0, params, opt_state)
+    host_state = jax.device_get((params, opt_state))
     _, _, (next_loss,) = train(source, params, opt_state, [1])
     for target, kw in [("tensor=8", {}), ("stage=4,tensor=2", {"microbatches": 4,
                        "schedule": "zb-h1"}), ("data=8", {}), ("single", {})]:
         tr = trainer(PIPE_MODEL, target, **kw)
         with CheckpointManager.open(tmp_path, info, resume=True) as ckpt:
             params, opt_state, _ = ckpt.restore(0, tr)
+        assert_restored(tr, (params, opt_state), host_state)
         _, _, (loss,) = train(tr, params, opt_state, [1])
         assert rel_err(loss, next_loss) <= RTOL, f"{target}: loss {loss} vs {next_loss}"
 

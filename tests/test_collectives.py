@@ -1,21 +1,60 @@
-"""The compiled tensor-parallel step holds exactly Megatron's collectives (DESIGN section 2)."""
+"""The compiled tensor-parallel step holds exactly Megatron's collectives (DESIGN section 2),
+and no parameter is ever all-gathered (a check shown to catch a deliberate weight gather)."""
 
+import functools
+
+import jax
 import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
+from spmd import analysis
 from spmd.hlo import collectives
+from spmd.loop import parameter_table
 from tests.helpers import BATCH, SEQ, TEST_MODEL, batch, trainer
 
 
-def compiled_collectives(mesh_spec, sequence_parallel=False):
-    tr = trainer(TEST_MODEL, mesh_spec, sequence_parallel)
+def replicating(tr, path: str):
+    """Make `tr`'s loss constrain parameter `path` to replicated before use, so the step must
+    all-gather that weight: what `analysis.weight_gathers` has to catch."""
+    rep = NamedSharding(tr.mesh, P())
+
+    def target(keys, sharding):
+        return rep if "/".join(k.key for k in keys if hasattr(k, "key")) == path else sharding
+
+    shardings = jax.tree_util.tree_map_with_path(target, tr.param_shardings)
+    loss = tr.loss
+    tr.loss = lambda params, *a, **kw: loss(
+        jax.lax.with_sharding_constraint(params, shardings), *a, **kw)
+    return tr
+
+
+def compiled(mesh_spec, sequence_parallel=False, gather=None, **kw):
+    """(trainer, collectives, parameter table) of the compiled step; with `gather` (a parameter
+    path) the step first replicates that parameter. Cached however it is called (positional or
+    keyword): tests/test_census.py shares these programs."""
+    return _compiled(mesh_spec, sequence_parallel, gather, tuple(sorted(kw.items())))
+
+
+@functools.cache
+def _compiled(mesh_spec, sequence_parallel, gather, kw):
+    tr = trainer(TEST_MODEL, mesh_spec, sequence_parallel, **dict(kw))
+    if gather:
+        replicating(tr, gather)
     params, opt_state = tr.init(seed=0)
     text = tr.lower_step(params, opt_state, *tr.place(batch())).compile().as_text()
-    return collectives(text, tr.mesh)
+    return tr, collectives(text, tr.mesh), parameter_table(tr, params)
+
+
+def weight_gathers(mesh_spec, sequence_parallel=False, gather=None, **kw) -> list[tuple]:
+    """(op, axes, parameters it fits) of every collective that moves a weight."""
+    _, colls, table = compiled(mesh_spec, sequence_parallel, gather, **kw)
+    return [(c.op, c.axes, tuple(names)) for c, names in analysis.weight_gathers(colls, table)]
 
 
 @pytest.fixture(scope="module")
 def tensor_only():
-    return compiled_collectives("tensor=8")
+    return compiled("tensor=8")[1]
 
 
 def test_megatron_all_reduces_per_layer(tensor_only):
@@ -47,9 +86,22 @@ def test_embedding_head_and_loss_stay_vocab_parallel(tensor_only):
     assert not [c for c in tensor_only if c.op in ("all-gather", "all-to-all")]
 
 
+def test_a_replicated_weight_is_caught():
+    """The check behind every "no weight is gathered" below can fail: replicating the MLP
+    down weight (stacked [L, d_ff, h], split over d_ff) shows up as its all-gathers, forward
+    and the gradient's transpose, named by the parameter they move and by no other."""
+    assert weight_gathers("tensor=8") == []
+    caught = weight_gathers("tensor=8", gather="blocks/mlp/w_down")
+    assert caught == [("all-gather", ("tensor",), ("blocks/mlp/w_down",))] * 2, caught
+
+
 def test_no_weight_is_ever_all_gathered():
-    """Under data x tensor with SP, all-gathers are activation-sized (T), never a weight."""
-    colls = compiled_collectives("data=2,tensor=4", sequence_parallel=True)
+    """Under data x tensor with SP, all-gathers are activation-sized (T), never a weight.
+    Dims tell them apart where sizes cannot: an SP gather's [b/d, s/t, h] operand has the
+    dims of one layer's attention-out shard [heads/t, head_dim, h] here, but it grows s/t
+    to s, a dim that weight has no room for."""
     x_shard = BATCH // 2 * SEQ * TEST_MODEL.d_model * 4  # a data shard's X
-    gathers = [c for c in colls if c.op == "all-gather"]
+    gathers = [c for c in compiled("data=2,tensor=4", sequence_parallel=True)[1]
+                if c.op == "all-gather"]
     assert gathers and all(c.bytes == x_shard for c in gathers), gathers
+    assert weight_gathers("data=2,tensor=4", sequence_parallel=True) == []

@@ -102,6 +102,7 @@ def test_all_gather_over_data():
     c = only(hlo.collectives(compiled_text(f, jnp.ones((8, 16))), mesh), "all-gather")
     assert c.axes == ("data",)
     assert c.bytes == 8 * (16 // 4) * F32  # gathered rows, columns still split over tensor
+    assert (c.operands, c.results) == (((4, 4),), ((8, 4),))
 
     g = jax.jit(jax.shard_map(lambda x: jax.lax.all_gather(x, "data", tiled=True), mesh=mesh,
                               in_specs=P("data"), out_specs=P(), check_vma=False))
@@ -187,7 +188,7 @@ HloModule m, num_partitions=8
 ENTRY %main (a: f32[4,8], b: bf16[16]) -> f32[4,8] {
   %a = f32[4,8]{1,0} parameter(0)
   %b = bf16[16]{0} parameter(1)
-  %tup = (f32[4,8]{1,0}, bf16[16]{0}) all-reduce(%a, %b), channel_id=2, replica_groups={{0,1,2,3},{4,5,6,7}}, use_global_device_ids=true, to_apply=%add
+  %tup = (f32[4,8]{1,0}, bf16[16]{0}) all-reduce(%a, /*index=1*/%b), channel_id=2, replica_groups={{0,1,2,3},{4,5,6,7}}, use_global_device_ids=true, to_apply=%add
   %ags = (f32[4,8]{1,0}, f32[8,8]{1,0}) all-gather-start(%a), channel_id=3, replica_groups=mesh['axis_0'=2,'axis_1'=4], device_ids=([2,4]T(1,0)) {'axis_1':(1)2}, dimensions={0}, use_global_device_ids=true
   %agd = f32[8,8]{1,0} all-gather-done(%ags)
   %rs = f32[1,8]{1,0} reduce-scatter(%a), channel_id=4, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_1'}, dimensions={0}, to_apply=%add
@@ -217,6 +218,10 @@ def test_hand_written_snippet():
         ("collective-permute", 1, ("tensor",), arr),        # the -done's shape
     ]
     assert [c.name for c in colls if c.name] == ["jit(f)/while/body/my_scope/dot_general"]
+    # Operand dims are looked up by name (past XLA's /*index=N*/ comments); results of an
+    # async pair come from the -done.
+    assert [(c.operands, c.results) for c in colls[2:5]] == [
+        (((4, 8), (16,)), ((4, 8), (16,))), (((4, 8),), ((8, 8),)), (((4, 8),), ((1, 8),))]
     assert hlo.census(colls)["all-reduce"] == {
         "count": 16, "bytes": 10 * arr + 5 * arr + arr + 32}
 
@@ -244,3 +249,7 @@ def test_iota_groups_with_transpose():
 ])
 def test_shape_bytes(shape, nbytes):
     assert hlo.shape_bytes(shape) == nbytes
+
+
+def test_shape_dims():
+    assert hlo.shape_dims("(f32[4,8]{1,0}, (s32[], f16[<=5]))") == ((4, 8), (), (5,))
