@@ -7,8 +7,7 @@ import sys
 from pathlib import Path
 
 from spmd import analysis
-from tests.helpers import BATCH, SEQ, TEST_MODEL
-from tests.test_collectives import compiled, weight_gathers
+from tests.helpers import BATCH, SEQ, TEST_MODEL, compiled, weight_gathers
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPE = "data=2,stage=2,tensor=2"

@@ -1,55 +1,9 @@
 """The compiled tensor-parallel step holds exactly Megatron's collectives (DESIGN section 2),
 and no parameter is ever all-gathered (a check shown to catch a deliberate weight gather)."""
 
-import functools
-
-import jax
 import pytest
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from spmd import analysis
-from spmd.hlo import collectives
-from spmd.loop import parameter_table
-from tests.helpers import BATCH, SEQ, TEST_MODEL, batch, trainer
-
-
-def replicating(tr, path: str):
-    """Make `tr`'s loss constrain parameter `path` to replicated before use, so the step must
-    all-gather that weight: what `analysis.weight_gathers` has to catch."""
-    rep = NamedSharding(tr.mesh, P())
-
-    def target(keys, sharding):
-        return rep if "/".join(k.key for k in keys if hasattr(k, "key")) == path else sharding
-
-    shardings = jax.tree_util.tree_map_with_path(target, tr.param_shardings)
-    loss = tr.loss
-    tr.loss = lambda params, *a, **kw: loss(
-        jax.lax.with_sharding_constraint(params, shardings), *a, **kw)
-    return tr
-
-
-def compiled(mesh_spec, sequence_parallel=False, gather=None, **kw):
-    """(trainer, collectives, parameter table) of the compiled step; with `gather` (a parameter
-    path) the step first replicates that parameter. Cached however it is called (positional or
-    keyword): tests/test_census.py shares these programs."""
-    return _compiled(mesh_spec, sequence_parallel, gather, tuple(sorted(kw.items())))
-
-
-@functools.cache
-def _compiled(mesh_spec, sequence_parallel, gather, kw):
-    tr = trainer(TEST_MODEL, mesh_spec, sequence_parallel, **dict(kw))
-    if gather:
-        replicating(tr, gather)
-    params, opt_state = tr.init(seed=0)
-    text = tr.lower_step(params, opt_state, *tr.place(batch())).compile().as_text()
-    return tr, collectives(text, tr.mesh), parameter_table(tr, params)
-
-
-def weight_gathers(mesh_spec, sequence_parallel=False, gather=None, **kw) -> list[tuple]:
-    """(op, axes, parameters it fits) of every collective that moves a weight."""
-    _, colls, table = compiled(mesh_spec, sequence_parallel, gather, **kw)
-    return [(c.op, c.axes, tuple(names)) for c, names in analysis.weight_gathers(colls, table)]
+from tests.helpers import BATCH, SEQ, TEST_MODEL, compiled, weight_gathers
 
 
 @pytest.fixture(scope="module")
