@@ -11,6 +11,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -19,10 +20,40 @@ MODEL_FLAGS = {  # flag → ModelConfig field
     "d_ff": int, "max_seq_len": int, "vocab_multiple": int, "style": str,
 }
 FIELD = {"layers": "n_layers", "heads": "n_heads", "kv_heads": "n_kv_heads"}
+LIMITS = {  # flag → (smallest, largest or None) accepted value, checked right after parsing
+    **{flag: (1, None) for flag, kind in MODEL_FLAGS.items() if kind is int},
+    "cpu_devices": (1, None), "steps": (1, None), "batch_size": (1, None), "seq_len": (1, None),
+    "warmup": (0, None), "microbatches": (1, None), "virtual_stages": (1, None),
+    "grad_accum": (1, None), "eval_every": (0, None), "log_every": (1, None),
+    "checkpoint_every": (1, None), "keep": (1, None), "num_processes": (1, None),
+    "process_id": (0, None),
+    "seed": (0, 2**63 - 1),  # numpy's generator takes no negative seed, jax.random.key a C long
+}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse reports a bad flag as two lines (usage, then the error); the project's rule is
+    one line naming the value, exit 2, like every other bad setting."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def check_limits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse numbers that would train nothing, crash later or be silently ignored (a 0 for
+    `--steps`, `--cpu-devices` or a model size, a NaN or negative learning rate)."""
+    for name, (low, high) in LIMITS.items():  # None: not given, its default applies
+        value, flag = getattr(args, name), "--" + name.replace("_", "-")
+        if value is not None and (value < low or high is not None and value > high):
+            bound = f"at least {low}" if high is None else f"between {low} and {high}"
+            parser.error(f"{flag} must be {bound}, got {value}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        parser.error(f"--lr must be a finite number above 0, got {args.lr}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--mesh", default="data=2,tensor=4",
                    help="axis sizes over data, fsdp, stage, tensor (default data=2,tensor=4)")
     p.add_argument("--cpu-devices", type=int, default=None,
@@ -49,7 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--remat", choices=["none", "layer", "stage"], default="none")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="split each step's batch into K sequential chunks, one update")
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-every", type=int, default=50,
+                   help="held-out loss every N steps and at the last (0: never)")
     p.add_argument("--metrics", default=None, help="write one JSON object per step here")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--plot", default=None, metavar="FILE.png",
@@ -65,7 +97,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     from spmd.distributed import add_flags
 
     add_flags(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_limits(p, args)
+    return args
 
 
 def configure_devices(args: argparse.Namespace) -> None:
@@ -85,12 +119,13 @@ def configure_devices(args: argparse.Namespace) -> None:
 
 def build(args: argparse.Namespace):
     from models import build_config
-    from spmd.data import check_vocab, load_tokens, split_heldout
+    from spmd.data import check_split, check_vocab, load_tokens, split_heldout
     from spmd.mesh import make_mesh
     from spmd.rules import Rules
     from spmd.train_step import TrainConfig, Trainer
 
-    overrides = {FIELD.get(k, k): getattr(args, k) for k in MODEL_FLAGS if getattr(args, k)}
+    overrides = {FIELD.get(k, k): getattr(args, k) for k in MODEL_FLAGS
+                 if getattr(args, k) is not None}
     if args.tie_embeddings is not None:
         overrides["tie_embeddings"] = args.tie_embeddings
     cfg = build_config(args.preset, **overrides, compute_dtype=args.dtype)
@@ -103,7 +138,9 @@ def build(args: argparse.Namespace):
         grad_accum=args.grad_accum,
     )
     tokens = load_tokens(args.data)
-    check_vocab(tokens, cfg.vocab_size)
+    source = "the default corpus" if args.data is None else f"--data {args.data}"
+    check_vocab(tokens, cfg.vocab_size, source)
+    check_split(tokens, args.seq_len, args.eval_every > 0, source)
     trainer = Trainer(cfg, tc, mesh, Rules(args.sequence_parallel), (args.batch_size, args.seq_len))
     return trainer, split_heldout(tokens)
 
@@ -142,10 +179,31 @@ def open_checkpoints(args, trainer):
         if args.resume:
             print(f"no checkpoint in {args.checkpoint_dir} yet: starting from step 0")
         return manager, *trainer.init(args.seed), 0
-    params, opt_state, record = manager.restore(latest, trainer)
+    try:
+        if latest + 1 >= trainer.tc.steps:  # a checkpoint after step N continues at step N + 1
+            raise ConfigError(f"the run in {args.checkpoint_dir} has already done {latest + 1} "
+                              f"steps of --steps {trainer.tc.steps}: nothing to train; pass "
+                              f"--steps above {latest + 1} to continue it")
+        params, opt_state, record = manager.restore(latest, trainer)
+    except ConfigError:
+        manager.close()
+        raise
     print(f"resumed from {args.checkpoint_dir} step {latest}: continuing at step "
           f"{record['data_position']}")
     return manager, params, opt_state, record["data_position"]
+
+
+def check_output_file(flag: str, path: str | None) -> None:
+    """Files written during or after the run (metrics, plot): a path that cannot hold a file is
+    refused at start, not after the training."""
+    from models import ConfigError
+
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir() or not p.parent.is_dir():
+        why = "is a folder" if p.is_dir() else f"its folder {p.parent} does not exist"
+        raise ConfigError(f"{flag} {path}: {why}; give a file in an existing folder")
 
 
 def main(argv=None) -> int:
@@ -163,6 +221,9 @@ def main(argv=None) -> int:
         primary = distributed.is_primary()
         if not primary:  # only process 0 prints progress (errors still go to stderr)
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        if primary:  # the one process that writes them
+            check_output_file("--metrics", args.metrics)
+            check_output_file("--plot", args.plot)
         if args.plot and primary:
             from scripts.plot import check_matplotlib
 

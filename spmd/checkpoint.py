@@ -18,7 +18,11 @@ ever holds the full model.
 
 import dataclasses
 import json
+import logging
+import os
+import re
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +64,26 @@ def _one_line(err: BaseException, limit: int = 200) -> str:
     return f"{type(err).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
-def _quiet_closed_loop_callbacks() -> None:
-    """After a failed read, TensorStore completes the reads still in flight and calls back into
-    the asyncio loop that Orbax has already closed; Python then prints one "Event loop is closed"
-    traceback per read (at random, after our one-line error). Drop exactly those."""
+UNAWAITED = r"coroutine '.*' was never awaited"  # Orbax's reads that a failed read cut short
+
+
+class _UnretrievedFilter(logging.Filter):
+    """Drops asyncio's "Task/Future exception was never retrieved" records: in this program only
+    Orbax's reads run on asyncio, and their failure is already reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not re.match(r"(Task|Future) exception was never retrieved", record.getMessage())
+
+
+def _quiet_failed_read_leftovers() -> None:
+    """After a failed read, the other reads Orbax started still complete, and Python reports each
+    one at random, before or after our one-line error or at exit: an "Event loop is closed"
+    traceback (TensorStore calling back into the loop Orbax has closed), a "Task/Future
+    exception was never retrieved" traceback, a "coroutine ... was never awaited" warning
+    (filtered in `_restore`). Drop exactly those; call before reading."""
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _UnretrievedFilter) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_UnretrievedFilter())
     previous = sys.unraisablehook
     if getattr(previous, "quiet_closed_loop", False):
         return
@@ -75,6 +95,21 @@ def _quiet_closed_loop_callbacks() -> None:
 
     hook.quiet_closed_loop = True
     sys.unraisablehook = hook
+
+
+def _make_writable_dir(directory: Path) -> None:
+    """Create `directory` now, so that a path that cannot hold checkpoints is one line at start
+    rather than a traceback (or a failed save in a background thread) later."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        blocker = next((p for p in directory.parents if p.exists()), None)
+        why = f"{blocker} is a file" if blocker and not blocker.is_dir() else err.strerror
+        raise ConfigError(f"cannot create checkpoint directory {directory} ({why}); "
+                          "give a folder that can be created") from err
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise ConfigError(f"checkpoint directory {directory} is not writable; give a folder "
+                          "this user may write to")
 
 
 class CheckpointManager:
@@ -89,7 +124,8 @@ class CheckpointManager:
              overwrite: bool = False, resume: bool = False) -> "CheckpointManager":
         """Open DIR for a fresh run (refused if it holds checkpoints, unless `overwrite`, which
         deletes them) or, with `resume`, to continue the run saved there (refused if the saved
-        model config differs). Uncommitted leftovers of a killed save are deleted either way."""
+        model config differs). Uncommitted leftovers of a killed save are deleted either way.
+        DIR is created now unless `resume` (which refuses a DIR that does not exist)."""
         directory = Path(directory).absolute()
         if overwrite and resume:
             raise ConfigError("--overwrite and --resume exclude each other; pick one")
@@ -97,6 +133,10 @@ class CheckpointManager:
             raise ConfigError(f"--keep must be at least 1 checkpoint, got {keep}")
         if directory.exists() and not directory.is_dir():
             raise ConfigError(f"checkpoint directory {directory} is a file; give a folder")
+        if resume and not directory.exists():  # a mistyped path must not start a new run
+            raise ConfigError(f"--resume: checkpoint directory {directory} does not exist; "
+                              "check the path, or drop --resume to start a new run")
+        _make_writable_dir(directory)
         options = ocp.CheckpointManagerOptions(
             step_prefix=STEP_PREFIX,
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
@@ -185,18 +225,26 @@ class CheckpointManager:
 
     def _restore(self, step: int, args: ocp.args.Composite):
         # Any failure inside Orbax/TensorStore (missing or truncated file, bad JSON, shape
-        # mismatch) means this checkpoint cannot be used: say so in one line, never start afresh.
+        # mismatch) means this checkpoint cannot be used: say so in one line, never start afresh
+        # and never fall back to an earlier one unasked (that would drop steps and later collide
+        # with the damaged directory when saving that step again): the user deletes it.
+        _quiet_failed_read_leftovers()
         try:
-            out = self._manager.restore(step, args=args)
+            with warnings.catch_warnings():  # a failure may already warn while Orbax unwinds
+                warnings.filterwarnings("ignore", UNAWAITED, RuntimeWarning)
+                out = self._manager.restore(step, args=args)
             for name in args.keys():
                 if out[name] is None:
                     raise FileNotFoundError(f"item {name!r} is missing")
             return out
         except Exception as err:  # noqa: BLE001 - converted to one line for the user
-            _quiet_closed_loop_callbacks()
+            warnings.filterwarnings("ignore", UNAWAITED, RuntimeWarning)  # ... or at exit
+            earlier = [s for s in self.all_steps() if s < step]
+            previous = (f"after deleting it, --resume continues from {self._path(earlier[-1])}"
+                        if earlier else "there is no earlier checkpoint")
             raise ConfigError(
                 f"checkpoint {self._path(step)} is unreadable ({_one_line(err)}); "
-                "delete it or resume from an earlier step"
+                f"delete it or resume from an earlier step ({previous})"
             ) from err
 
     def wait(self) -> None:

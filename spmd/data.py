@@ -5,6 +5,7 @@ every layout sees the same tokens in the same order and must produce the same lo
 """
 
 import dataclasses
+import math
 import sysconfig
 from pathlib import Path
 
@@ -35,19 +36,39 @@ def load_tokens(path: str | None) -> np.ndarray:
     """`None` → the stdlib corpus; a `.bin` → uint16 token ids; a text file or folder → bytes."""
     if path is None:
         return stdlib_corpus()
+    if not path.strip():  # Path("") is the current folder: it would read all text found there
+        raise ConfigError("--data is empty; give a text file, a folder or a .bin, or leave it out "
+                          "for the default corpus")
     p = Path(path)
     if not p.exists():
         raise ConfigError(f"--data {path}: no such file or folder; give a text file, a folder "
                           "of text files or a uint16 .bin of token ids")
-    if p.is_file() and p.suffix == ".bin":
-        return np.fromfile(p, np.uint16)
-    files = [p] if p.is_file() else sorted(
-        f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES
-    )
-    tokens = np.frombuffer(b"".join(f.read_bytes() for f in files), np.uint8).astype(np.uint16)
+    try:
+        if p.is_file() and p.suffix == ".bin":
+            size = p.stat().st_size
+            if size % 2:  # numpy would silently drop the odd byte
+                raise ConfigError(f"--data {path} has {size} bytes, an odd count: a .bin holds "
+                                  "uint16 token ids (2 bytes each); is the file truncated?")
+            tokens = np.fromfile(p, np.uint16)
+        else:
+            files = [p] if p.is_file() else sorted(
+                f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES
+            )
+            text = b"".join(f.read_bytes() for f in files)
+            tokens = np.frombuffer(text, np.uint8).astype(np.uint16)
+    except OSError as err:
+        raise ConfigError(f"--data {path}: cannot read {err.filename or path} ({err.strerror}); "
+                          "check its permissions") from err
     if tokens.size == 0:
-        raise ConfigError(f"--data {path}: found no text ({', '.join(sorted(TEXT_SUFFIXES))})")
+        what = "is empty" if p.is_file() else f"holds no text ({', '.join(sorted(TEXT_SUFFIXES))})"
+        raise ConfigError(f"--data {path} {what}; give data of at least one sequence")
     return tokens
+
+
+def tokens_needed(seq_len: int) -> int:
+    """The fewest tokens `Batches` can sample from: a window is seq_len + 1 tokens and its start
+    is drawn below size - seq_len - 1, so one more than a window."""
+    return seq_len + 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,10 +81,11 @@ class Batches:
     seed: int
 
     def __post_init__(self):
-        if self.tokens.size <= self.seq_len + 1:
+        need = tokens_needed(self.seq_len)
+        if self.tokens.size < need:
             raise ConfigError(
-                f"the data has {self.tokens.size} tokens, too few for --seq-len {self.seq_len}; "
-                "give more data or a shorter --seq-len"
+                f"the data has {self.tokens.size} tokens, fewer than the {need} that --seq-len "
+                f"{self.seq_len} needs; give more data or a shorter --seq-len"
             )
 
     def __call__(self, step: int, rows: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -77,16 +99,49 @@ class Batches:
         return windows[:, :-1], windows[:, 1:]
 
 
-def split_heldout(tokens: np.ndarray, fraction: float = 0.05) -> tuple[np.ndarray, np.ndarray]:
+HELDOUT = 0.05  # the share of the corpus held out for evaluation
+
+
+def _part_sizes(total: int, fraction: float = HELDOUT) -> tuple[int, int]:
+    cut = int(total * (1 - fraction))
+    return cut, total - cut
+
+
+def split_heldout(tokens: np.ndarray, fraction: float = HELDOUT) -> tuple[np.ndarray, np.ndarray]:
     """The last `fraction` of the corpus is held out for evaluation (never trained on)."""
-    cut = int(tokens.size * (1 - fraction))
+    cut = _part_sizes(tokens.size, fraction)[0]
     return tokens[:cut], tokens[cut:]
 
 
-def check_vocab(tokens: np.ndarray, vocab_size: int) -> None:
+def check_split(tokens: np.ndarray, seq_len: int, evaluate: bool, source: str) -> None:
+    """Refuse, before anything compiles, data whose training part (or, when `evaluate`, its
+    held-out part) is too short for one sequence, naming the sizes and the least that works."""
+    need, used = tokens_needed(seq_len), 2 if evaluate else 1
+
+    def enough(total: int) -> bool:
+        return min(_part_sizes(total)[:used]) >= need
+
+    if enough(tokens.size):
+        return
+    least = math.ceil(need / (HELDOUT if evaluate else 1 - HELDOUT))  # enough; int() may round
+    while enough(least - 1):  # in the held-out part's favour: step down to the exact least
+        least -= 1
+    train, heldout = _part_sizes(tokens.size)
+    parts, where, fix = f"{train} to train on", "", ""
+    if evaluate:
+        parts += f" and {heldout} held out ({HELDOUT:.0%})"
+        where, fix = " in each part", " (or --eval-every 0: no held-out part needed)"
+    raise ConfigError(
+        f"{source} has {tokens.size} tokens: {parts}, but --seq-len {seq_len} needs {need}{where}; "
+        f"give at least {least} tokens or a shorter --seq-len{fix}"
+    )
+
+
+def check_vocab(tokens: np.ndarray, vocab_size: int, source: str = "the data") -> None:
+    """Token ids at or above vocab_size would index past the embedding (silently, under jit)."""
     top = int(tokens.max())
     if top >= vocab_size:
         raise ConfigError(
-            f"the data holds token id {top} but vocab_size is {vocab_size}; "
+            f"{source} holds token id {top} but vocab_size is {vocab_size}; "
             f"pass --vocab-size {top + 1} or more"
         )

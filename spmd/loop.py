@@ -34,12 +34,14 @@ def train(
 ) -> Iterator[tuple[dict, tuple]]:
     """Yield per step its metrics (step, loss, lr, grad_norm, tokens_per_s, step_s, and eval_loss
     every `eval_every` steps and at the last) and the new (params, opt_state).
-    A NaN/Inf loss or gradient norm raises FloatingPointError naming the step, before that
-    state is yielded (so it is never checkpointed)."""
+    A NaN/Inf loss, gradient norm or eval loss raises FloatingPointError naming the step, before
+    that state is yielded (so it is never checkpointed)."""
     if params is None:
         params, opt_state = trainer.init(lc.seed)
     batches = Batches(train_tokens, lc.batch_size, lc.seq_len, lc.seed)
-    heldout = Batches(heldout_tokens, lc.batch_size, lc.seq_len, lc.seed + 1)
+    # Without evaluation the held-out part is never read, so it may be shorter than a sequence.
+    heldout = (Batches(heldout_tokens, lc.batch_size, lc.seq_len, lc.seed + 1)
+               if lc.eval_every else None)
     tokens_per_step = lc.batch_size * lc.seq_len
     last = trainer.tc.steps - 1
     for step in range(start_step, trainer.tc.steps):
@@ -48,15 +50,21 @@ def train(
         params, opt_state, metrics = trainer.step(params, opt_state, inputs, targets)
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         elapsed = time.perf_counter() - t0
-        for name in ("loss", "grad_norm"):  # a non-finite gradient poisons this step's update
-            if not math.isfinite(metrics[name]):
-                what = "gradient norm" if name == "grad_norm" else name
-                raise FloatingPointError(f"{what} became {metrics[name]} at step {step}")
         record = {"step": step, **metrics, "tokens_per_s": tokens_per_step / elapsed,
                   "step_s": elapsed}
         if lc.eval_every and (step % lc.eval_every == 0 or step == last):
             record["eval_loss"] = evaluate(trainer, params, heldout, lc.eval_batches)
+        check_finite(record)
         yield record, (params, opt_state)
+
+
+def check_finite(record: dict) -> None:
+    """A NaN/Inf loss or gradient norm (which poisons this step's update) or eval loss stops the
+    run before this step's state can be checkpointed."""
+    for name, what in (("loss", "loss"), ("grad_norm", "gradient norm"),
+                       ("eval_loss", "eval loss")):
+        if name in record and not math.isfinite(record[name]):
+            raise FloatingPointError(f"{what} became {record[name]} at step {record['step']}")
 
 
 def parameter_table(trainer: Trainer, params) -> list[tuple[str, tuple, tuple, str, tuple]]:

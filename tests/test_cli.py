@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--preset", "tiny", "--layers", "4", "--heads", "8", "--kv-heads", "8", "--d-model", "64", "--d-ff", "128",
-        "--batch-size", "8", "--seq-len", "32", "--vocab-size", "250", "--eval-every", "0", "--warmup", "2"]
+TINY = ["--preset", "tiny", "--layers", "4", "--heads", "8", "--kv-heads", "8", "--d-model", "64",
+        "--d-ff", "128", "--batch-size", "8", "--seq-len", "32", "--vocab-size", "250",
+        "--eval-every", "0", "--warmup", "2"]
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,8 @@ def corpus(tmp_path_factory):
 def run(*args, cpu_devices=8):
     cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), "--cpu-devices", str(cpu_devices),
            *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          check=False)
 
 
 def losses(tmp_path, corpus, name, *args, cpu_devices=8):
@@ -55,6 +57,14 @@ def test_same_loss_curve_on_every_mesh(tmp_path, corpus):
         assert curve == pytest.approx(one, rel=1e-5), mesh
 
 
+def one_line_error(out, *expect):
+    """Exit 2, no traceback, exactly one stderr line holding every string in `expect`."""
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and all(e in lines[0] for e in expect), out.stderr
+    assert "Traceback" not in out.stderr
+
+
 @pytest.mark.parametrize("args,expect", [
     (["--mesh", "data=2,tensor=2"], "needs 4 devices but 8"),
     (["--mesh", "data=2,model=4"], "unknown mesh axis 'model'"),
@@ -73,18 +83,20 @@ def test_same_loss_curve_on_every_mesh(tmp_path, corpus):
      "n_layers (4) is not divisible by stages x virtual stages (2 x 4)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expect, corpus):
-    out = run(*TINY, "--data", corpus, "--steps", "1", *args)
-    assert out.returncode == 2, out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and expect in lines[0], out.stderr
-    assert "Traceback" not in out.stderr
+    one_line_error(run(*TINY, "--data", corpus, "--steps", "1", *args), expect)
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path, corpus):
-    """Steps 3..5 after resuming from the step-2 checkpoint equal those of the straight run."""
+    """Steps 3..5 after resuming from the step-2 checkpoint equal those of the straight run. The
+    same checkpoints then serve the --resume refusals: a finished run, a corrupt latest step."""
     ckpt = tmp_path / "ckpt"
-    straight = losses(tmp_path, corpus, "straight", "--checkpoint-dir", str(ckpt),
-                      "--checkpoint-every", "3")
+    ckpt.mkdir()  # exists but empty: --resume starts from step 0 and says so
+    metrics = tmp_path / "straight.jsonl"
+    out = run(*TINY, "--data", corpus, "--steps", "6", "--metrics", str(metrics),
+              "--checkpoint-dir", str(ckpt), "--checkpoint-every", "3", "--resume")
+    assert out.returncode == 0, out.stderr
+    assert f"no checkpoint in {ckpt} yet: starting from step 0" in out.stdout.splitlines()
+    straight = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert sorted(p.name for p in ckpt.iterdir()) == ["step_2", "step_5"]
     shutil.rmtree(ckpt / "step_5")  # as if the run had stopped after step 2
     resumed = losses(tmp_path, corpus, "resumed", "--checkpoint-dir", str(ckpt), "--resume",
@@ -94,3 +106,14 @@ def test_resume_continues_the_same_loss_curve(tmp_path, corpus):
                                                          rel=1e-5)
     refused = run(*TINY, "--data", corpus, "--steps", "6", "--checkpoint-dir", str(ckpt))
     assert refused.returncode == 2 and "--overwrite" in refused.stderr
+
+    resume = [*TINY, "--data", corpus, "--checkpoint-dir", str(ckpt), "--resume",
+              "--metrics", str(metrics)]
+    one_line_error(run(*resume, "--steps", "6"),
+                   f"the run in {ckpt} has already done 6 steps of --steps 6: nothing to train")
+    for f in (ckpt / "step_5" / "params").rglob("d/*"):  # truncate the latest's array data
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}
+    one_line_error(run(*resume, "--steps", "9"), f"checkpoint {ckpt / 'step_5'} is unreadable (",
+                   f"--resume continues from {ckpt / 'step_2'})")
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")} == before  # nothing touched

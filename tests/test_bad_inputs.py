@@ -1,0 +1,149 @@
+"""Bad inputs to scripts/train.py: one line `error: ...` naming the value and the fix, exit code
+2, no traceback, and nothing written or deleted. Every case fails before anything compiles."""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from scripts.train import parse_args
+from spmd.loop import LoopConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+# Valid apart from the case's flags (and --data {d}/ok.txt where a case gives none: 1000 tokens,
+# enough for --seq-len 32 with a held-out part).
+BASE = ["--cpu-devices", "8", "--preset", "tiny", "--mesh", "data=8", "--steps", "1",
+        "--seq-len", "32", "--vocab-size", "256", "--metrics", "{d}/metrics.jsonl"]
+OK = ["--data", "{d}/ok.txt"]
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--steps", "-1"], "--steps must be at least 1, got -1"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--lr", "nan"], "--lr must be a finite number above 0, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number above 0, got inf"),
+    (["--lr", "-1"], "--lr must be a finite number above 0, got -1.0"),
+    (["--lr", "0"], "--lr must be a finite number above 0, got 0.0"),
+    (["--cpu-devices", "0"], "--cpu-devices must be at least 1, got 0"),
+    (["--seq-len", "0"], "--seq-len must be at least 1, got 0"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be at least 0, got -1"),
+    (["--microbatches", "0"], "--microbatches must be at least 1, got 0"),
+    (["--virtual-stages", "0"], "--virtual-stages must be at least 1, got 0"),
+    (["--grad-accum", "0"], "--grad-accum must be at least 1, got 0"),
+    (["--eval-every", "-1"], "--eval-every must be at least 0, got -1"),
+    (["--log-every", "0"], "--log-every must be at least 1, got 0"),
+    (["--checkpoint-every", "0"], "--checkpoint-every must be at least 1, got 0"),
+    (["--keep", "0"], "--keep must be at least 1, got 0"),
+    (["--layers", "0"], "--layers must be at least 1, got 0"),
+    (["--d-model", "0"], "--d-model must be at least 1, got 0"),
+    (["--heads", "-2"], "--heads must be at least 1, got -2"),
+    (["--vocab-size", "0"], "--vocab-size must be at least 1, got 0"),
+    (["--max-seq-len", "0"], "--max-seq-len must be at least 1, got 0"),
+    (["--seed", "-1"], "--seed must be between 0 and 9223372036854775807, got -1"),
+    (["--num-processes", "0"], "--num-processes must be at least 1, got 0"),
+    (["--process-id", "-1"], "--process-id must be at least 0, got -1"),
+    (["--steps", "ten"], "argument --steps: invalid int value: 'ten'"),
+    (["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
+])
+def test_bad_flag_is_one_line_and_exit_2(args, expect, capsys):
+    """In-process (no jax import, milliseconds): argparse's own errors and the range checks."""
+    with pytest.raises(SystemExit) as stop:
+        parse_args(args)
+    assert stop.value.code == 2
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [f"error: {expect}"] and not out.out
+
+
+def write_files(d: Path) -> None:
+    (d / "ok.txt").write_bytes(b"x" * 1000)
+    (d / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')  # must not be truncated
+    (d / "empty.txt").touch()
+    (d / "empty.bin").touch()
+    (d / "odd.bin").write_bytes(b"abc")
+    np.array([1, 2, 300] * 100, np.uint16).tofile(d / "big_ids.bin")
+    (d / "no_text").mkdir()
+    (d / "no_text" / "data.csv").write_text("1,2\n")
+    (d / "short.txt").write_bytes(b"x" * 100)
+    (d / "shorter.txt").write_bytes(b"x" * 30)
+    (d / "a_file").touch()
+    (d / "read_only").mkdir(mode=0o555)
+
+
+def snapshot(d: Path) -> dict:
+    return {p: p.read_bytes() if p.is_file() else None for p in sorted(d.rglob("*"))}
+
+
+AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--lr", "nan"], "--lr must be a finite number above 0, got nan"),  # a real process too
+    (["--data", ""], "--data is empty; give a text file, a folder or a .bin"),
+    (["--data", "{d}/empty.txt"], "--data {d}/empty.txt is empty"),
+    (["--data", "{d}/empty.bin"], "--data {d}/empty.bin is empty"),
+    (["--data", "{d}/odd.bin"], "--data {d}/odd.bin has 3 bytes, an odd count"),
+    (["--data", "{d}/big_ids.bin"],
+     "--data {d}/big_ids.bin holds token id 300 but vocab_size is 256; pass --vocab-size 301"),
+    (["--data", "{d}/no_text"], "--data {d}/no_text holds no text (.md, .py, .rst, .txt)"),
+    (["--data", "{d}/short.txt"],
+     ("--data {d}/short.txt has 100 tokens: 95 to train on and 5 held out (5%), but --seq-len 32 "
+      "needs 34 in each part; give at least 661 tokens or a shorter --seq-len (or --eval-every 0")),
+    (["--data", "{d}/shorter.txt", "--eval-every", "0"],
+     ("--data {d}/shorter.txt has 30 tokens: 28 to train on, but --seq-len 32 needs 34; give at "
+      "least 36 tokens or a shorter --seq-len")),
+    (["--vocab-size", "100"], "the default corpus holds token id"),  # the stdlib's bytes
+    ([*OK, "--checkpoint-dir", "{d}/a_file/ckpt"],
+     "cannot create checkpoint directory {d}/a_file/ckpt ({d}/a_file is a file)"),
+    ([*OK, "--checkpoint-dir", "{d}/a_file"], "checkpoint directory {d}/a_file is a file"),
+    pytest.param([*OK, "--checkpoint-dir", "{d}/read_only"],
+                 "checkpoint directory {d}/read_only is not writable",
+                 marks=pytest.mark.skipif(AS_ROOT, reason="root may write anywhere")),
+    ([*OK, "--checkpoint-dir", "{d}/ckpt", "--resume"],
+     "--resume: checkpoint directory {d}/ckpt does not exist; check the path"),
+    ([*OK, "--metrics", "{d}/no_dir/m.jsonl"], "--metrics {d}/no_dir/m.jsonl: its folder"),
+    ([*OK, "--plot", "{d}/no_text"], "--plot {d}/no_text: is a folder"),
+])
+def test_bad_file_is_one_line_and_exit_2_and_touches_nothing(args, expect, tmp_path):
+    """A real process (about a second: imports jax, compiles nothing)."""
+    write_files(tmp_path)
+    before = snapshot(tmp_path)
+    argv = [a.format(d=tmp_path) for a in BASE + args]
+    cmd = [sys.executable, str(ROOT / "scripts" / "train.py"), *argv]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         check=False)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stderr.splitlines() == [out.stderr.strip()], out.stderr
+    assert out.stderr.startswith("error: " + expect.format(d=tmp_path)), out.stderr
+    assert snapshot(tmp_path) == before
+
+
+class StubTrainer:
+    """Just what `spmd.loop.train` calls: a finite training loss, a NaN eval loss."""
+
+    class tc:  # stands in for a TrainConfig instance
+        steps = 4
+
+    def fetch(self, batches, step):
+        return batches(step)
+
+    def step(self, params, opt_state, inputs, targets):
+        return params, opt_state, {"loss": 2.0, "grad_norm": 1.0, "lr": 1e-3}
+
+    def eval_loss(self, params, inputs, targets):
+        return math.nan
+
+
+def test_nan_eval_loss_stops_like_a_nan_training_loss():
+    """FloatingPointError naming the step (scripts/train.py prints it as one line with the last
+    good checkpoint), raised before that step's state is yielded, so it is never saved."""
+    tokens = np.arange(1000, dtype=np.uint16) % 256
+    lc = LoopConfig(batch_size=2, seq_len=8, eval_every=2)
+    steps = train(StubTrainer(), lc, tokens, tokens, params={}, opt_state={}, start_step=1)
+    assert next(steps)[0]["step"] == 1  # no evaluation at step 1
+    with pytest.raises(FloatingPointError, match=r"^eval loss became nan at step 2$"):
+        next(steps)
