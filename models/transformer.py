@@ -8,6 +8,8 @@ Every parameter is declared once with its logical axes (`_param`). Activations a
 `constrain` where tensor parallelism acts; `spmd.rules` decides what each name means on a mesh.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -36,6 +38,29 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 
     spec = PartitionSpec(*(auto(rules[n]) if n else None for n in names))
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+_project_hook = None  # see `project_hook`
+
+
+def project(spec: str, x: jax.Array, weight: nnx.Variable) -> jax.Array:
+    """`x` times a weight, by an einsum `spec`, in x's dtype. Every weight product of a block goes
+    through here: that is what lets the zero-bubble pipeline split a backward pass into the input
+    gradient now and the weight gradient later (`pipeline.split`, via `project_hook`)."""
+    if _project_hook is not None:
+        return _project_hook(spec, x, weight)
+    return jnp.einsum(spec, x, weight[...].astype(x.dtype))
+
+
+@contextlib.contextmanager
+def project_hook(hook):
+    """While tracing inside this context, `project(spec, x, weight)` returns hook(spec, x, weight)."""
+    global _project_hook
+    previous, _project_hook = _project_hook, hook
+    try:
+        yield
+    finally:
+        _project_hook = previous
 
 
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: tuple[str | None, ...]):
@@ -103,7 +128,7 @@ class Attention(nnx.Module):
         cfg, dt, g = self.cfg, self.cfg.dtype, self.group
         x = constrain(x, ("batch", None, "embed"))  # sequence parallelism: all-gather T here
         with jax.named_scope("attn_qkv"):
-            qkv = jnp.einsum("btd,dkch->btkch", x, self.wqkv[...].astype(dt))  # c = G + 2
+            qkv = project("btd,dkch->btkch", x, self.wqkv)  # c = G + 2
             if self.biases:
                 qkv = qkv + self.bqkv[...].astype(dt)
             qkv = constrain(qkv, ("batch", None, "kv_heads", None, None))
@@ -116,7 +141,7 @@ class Attention(nnx.Module):
             o = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, N, H)
             o = constrain(o, ("batch", None, "heads", None))
         with jax.named_scope("attn_out"):
-            y = jnp.einsum("btnh,nhd->btd", o, self.wo[...].astype(dt))
+            y = project("btnh,nhd->btd", o, self.wo)
             # Row-parallel output: all-reduce over `tensor` (reduce-scatter over T with SP).
             y = constrain(y, ("batch", "seq", "embed"))
             if self.biases:
@@ -146,7 +171,7 @@ class MLP(nnx.Module):
         dt = self.cfg.dtype
         x = constrain(x, ("batch", None, "embed"))  # sequence parallelism: all-gather T here
         with jax.named_scope("mlp_up"):
-            up = jnp.einsum("btd,dcf->btcf", x, self.w_in[...].astype(dt))
+            up = project("btd,dcf->btcf", x, self.w_in)
             if self.biases:
                 up = up + self.b_in[...].astype(dt)
             up = constrain(up, ("batch", None, None, "mlp"))
@@ -156,7 +181,7 @@ class MLP(nnx.Module):
                 hid = jax.nn.gelu(up[:, :, 0])
             hid = constrain(hid, ("batch", None, "mlp"))
         with jax.named_scope("mlp_down"):
-            y = jnp.einsum("btf,fd->btd", hid, self.w_down[...].astype(dt))
+            y = project("btf,fd->btd", hid, self.w_down)
             y = constrain(y, ("batch", "seq", "embed"))  # row-parallel: all-reduce / reduce-scatter
             if self.biases:
                 y = y + self.b_down[...].astype(dt)

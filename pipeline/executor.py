@@ -5,14 +5,21 @@
 stays automatic, so TP works inside each action): a `lax.scan` over the ticks of
 `simulate(schedule, F=B=W=1)`. Each tick every stage reads its row of a small int32 table
 (built here in numpy), runs idle / F / B / W with `lax.switch`, then sends one activation
-forward and one gradient backward (`ppermute`). A received tensor is written straight into a
-ring-buffer slot that `plan` assigned by interval colouring (arrival → last read), so the
-buffers hold only what is alive at once: for 1F1B at most p stage inputs, whatever m is.
+forward and one gradient backward (`ppermute`).
 
-B recomputes its chunk's forward from the stashed stage input under `jax.vjp` (one
-micro-batch's intermediates alive at a time). The last virtual stage also runs the head and
-the loss inside its B, seeded with 1/m, so the loss is the mean over micro-batches. zb-h1:
-B produces only the input gradient and W recomputes for the weight gradient.
+Each action does only its own work (`pipeline.actions`): F runs the stage forward once under
+`jax.vjp` and keeps the pullback's residuals (less the weights); B rebuilds the pullback from
+them and runs no forward; `remat` picks what the residuals are (none: all intermediates,
+layer: each layer's input, stage: the stage input, so B recomputes the forward). The last
+virtual stage's F also runs the head and the loss (seeded with 1/m, so the loss is the mean
+over micro-batches) and its backward, and keeps dLoss/dy for its own B. zb-h1 splits the
+backward: B computes the input gradient and each weight product's output gradient, W only
+the weight-gradient matmuls.
+
+Everything that waits between actions sits in a scan-carried ring buffer, in the slot `plan`
+assigned by interval colouring (write → last read), so the buffers hold only what is alive at
+once: stage inputs (arrival → F), output gradients (arrival → B), F's residuals (F → B) and
+W's inputs (B → W). For 1F1B that is at most p micro-batches each, whatever m.
 
 `pipelined_loss` is a `jax.custom_vjp`: its forward does all of the above and keeps the
 gradients (blocks, head, inputs) as residuals; its backward scales them by the incoming
@@ -30,21 +37,37 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from pipeline.gpipe import DP, stage_function, vary, widen
+from pipeline.actions import StageActions
+from pipeline.gpipe import DP, vary, widen
 from pipeline.schedules import Action as Act, make_schedule
 from pipeline.simulate import simulate
 
 IDLE, FWD, BWD_DX, BWD_DW, BWD = 0, 1, 2, 3, 4  # action codes; BWD: both input and weights
-# Table columns per (tick, stage).
-CODE, MB, CHUNK, XSLOT, GSLOT, FIRST, LAST, RECV_X, RECV_G, DXROW = range(10)
+# Table columns per (tick, stage): the action, then the ring-buffer slot of each read and write.
+(CODE, MB, CHUNK, FIRST, LAST, DXROW, X_GET, X_PUT, G_GET, G_PUT, G_OWN, R_GET, R_PUT, W_GET,
+ W_PUT) = range(15)
+BUFFERS = {  # buffer → its (read, write...) columns; a slot lives from its write to its read
+    "x": (X_GET, X_PUT),  # stage inputs: arrival → F
+    "g": (G_GET, G_PUT, G_OWN),  # output gradients: arrival (last stage: its own F) → B
+    "r": (R_GET, R_PUT),  # F's residuals: F → B
+    "w": (W_GET, W_PUT),  # W's inputs (split backward): B → W
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    table: np.ndarray  # [ticks, p, 10] int32
-    x_slots: int  # stash slots per stage (excluding the dummy slot)
-    g_slots: int  # received-gradient slots per stage (excluding the dummy slot)
+    table: np.ndarray  # [ticks, p, 15] int32
+    slots: dict[str, int]  # per buffer in BUFFERS: slots per stage (excluding the dummy slot)
     ring: bool  # interleaved: the last stage's F output goes to stage 0
+    split: bool  # B is the input gradient only, W the weight gradient
+
+    @property
+    def x_slots(self) -> int:
+        return self.slots["x"]
+
+    @property
+    def r_slots(self) -> int:
+        return self.slots["r"]
 
 
 def _colour(intervals):
@@ -64,59 +87,61 @@ def _colour(intervals):
 def plan(name: str, p: int, m: int, v: int = 1) -> Plan:
     """The per-tick table and buffer sizes for schedule `name` on p stages, m micro-batches."""
     sched = make_schedule(name, p, m, v)
-    sim = simulate(sched, {"F": 1, "B": 1, "W": 1})
-    st, split, n_virtual = sim.starts, sched.split_backward, p * v
-    xs_iv, gs_iv = {s: [] for s in range(p)}, {s: [] for s in range(p)}
+    st = simulate(sched, {"F": 1, "B": 1, "W": 1}).starts
+    ticks, split, n_virtual = max(st.values()) + 1, sched.split_backward, p * v
+    spans = {(b, s): [] for b in BUFFERS for s in range(p)}  # (write tick, read tick, key)
     for (s, a), t in st.items():
         if a.kind != "F":
             continue
-        k = sched.virtual_stage(s, a.chunk)
-        reads = [st[(s, Act("B", a.microbatch, a.chunk))]]
+        key, k = (a.microbatch, a.chunk), sched.virtual_stage(s, a.chunk)
+        b = st[(s, Act("B", *key))]
+        spans["r", s].append((t, b, key))
         if split:
-            reads.append(st[(s, Act("W", a.microbatch, a.chunk))])
+            spans["w", s].append((b, st[(s, Act("W", *key))], key))
         if k > 0:  # the input arrives from virtual stage k-1 (stage 0 reads xs directly)
             ps, pc = sched.place(k - 1)
-            xs_iv[s].append((st[(ps, Act("F", a.microbatch, pc))], max(reads + [t]),
-                             (ps, a.microbatch, a.chunk)))
+            spans["x", s].append((st[(ps, Act("F", a.microbatch, pc))], t, key))
         if k < n_virtual - 1:  # the output gradient arrives from virtual stage k+1
             ns, nc = sched.place(k + 1)
-            gs_iv[s].append((st[(ns, Act("B", a.microbatch, nc))], max(reads),
-                             (ns, a.microbatch, a.chunk)))
-    x_slot, g_slot, nx, ng = {}, {}, 1, 1
-    for s in range(p):
-        got, n = _colour(xs_iv[s])
-        x_slot.update({(s, mb, c): sl for (_, mb, c), sl in got.items()})
-        nx = max(nx, n)
-        got, n = _colour(gs_iv[s])
-        g_slot.update({(s, mb, c): sl for (_, mb, c), sl in got.items()})
-        ng = max(ng, n)
-    tab = np.zeros((sim.ticks, p, 10), np.int32)
-    tab[:, :, XSLOT], tab[:, :, GSLOT] = nx, ng  # dummy slots
-    tab[:, :, RECV_X], tab[:, :, RECV_G], tab[:, :, DXROW] = nx, ng, m
+            spans["g", s].append((st[(ns, Act("B", a.microbatch, nc))], b, key))
+        else:  # the last virtual stage's F computes the loss and its gradient
+            spans["g", s].append((t, b, key))
+    slot, size = {}, dict.fromkeys(BUFFERS, 0)
+    for (buf, s), iv in spans.items():
+        got, n = _colour(iv)
+        slot.update({(buf, s, *key): sl for key, sl in got.items()})
+        size[buf] = max(size[buf], n)
+    tab = np.zeros((ticks, p, 15), np.int32)
+    for buf, cols in BUFFERS.items():
+        tab[:, :, list(cols)] = size[buf]  # the dummy slot: reads and writes nobody needs
+    tab[:, :, DXROW] = m
     for (s, a), t in st.items():
         mb, c = a.microbatch, a.chunk
         k = sched.virtual_stage(s, c)
-        first, last = k == 0, k == n_virtual - 1
         row = tab[t, s]
-        row[MB], row[CHUNK], row[FIRST], row[LAST] = mb, c, first, last
-        row[XSLOT] = nx if first else x_slot[(s, mb, c)]
+        row[MB], row[CHUNK], row[FIRST], row[LAST] = mb, c, k == 0, k == n_virtual - 1
         if a.kind == "F":
-            row[CODE] = IDLE if last else FWD  # the last chunk's forward is redone in its B
-            if not last:  # the next virtual stage receives the output at the end of tick t
+            row[CODE], row[R_PUT] = FWD, slot["r", s, mb, c]
+            if k > 0:
+                row[X_GET] = slot["x", s, mb, c]
+            if k == n_virtual - 1:
+                row[G_OWN] = slot["g", s, mb, c]
+            else:  # the next virtual stage receives the output at the end of tick t
                 ns, nc = sched.place(k + 1)
-                tab[t, ns, RECV_X] = x_slot[(ns, mb, nc)]
-            continue
-        row[GSLOT] = ng if last else g_slot[(s, mb, c)]
-        if a.kind == "W":
-            row[CODE] = BWD_DW
-            continue
-        row[CODE] = BWD_DX if split else BWD
-        if first:
-            row[DXROW] = mb
+                tab[t, ns, X_PUT] = slot["x", ns, mb, nc]
+        elif a.kind == "B":
+            row[CODE] = BWD_DX if split else BWD
+            row[R_GET], row[G_GET] = slot["r", s, mb, c], slot["g", s, mb, c]
+            if split:
+                row[W_PUT] = slot["w", s, mb, c]
+            if k == 0:
+                row[DXROW] = mb
+            else:
+                ps, pc = sched.place(k - 1)
+                tab[t, ps, G_PUT] = slot["g", ps, mb, pc]
         else:
-            ps, pc = sched.place(k - 1)
-            tab[t, ps, RECV_G] = g_slot[(ps, mb, pc)]
-    return Plan(tab, nx, ng, ring=v > 1)
+            row[CODE], row[W_GET] = BWD_DW, slot["w", s, mb, c]
+    return Plan(tab, size, ring=v > 1, split=split)
 
 
 def to_virtual_stages(stacked, p: int, v: int):
@@ -132,37 +157,43 @@ def from_virtual_stages(staged):
     return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[3:]), staged)
 
 
+def _buffer(n: int, like) -> jax.Array:
+    """n slots plus the dummy one. NaN at first: a slot read before the planner's write (a bubble
+    leaking into real work) would turn the loss and every gradient into NaN."""
+    fill = jnp.nan if jnp.issubdtype(like.dtype, jnp.floating) else 0
+    return jnp.full((n + 1, *like.shape), fill, like.dtype)
+
+
 def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
     """Loss and gradients (blocks, head, inputs) of the whole pipelined step."""
     p = jax.tree.leaves(staged)[0].shape[0]
     m = xs.shape[0]
     pl = plan(name, p, m, v)
-    run_stage = stage_function(block_def, remat)
+    act = StageActions(block_def, remat, pl.split)
     perm_f = [(i, (i + 1) % p) for i in range(p if pl.ring else p - 1)]
     perm_b = [((i + 1) % p, i) for i in range(p if pl.ring else p - 1)]
-
-    def zeros_out(w, hp, x):
-        return (jnp.zeros_like(x), jnp.zeros_like(x), jax.tree.map(jnp.zeros_like, w),
-                jax.tree.map(jnp.zeros_like, hp), jnp.zeros((), jnp.float32))
+    zeros = functools.partial(jax.tree.map, jnp.zeros_like)
 
     def branch(kind, last):
-        def run(w, hp, x, g, tgt):
-            y0, dx0, dw0, dh0, l0 = zeros_out(w, hp, x)
-            if kind == "idle":
-                return vary((y0, dx0, dw0, dh0, l0))
+        """One action; every branch returns (y, dx, dw, dh, loss, F's stash, own output gradient,
+        W's stash), zeros where the action makes nothing."""
+        def run(w, hp, x, g, stash, w_stash, tgt):
+            y, dx, dw, dh, loss, g_own = x, x, w, hp, jnp.zeros((), jnp.float32), x
+            out = zeros((y, dx, dw, dh, loss, stash, g_own, w_stash))
             if kind == "F":
-                return vary((run_stage(w, x), dx0, dw0, dh0, l0))
-            want_dx, want_dw = kind in ("B", "BX"), kind in ("B", "BW")
-            y, pull = jax.vjp(run_stage, w, x)
-            dh, loss = dh0, l0
-            if last:
-                loss, hpull = jax.vjp(lambda hp, y: head_fn(hp, y, tgt), hp, y)
-                dh, g = hpull(vary(jnp.asarray(1.0 / m, loss.dtype)))
-                loss = loss.astype(jnp.float32) / m
-            dw, dx = pull(g.astype(y.dtype))
-            return vary((y0, dx if want_dx else dx0, dw if want_dw else dw0,
-                          dh if (want_dw and last) else dh0,
-                          loss if want_dx else l0))
+                y, stash = act.forward(w, x)
+                out = (y, *out[1:5], stash, *out[6:])
+                if last:  # the loss of this micro-batch, and its gradient for this stage's B
+                    loss, hpull = jax.vjp(lambda hp, y: head_fn(hp, y, tgt), hp, y)
+                    dh, g_own = hpull(vary(jnp.asarray(1.0 / m, loss.dtype)))
+                    out = (y, out[1], out[2], dh, loss.astype(jnp.float32) / m, stash, g_own,
+                           out[7])
+            elif kind in ("B", "BX"):
+                dw, dx, w_stash = act.backward(w, stash, g)
+                out = (out[0], dx, dw, *out[3:7], w_stash or out[7])
+            elif kind == "BW":
+                out = (*out[:2], act.weight_grads(w, w_stash), *out[3:])
+            return vary(out)
         return run
 
     kinds = {IDLE: "idle", FWD: "F", BWD_DX: "BX", BWD_DW: "BW", BWD: "B"}
@@ -185,34 +216,42 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
         params = vary(jax.tree.map(lambda a: a[0], staged))
         hp = vary(head_params)
         s = jax.lax.axis_index("stage")
-        x0 = xs[0]
-        # Receive buffers start as NaN: a slot read before the planner's write (a bubble
-        # leaking into real work) would turn the loss and every gradient into NaN.
+        x0 = vary(xs[0])
+        # Trace F and B once to learn what F's stash and W's stash hold (and to fix the layout
+        # of the pullback that B rebuilds): the buffers are sized from these shapes.
+        def probe(w, x):
+            stash = act.forward(w, x)[1]
+            return stash, act.backward(w, stash, x)[2]
+
+        stash, w_stash = jax.eval_shape(probe, jax.tree.map(lambda a: a[0], params), x0)
         init = vary((
-            jnp.full((pl.x_slots + 1, *x0.shape), jnp.nan, x0.dtype),
-            jnp.full((pl.g_slots + 1, *x0.shape), jnp.nan, x0.dtype),
-            jax.tree.map(jnp.zeros_like, params),
-            jax.tree.map(jnp.zeros_like, hp),
-            jnp.zeros((m + 1, *x0.shape), x0.dtype),
+            _buffer(pl.slots["x"], x0), _buffer(pl.slots["g"], x0),
+            tuple(_buffer(pl.slots["r"], a) for a in stash),
+            tuple(_buffer(pl.slots["w"], a) for a in w_stash),
+            zeros(params), zeros(hp), jnp.zeros((m + 1, *x0.shape), x0.dtype),
             jnp.zeros((), jnp.float32),
         ))
 
         def tick(carry, rows):
-            stash, gbuf, acc_w, acc_h, dxs, loss = carry
+            xbuf, gbuf, rbuf, wbuf, acc_w, acc_h, dxs, loss = carry
             r = rows[s]
             mb, c = r[MB], r[CHUNK]
-            x = jnp.where(r[FIRST] == 1, xs[mb], stash[r[XSLOT]])
+            x = jnp.where(r[FIRST] == 1, xs[mb], xbuf[r[X_GET]])
             w = jax.tree.map(lambda a: a[c], params)
-            y, dx, dw, dh, l = jax.lax.switch(r[CODE], branches, w, hp, x, gbuf[r[GSLOT]],
-                                              targets[mb])
+            y, dx, dw, dh, l, stash, g_own, w_stash = jax.lax.switch(
+                r[CODE], branches, w, hp, x, gbuf[r[G_GET]], tuple(b[r[R_GET]] for b in rbuf),
+                tuple(b[r[W_GET]] for b in wbuf), targets[mb])
             acc_w = jax.tree.map(lambda A, d: A.at[c].add(d), acc_w, dw)
             acc_h = jax.tree.map(jnp.add, acc_h, dh)
             dxs = dxs.at[r[DXROW]].set(dx)
-            stash = stash.at[r[RECV_X]].set(jax.lax.ppermute(y, "stage", perm_f))
-            gbuf = gbuf.at[r[RECV_G]].set(jax.lax.ppermute(dx, "stage", perm_b))
-            return (stash, gbuf, acc_w, acc_h, dxs, loss + l), None
+            rbuf = tuple(b.at[r[R_PUT]].set(a) for b, a in zip(rbuf, stash, strict=True))
+            wbuf = tuple(b.at[r[W_PUT]].set(a) for b, a in zip(wbuf, w_stash, strict=True))
+            xbuf = xbuf.at[r[X_PUT]].set(jax.lax.ppermute(y, "stage", perm_f))
+            gbuf = gbuf.at[r[G_OWN]].set(g_own)
+            gbuf = gbuf.at[r[G_PUT]].set(jax.lax.ppermute(dx, "stage", perm_b))
+            return (xbuf, gbuf, rbuf, wbuf, acc_w, acc_h, dxs, loss + l), None
 
-        (_, _, acc_w, acc_h, dxs, loss), _ = jax.lax.scan(tick, init, tab)
+        (*_, acc_w, acc_h, dxs, loss), _ = jax.lax.scan(tick, init, tab)
         # Loss and gradients of the mean over data shards of each shard's mean loss.
         n_dp = jax.lax.axis_size(DP)
         mean_dp = functools.partial(jax.lax.pmean, axis_name=DP)

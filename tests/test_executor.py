@@ -1,5 +1,6 @@
 """The table-driven executor runs every schedule, equals one device, and 1F1B's memory is flat."""
 
+import collections
 import dataclasses
 import functools
 
@@ -8,6 +9,8 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 from flax.core import spmd as flax_spmd
+
+from models import transformer
 
 from pipeline.executor import pipelined_loss, plan
 from pipeline.gpipe import gpipe, to_microbatches, to_stages
@@ -78,11 +81,42 @@ def table_gpipe_loss_and_grads(cfg, dpt, m):
     return float(value), jax.device_get(grads)
 
 
+@pytest.mark.parametrize("remat,expect", [("none", 1), ("stage", 2)])
+def test_each_stage_forward_runs_once_per_microbatch(monkeypatch, remat, expect):
+    """With remat none, F keeps the residuals and B (and W) reuse them: every schedule runs each
+    micro-batch's stage forward exactly once per stage; with remat stage, B runs it again.
+    Counted at run time: every block call reports its stage to a callback (p=2, m=4)."""
+    counts = collections.Counter()
+    block_call = transformer.Block.__call__
+
+    def counted(self, x):  # x[0, 0, 0] ties the callback to this call's data
+        jax.debug.callback(lambda s, _: counts.update([int(s)]), jax.lax.axis_index("stage"),
+                           x[0, 0, 0])
+        return block_call(self, x)
+
+    monkeypatch.setattr(transformer.Block, "__call__", counted)
+    cfg, m = dataclasses.replace(TEST_MODEL, n_layers=4), 4  # 2 blocks per stage
+    for schedule, v in (("1f1b", 1), ("zb-h1", 1), ("interleaved", 2), ("gpipe", 1)):
+        counts.clear()
+        tr = trainer(cfg, "stage=2,data=4", shape=(16, 8), microbatches=m, schedule=schedule,
+                     virtual_stages=v, remat=remat)
+        jax.block_until_ready(tr.loss_and_grads(tr.init(seed=0)[0],
+                                                *tr.place(batch(cfg, shape=(16, 8)))))
+        jax.effects_barrier()  # every callback has run
+        # Each of the 4 data shards calls it too; 2 blocks per stage forward.
+        runs = {s: n / (4 * 2) for s, n in counts.items()}
+        assert runs == {0: expect * m, 1: expect * m}, (schedule, runs)
+        if remat == "stage":
+            break  # recomputation is one mechanism for every schedule; one is enough
+
+
 def test_buffers_do_not_grow_with_microbatches():
+    """Every buffer (stage inputs, output gradients, F's residuals, W's inputs) holds at most p
+    micro-batches under 1f1b and zb-h1, whatever m; GPipe's table keeps all m residuals."""
     for m in (4, 16, 64):
-        pl = plan("1f1b", 4, m)
-        assert pl.x_slots <= 4 and pl.g_slots <= 4, (m, pl.x_slots, pl.g_slots)
-    assert plan("gpipe", 4, 16).x_slots == 16
+        for name in ("1f1b", "zb-h1"):
+            assert max(plan(name, 4, m).slots.values()) <= 4, (name, m, plan(name, 4, m).slots)
+    assert plan("gpipe", 4, 16).r_slots == 16
 
 
 @functools.cache
@@ -91,7 +125,7 @@ def mesh_trainer(dpt, shape, cfg=PIPE_MODEL):
     return tr, tr.init(seed=0)[0]
 
 
-def temp_bytes(kind, m, dpt=(1, 4, 2), b_mb=4, seq=64):
+def temp_bytes(kind, m, dpt=(1, 4, 2), b_mb=4, seq=64, remat="none"):
     """Temp bytes of the compiled gradient of blocks + head on given embeddings xs (xs is an
     argument and the gradients are outputs, so only the loop's working memory is counted).
     kind: an executor schedule, or "autodiff-gpipe" (pipeline.gpipe under jax.grad)."""
@@ -106,7 +140,7 @@ def temp_bytes(kind, m, dpt=(1, 4, 2), b_mb=4, seq=64):
     def f(staged, hp, xs, tg):
         with flax_spmd.logical_axis_rules(tr.rules.activations):
             if kind != "autodiff-gpipe":
-                return pipelined_loss(block_def, staged, head_fn, hp, xs, tg, kind)
+                return pipelined_loss(block_def, staged, head_fn, hp, xs, tg, kind, remat)
             ys = gpipe(block_def, staged, xs)
             return head_fn(hp, ys.reshape(-1, *ys.shape[2:]), tg.reshape(-1, seq))
 

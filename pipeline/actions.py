@@ -1,0 +1,159 @@
+"""What a stage computes in each action of a schedule (F, B, W), with no work done twice.
+
+F runs the stage forward once, under `jax.vjp`, and returns its pullback's residuals as a flat
+tuple of arrays; the executor keeps them in ring-buffer slots until B, which rebuilds the
+pullback from them (`jax.tree.unflatten`: a `jax.vjp` pullback is a pytree of its residuals)
+and runs it: no forward again. Residual leaves that are the stage's parameters themselves are
+left out of the tuple and put back from the live parameters when B rebuilds the pullback: they
+do not change within a step, and keeping them would copy the stage into every slot.
+
+`remat` decides what the residuals are, so it is the memory/recompute knob: "none" every
+intermediate (B recomputes nothing), "layer" each layer's input (`jax.checkpoint` per layer: B
+recomputes inside one layer at a time), "stage" the stage input only (B re-runs the forward).
+
+Split backward (zero-bubble schedules, `split=True`). Every weight product of a block goes
+through `models.transformer.project`; F replaces it (`project_hook`) by the same product plus a
+zero "perturbation", and returns the product's input alongside the residuals. The vjp is taken
+with respect to (non-weight parameters, x, perturbations), the weights held fixed, so B's
+pullback gives the input gradient, the gradients of the norm gains and biases (cheap:
+elementwise, computed in B) and every product's output gradient δ, and no weight-gradient
+matmul. W computes exactly those matmuls, each product's inputᵀ·δ, batched over the stage's
+layers. So F + B + W do the work of F + one full backward (DESIGN section 7).
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from models.transformer import project_hook
+from pipeline.gpipe import stage_function, vary
+
+
+def _is_weight(w) -> list[bool]:
+    """Per array leaf of a block state: is it a weight (multiplied in `project`)? Read from the
+    `role` each parameter declares in `models/`."""
+    variables = jax.tree.leaves(w, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    return [v.get_metadata().get("role") == "weight" for v in variables]
+
+
+class StageActions:
+    """F, B and W of one stage's layers (`block_def`, stacked params `w` [L/p, ...])."""
+
+    def __init__(self, block_def: nnx.GraphDef, remat: str, split: bool):
+        self.block_def, self.remat, self.split = block_def, remat, split
+        self.run_stage = stage_function(block_def, remat)
+        # Filled by the first trace of `forward` (the executor traces it once before its loop,
+        # to size the buffers): the pullback's treedef, where each residual leaf comes from
+        # (None: kept in the stash; i: the stage's i-th parameter leaf), and, when split, each
+        # weight product's (einsum spec, parameter leaf index) in call order.
+        self.treedef, self.sources, self.products = None, None, None
+
+    # ---- F -----------------------------------------------------------------------------
+    def forward(self, w, x):
+        """(y, stash): the stage output and what B (and W) need, as a tuple of arrays."""
+        if not self.split:
+            y, pull = jax.vjp(self.run_stage, w, x)
+            return y, self._pack(pull, w)
+        leaves, _ = jax.tree.flatten(w)
+        is_w = _is_weight(w)
+        weights = tuple(a for a, k in zip(leaves, is_w, strict=True) if k)
+        others = tuple(a for a, k in zip(leaves, is_w, strict=True) if not k)
+        perts = vary(tuple(jnp.zeros((leaves[0].shape[0], *s.shape), s.dtype)
+                           for s in self._product_shapes(w, x)))
+        y, pull, inputs = jax.vjp(lambda o, x, p: self._tapped(w, weights, o, x, p),
+                                  others, x, perts, has_aux=True)
+        return y, self._pack(pull, w) + inputs
+
+    def _tapped(self, w, weights, others, x, perts):
+        """The stage forward with perts[i] added to the i-th weight product's output; returns
+        (y, each product's input), both stacked over layers by the scan."""
+        treedef, is_w = jax.tree.structure(w), _is_weight(w)
+
+        def layer(x, wl, ol, pl):
+            it_w, it_o = iter(wl), iter(ol)
+            state = jax.tree.unflatten(treedef, [next(it_w) if k else next(it_o) for k in is_w])
+            inputs, taps, products = [], iter(pl), []
+
+            def hook(spec, a, var):
+                inputs.append(a)
+                products.append((spec, next(i for i, b in enumerate(wl) if b is var[...])))
+                return jnp.einsum(spec, a, var[...].astype(a.dtype)) + next(taps)
+
+            with project_hook(hook):
+                y = nnx.merge(self.block_def, state)(x)
+            self._record_products(products, is_w)
+            return y, tuple(inputs)
+
+        if self.remat == "layer":
+            layer = jax.checkpoint(layer)
+
+        def stage(weights, others, x, perts):
+            return jax.lax.scan(lambda x, a: layer(x, *a), x, (weights, others, perts))
+
+        if self.remat == "stage":
+            stage = jax.checkpoint(stage)
+        return stage(weights, others, x, perts)
+
+    def _record_products(self, products, is_w):
+        # Leaf index among the weights → among all of the stage's parameter leaves.
+        where = [i for i, k in enumerate(is_w) if k]
+        products = [(spec, where[j]) for spec, j in products]
+        assert self.products in (None, products), "the block's weight products changed"
+        self.products = products
+
+    def _product_shapes(self, w, x):
+        """Shape and dtype of every weight product's output in one layer."""
+        shapes = []
+
+        def hook(spec, a, var):
+            y = jnp.einsum(spec, a, var[...].astype(a.dtype))
+            shapes.append(jax.ShapeDtypeStruct(y.shape, y.dtype))
+            return y
+
+        def one_layer(w, x):
+            with project_hook(hook):
+                return nnx.merge(self.block_def, jax.tree.map(lambda a: a[0], w))(x)
+
+        jax.eval_shape(one_layer, w, x)
+        return shapes
+
+    # ---- B -----------------------------------------------------------------------------
+    def backward(self, w, stash, g):
+        """(dw, dx, w_stash) from F's stash and the output gradient g. Unsplit: dw is the whole
+        weight gradient and w_stash is (). Split: dw holds only the non-weight parameters' part,
+        and w_stash (each product's input, then its output gradient) is what W needs."""
+        n = len(stash) - (len(self.products) if self.split else 0)
+        it, params = iter(stash[:n]), jax.tree.leaves(w)
+        pull = jax.tree.unflatten(self.treedef, [next(it) if i is None else params[i]
+                                                  for i in self.sources])
+        if not self.split:
+            dw, dx = pull(g)
+            return dw, dx, ()
+        d_others, dx, deltas = pull(g)
+        it = iter(d_others)
+        dw = jax.tree.unflatten(jax.tree.structure(w), [
+            jnp.zeros_like(a) if k else next(it) for a, k in zip(params, _is_weight(w))])
+        return dw, dx, tuple(stash[n:]) + tuple(deltas)
+
+    # ---- W -----------------------------------------------------------------------------
+    def weight_grads(self, w, w_stash):
+        """The weights' gradient: for each product, its inputᵀ·δ, batched over the layers."""
+        params = jax.tree.leaves(w)
+        k = len(self.products)
+        grads = [jnp.zeros_like(a) for a in params]
+        for (spec, i), a, d in zip(self.products, w_stash[:k], w_stash[k:], strict=True):
+            def one(a, d, wi, spec=spec):
+                product = lambda wi: jnp.einsum(spec, a, wi.astype(a.dtype))
+                return jax.linear_transpose(product, wi)(d)[0]
+            grads[i] = grads[i] + jax.vmap(one)(a, d, params[i])
+        return jax.tree.unflatten(jax.tree.structure(w), grads)
+
+    # ---- residuals ---------------------------------------------------------------------
+    def _pack(self, pull, w):
+        """The pullback's residual leaves, less those that are the parameters themselves."""
+        leaves, treedef = jax.tree.flatten(pull)
+        params = jax.tree.leaves(w)
+        sources = [next((i for i, a in enumerate(params) if a is leaf), None) for leaf in leaves]
+        assert self.sources in (None, sources), "the residuals changed between traces"
+        self.treedef, self.sources = self.treedef or treedef, sources
+        return tuple(leaf for leaf, i in zip(leaves, sources, strict=True) if i is None)
