@@ -3,4 +3,5 @@
 from models.config import PRESETS, ConfigError, ModelConfig, build_config
 from models.transformer import Transformer, cross_entropy, scan_blocks
 
-__all__ = ["PRESETS", "ConfigError", "ModelConfig", "build_config", "Transformer", "cross_entropy", "scan_blocks"]
+__all__ = ["PRESETS", "ConfigError", "ModelConfig", "Transformer", "build_config", "cross_entropy",
+           "scan_blocks"]
