@@ -54,7 +54,7 @@ def project(spec: str, x: jax.Array, weight: nnx.Variable) -> jax.Array:
 
 @contextlib.contextmanager
 def project_hook(hook):
-    """While tracing inside this context, `project(spec, x, weight)` returns hook(spec, x, weight)."""
+    """While tracing in this context, `project(spec, x, weight)` returns hook(spec, x, weight)."""
     global _project_hook
     previous, _project_hook = _project_hook, hook
     try:

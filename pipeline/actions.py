@@ -143,7 +143,8 @@ class StageActions:
         grads = [jnp.zeros_like(a) for a in params]
         for (spec, i), a, d in zip(self.products, w_stash[:k], w_stash[k:], strict=True):
             def one(a, d, wi, spec=spec):
-                product = lambda wi: jnp.einsum(spec, a, wi.astype(a.dtype))
+                def product(wi):
+                    return jnp.einsum(spec, a, wi.astype(a.dtype))
                 return jax.linear_transpose(product, wi)(d)[0]
             grads[i] = grads[i] + jax.vmap(one)(a, d, params[i])
         return jax.tree.unflatten(jax.tree.structure(w), grads)

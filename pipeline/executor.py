@@ -164,6 +164,18 @@ def _buffer(n: int, like) -> jax.Array:
     return jnp.full((n + 1, *like.shape), fill, like.dtype)
 
 
+def _put(bufs, i, values):
+    """Write `values` into slot i of `bufs`; skipped when i is the dummy slot. Measured: the
+    skip is what keeps remat none fast on CPU (an unconditional write, or the buffers passed
+    through the `lax.switch`, copies the whole residual stash every tick)."""
+    if not bufs:
+        return bufs
+    def write():
+        return tuple(b.at[i].set(a) for b, a in zip(bufs, values, strict=True))
+
+    return jax.lax.cond(i < bufs[0].shape[0] - 1, write, lambda: bufs)
+
+
 def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
     """Loss and gradients (blocks, head, inputs) of the whole pipelined step."""
     p = jax.tree.leaves(staged)[0].shape[0]
@@ -175,25 +187,26 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
 
     def branch(kind, last):
-        """One action; every branch returns (y, dx, dw, dh, loss, F's stash, own output gradient,
-        W's stash), zeros where the action makes nothing."""
-        def run(w, hp, x, g, stash, w_stash, tgt):
-            y, dx, dw, dh, loss, g_own = x, x, w, hp, jnp.zeros((), jnp.float32), x
-            out = zeros((y, dx, dw, dh, loss, stash, g_own, w_stash))
+        """One action: (y, dx, dw, dh, loss, F's stash, own output gradient, W's stash), zeros
+        where the action makes nothing. B and W read their slot of the residual buffers here,
+        so ticks without a B (or W) copy no slot out."""
+        def run(w, hp, x, g, rbuf, wbuf, r, tgt):
+            y, dx, dw, dh, g_own = zeros((x, x, w, hp, x))
+            stash, w_stash = (tuple(jnp.zeros(b.shape[1:], b.dtype) for b in bufs)
+                              for bufs in (rbuf, wbuf))
+            loss = jnp.zeros((), jnp.float32)
             if kind == "F":
                 y, stash = act.forward(w, x)
-                out = (y, *out[1:5], stash, *out[6:])
                 if last:  # the loss of this micro-batch, and its gradient for this stage's B
                     loss, hpull = jax.vjp(lambda hp, y: head_fn(hp, y, tgt), hp, y)
                     dh, g_own = hpull(vary(jnp.asarray(1.0 / m, loss.dtype)))
-                    out = (y, out[1], out[2], dh, loss.astype(jnp.float32) / m, stash, g_own,
-                           out[7])
+                    loss = loss.astype(jnp.float32) / m
             elif kind in ("B", "BX"):
-                dw, dx, w_stash = act.backward(w, stash, g)
-                out = (out[0], dx, dw, *out[3:7], w_stash or out[7])
+                dw, dx, new = act.backward(w, tuple(b[r[R_GET]] for b in rbuf), g)
+                w_stash = new or w_stash
             elif kind == "BW":
-                out = (*out[:2], act.weight_grads(w, w_stash), *out[3:])
-            return vary(out)
+                dw = act.weight_grads(w, tuple(b[r[W_GET]] for b in wbuf))
+            return vary((y, dx, dw, dh, loss, stash, g_own, w_stash))
         return run
 
     kinds = {IDLE: "idle", FWD: "F", BWD_DX: "BX", BWD_DW: "BW", BWD: "B"}
@@ -238,18 +251,17 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
             mb, c = r[MB], r[CHUNK]
             x = jnp.where(r[FIRST] == 1, xs[mb], xbuf[r[X_GET]])
             w = jax.tree.map(lambda a: a[c], params)
-            y, dx, dw, dh, l, stash, g_own, w_stash = jax.lax.switch(
-                r[CODE], branches, w, hp, x, gbuf[r[G_GET]], tuple(b[r[R_GET]] for b in rbuf),
-                tuple(b[r[W_GET]] for b in wbuf), targets[mb])
+            y, dx, dw, dh, loss_mb, stash, g_own, w_stash = jax.lax.switch(
+                r[CODE], branches, w, hp, x, gbuf[r[G_GET]], rbuf, wbuf, r, targets[mb])
             acc_w = jax.tree.map(lambda A, d: A.at[c].add(d), acc_w, dw)
             acc_h = jax.tree.map(jnp.add, acc_h, dh)
             dxs = dxs.at[r[DXROW]].set(dx)
-            rbuf = tuple(b.at[r[R_PUT]].set(a) for b, a in zip(rbuf, stash, strict=True))
-            wbuf = tuple(b.at[r[W_PUT]].set(a) for b, a in zip(wbuf, w_stash, strict=True))
+            rbuf = _put(rbuf, r[R_PUT], stash)
+            wbuf = _put(wbuf, r[W_PUT], w_stash)
             xbuf = xbuf.at[r[X_PUT]].set(jax.lax.ppermute(y, "stage", perm_f))
             gbuf = gbuf.at[r[G_OWN]].set(g_own)
             gbuf = gbuf.at[r[G_PUT]].set(jax.lax.ppermute(dx, "stage", perm_b))
-            return (xbuf, gbuf, rbuf, wbuf, acc_w, acc_h, dxs, loss + l), None
+            return (xbuf, gbuf, rbuf, wbuf, acc_w, acc_h, dxs, loss + loss_mb), None
 
         (*_, acc_w, acc_h, dxs, loss), _ = jax.lax.scan(tick, init, tab)
         # Loss and gradients of the mean over data shards of each shard's mean loss.

@@ -11,7 +11,6 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 
 from models import transformer
-
 from pipeline.executor import pipelined_loss, plan
 from pipeline.gpipe import gpipe, to_microbatches, to_stages
 from pipeline.run import head_parts
