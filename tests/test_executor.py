@@ -11,6 +11,7 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 
 from models import transformer
+from pipeline.actions import StageActions
 from pipeline.executor import pipelined_loss, plan
 from pipeline.gpipe import gpipe, to_microbatches, to_stages
 from pipeline.run import head_parts
@@ -149,10 +150,32 @@ def temp_bytes(kind, m, dpt=(1, 4, 2), b_mb=4, seq=64, remat="none"):
     return compiled.memory_analysis().temp_size_in_bytes
 
 
+def w_keeps(dpt=(1, 4, 2), b_mb=4, seq=64, m=4):
+    """Upper bound on what zb-h1 keeps for its deferred W's on one stage: every weight product's
+    input and output gradient (W's stash) in every slot of the buffers that hold them (F's
+    stash holds the inputs until B, W's stash both until W). Unsharded bytes, so at least what
+    one device holds."""
+    tr, params = mesh_trainer(dpt, (b_mb, seq))
+    block_def, stacked = nnx.split(nnx.merge(tr.graphdef, params).blocks)
+    act = StageActions(block_def, "none", split=True)
+
+    def w_stash(w, x):
+        return act.backward(w, act.forward(w, x)[1], x)[2]
+
+    w = jax.tree.map(lambda a: a[: PIPE_MODEL.n_layers // dpt[1]], stacked)
+    x = jax.ShapeDtypeStruct((b_mb, seq, PIPE_MODEL.d_model), jnp.float32)
+    per_mb = sum(a.size * a.dtype.itemsize for a in jax.eval_shape(w_stash, w, x))
+    slots = plan("zb-h1", dpt[1], m).slots
+    return (slots["r"] + slots["w"] + 2) * per_mb  # + 2: each buffer's dummy slot
+
+
 def test_1f1b_memory_flat_in_microbatches_gpipe_grows():
+    """remat none (every residual kept): 1F1B's working memory does not grow with m, GPipe's
+    does, and ZB-H1 needs at most 1F1B's plus what its deferred W's keep."""
     temp = {(k, m): temp_bytes(k, m) for k in ("1f1b", "autodiff-gpipe") for m in (4, 16)}
     assert temp[("1f1b", 16)] <= 1.1 * temp[("1f1b", 4)], temp
     assert temp[("autodiff-gpipe", 16)] > 2 * temp[("autodiff-gpipe", 4)], temp
+    assert temp[("1f1b", 4)] < temp_bytes("zb-h1", 4) <= temp[("1f1b", 4)] + w_keeps(), temp
 
 
 SWEEP_MODEL = dataclasses.replace(TEST_MODEL, n_layers=16)  # divisible by p·v = 8·2
