@@ -156,5 +156,6 @@ class StageActions:
         params = jax.tree.leaves(w)
         sources = [next((i for i, a in enumerate(params) if a is leaf), None) for leaf in leaves]
         assert self.sources in (None, sources), "the residuals changed between traces"
-        self.treedef, self.sources = self.treedef or treedef, sources
+        if self.treedef is None:  # the same layout every trace (checked by `sources` above)
+            self.treedef, self.sources = treedef, sources
         return tuple(leaf for leaf, i in zip(leaves, sources, strict=True) if i is None)

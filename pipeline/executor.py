@@ -62,10 +62,6 @@ class Plan:
     split: bool  # B is the input gradient only, W the weight gradient
 
     @property
-    def x_slots(self) -> int:
-        return self.slots["x"]
-
-    @property
     def r_slots(self) -> int:
         return self.slots["r"]
 
@@ -170,6 +166,7 @@ def _put(bufs, i, values):
     through the `lax.switch`, copies the whole residual stash every tick)."""
     if not bufs:
         return bufs
+
     def write():
         return tuple(b.at[i].set(a) for b, a in zip(bufs, values, strict=True))
 

@@ -7,7 +7,7 @@ Two ways to run the blocks:
 - every other schedule (`1f1b`, `interleaved`, `zb-h1`): the table-driven executor of
   `pipeline.executor`, which runs the forward and backward actions by hand in the schedule's
   order. The last stage needs dLoss/dy for each micro-batch as soon as its forward is done, so
-  there the head and loss run inside the loop, on the last stage.
+  there the head and loss run inside the loop, on the last stage, in that micro-batch's F.
 The embedding always runs outside, on every stage (a gather: cheap to repeat).
 """
 
