@@ -46,7 +46,7 @@ _project_hook = None  # see `project_hook`
 def project(spec: str, x: jax.Array, weight: nnx.Variable) -> jax.Array:
     """`x` times a weight, by an einsum `spec`, in x's dtype. Every weight product of a block goes
     through here: that is what lets the zero-bubble pipeline split a backward pass into the input
-    gradient now and the weight gradient later (`pipeline.split`, via `project_hook`)."""
+    gradient now and the weight gradient later (`pipeline.actions`, via `project_hook`)."""
     if _project_hook is not None:
         return _project_hook(spec, x, weight)
     return jnp.einsum(spec, x, weight[...].astype(x.dtype))
