@@ -5,11 +5,14 @@
 A layout is a mesh spec, optionally `:schedule` and `+sp` (sequence parallelism), e.g.
 `data=2,stage=2,tensor=2:1f1b` or `data=2,tensor=4+sp`. Prints a markdown table of ratios
 (step time, communicated bytes against DESIGN section 2's closed forms, FLOPs against one
-device) and, with --json FILE, every number; --png FILE plots peak memory and compile time
-against the micro-batch count for the pipeline layouts (needs matplotlib).
+device) and the step time that p real devices would take (`predicted_step_s`: the simulator's
+makespan with each action's cost timed alone; see BENCHMARKS.md), and, with --json FILE, every
+number; --png FILE plots peak memory and compile time against the micro-batch count for the
+pipeline layouts (needs matplotlib).
 """
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -74,7 +77,7 @@ def main() -> int:
     from pipeline.simulate import simulate
     from spmd import analysis
     from spmd.data import Batches, stdlib_corpus
-    from spmd.measure import measure
+    from spmd.measure import measure, predict_step_s, time_actions
     from spmd.mesh import make_mesh
     from spmd.rules import Rules
     from spmd.train_step import TrainConfig, Trainer
@@ -85,6 +88,28 @@ def main() -> int:
     runs = [("single", 1)] + [(lay, m) for lay in args.layouts
                               for m in (args.microbatches if "stage" in lay else [1])]
     model_flops = analysis.model_flops(cfg, *shape, args.remat != "none")
+    # Each action timed alone on one device: (layers, micro-batch rows, split) → {F, B[, W]} s.
+    action_s = functools.cache(lambda layers, b_mb, split: time_actions(
+        cfg, layers, b_mb, args.seq_len, args.remat, split))
+
+    def predict(layout, sizes, schedule, m, v) -> dict:
+        """Predicted step on real devices: one device's F+B of all layers (single), or the
+        simulated makespan of the schedule (pipelines); None for other layouts."""
+        rows_per_mb = args.batch_size // (sizes["data"] * sizes["fsdp"]) // m
+        p = sizes["stage"]
+        if layout == "single":
+            costs = action_s(cfg.n_layers, args.batch_size, False)
+            return {"action_layers": cfg.n_layers, "action_rows": args.batch_size,
+                    "action_s": costs, "predicted_step_s": costs["F"] + costs["B"]}
+        if p == 1:
+            return {"action_layers": None, "action_rows": None, "action_s": None,
+                    "predicted_step_s": None}
+        sched = make_schedule(schedule, p, m, v)
+        layers = cfg.n_layers // (p * v)
+        costs = action_s(layers, rows_per_mb, sched.split_backward)
+        return {"action_layers": layers, "action_rows": rows_per_mb, "action_s": costs,
+                "predicted_step_s": predict_step_s(sched, costs)}
+
     rows = []
     for layout, m in runs:
         spec, schedule, sp = parse_layout("data=1" if layout == "single" else layout)
@@ -97,31 +122,42 @@ def main() -> int:
         comm = sum(c["bytes"] for c in result["collectives"].values())
         want = sum(e.total_bytes for e in expected)
         bubble = simulate(make_schedule(schedule, p, m, v)).bubble_fraction if p > 1 else 0.0
+        predicted = predict(layout, mesh.shape, schedule, m, v)
         rows.append({"layout": layout, "schedule": schedule if p > 1 else "-",
                      "microbatches": m, "virtual_stages": v, "sequence_parallel": sp,
                      "devices": mesh.size, **result, "comm_bytes": comm,
                      "comm_bytes_analytical": want, "bubble_fraction": bubble,
-                     "model_flops": model_flops})
+                     "model_flops": model_flops, **predicted})
         print(f"measured {layout} m={m}: {result['step_s']:.3f} s/step, "
               f"compile {result['compile_s']:.1f} s", file=sys.stderr)
     base = rows[0]
     for r in rows:
         r["step_time_ratio"] = r["step_s"] / base["step_s"]
+        r["predicted_ratio"] = r["predicted_step_s"] / base["predicted_step_s"] \
+            if r["predicted_step_s"] else None
         r["comm_bytes_ratio"] = r["comm_bytes"] / r["comm_bytes_analytical"] \
             if r["comm_bytes_analytical"] else None
         # All devices' compiled FLOPs over one device's (cost_analysis of the same step).
         r["flops_ratio"] = r["flops_per_device"] * r["devices"] / base["flops_per_device"]
-    print("| layout | schedule | m | step / 1 device | comm / closed form | FLOPs / 1 device "
-          "| peak MiB/device | compile s | tokens/s | bubble | loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| layout | schedule | m | step / 1 device | predicted / 1 device | comm / closed form "
+          "| FLOPs / 1 device | peak MiB/device | compile s | tokens/s | bubble | loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         comm = f"{r['comm_bytes_ratio']:.2f}" if r["comm_bytes_ratio"] else "-"
+        pred = f"{r['predicted_ratio']:.2f}" if r["predicted_ratio"] else "-"
         print(f"| {r['layout'].split(':')[0]} | {r['schedule']} | {r['microbatches']} | "
-              f"{r['step_time_ratio']:.2f} | {comm} | {r['flops_ratio']:.2f} | "
+              f"{r['step_time_ratio']:.2f} | {pred} | {comm} | {r['flops_ratio']:.2f} | "
               f"{r['peak_bytes_per_device'] / 2**20:.1f} | {r['compile_s']:.1f} | "
               f"{r['tokens_per_s']:,.0f} | {r['bubble_fraction']:.2f} | {r['loss']:.5f} |")
     print(f"\nmodel FLOPs per step (PaLM 6N+12Lhs per token): {model_flops:.3g}; one device's "
           f"compiled step (cost_analysis): {base['flops_per_device']:.3g}")
+    for r in rows:
+        if r["action_s"]:
+            print(f"{r['layout']} m={r['microbatches']}: {r['action_layers']} layers x "
+                  f"{r['action_rows']} rows, " + ", ".join(
+                      f"{k} {s * 1e3:.2f} ms" for k, s in r["action_s"].items())
+                  + f"; predicted {r['predicted_step_s'] * 1e3:.1f} ms, "
+                  f"measured {r['step_s'] * 1e3:.1f} ms")
     if args.json:
         Path(args.json).write_text(json.dumps({"results": rows}, indent=1))
     if args.png:

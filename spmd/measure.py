@@ -1,9 +1,11 @@
-"""Measure one layout's compiled train step: compile time, step time, memory, collectives."""
+"""Measure one layout's compiled train step (compile time, step time, memory, collectives), and
+the time of each pipeline action alone, for the step time a schedule would take on real devices."""
 
 import statistics
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from spmd.hlo import census, collectives
@@ -41,3 +43,64 @@ def measure(trainer: Trainer, inputs: np.ndarray, targets: np.ndarray, steps: in
         "collectives": census(collectives(compiled.as_text(), trainer.mesh)),
         "loss": float(metrics["loss"]),
     }
+
+
+def _fastest_s(calls: dict, repeats: int) -> dict[str, float]:
+    """Fastest wall time of each `name: (fn, args)` over `repeats` rounds, after one warm-up
+    (which compiles). Rounds interleave the calls, so a burst of load from other processes
+    slows them alike; the fastest run, not the median, because this machine is shared and the
+    least disturbed run is the closest to the action alone (measured under load: one stage's F,
+    1 layer x 4 rows of `small`, had medians of 8.3 and 11.3 ms in two calls of one bench run;
+    its minimum stayed within 9.2-9.7 ms over three calls)."""
+    for fn, args in calls.values():
+        jax.block_until_ready(fn(*args))
+    best = dict.fromkeys(calls, float("inf"))
+    for _ in range(repeats):
+        for name, (fn, args) in calls.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def time_actions(cfg, layers: int, b_mb: int, seq: int, remat: str = "none",
+                 split: bool = False, repeats: int = 7) -> dict[str, float]:
+    """Seconds of each pipeline action alone, for one micro-batch through `layers` layers.
+
+    Why alone: on emulated CPU devices the stages share the cores, so a pipeline's step time
+    shows its total work, not its bubbles. Timing F, B (and W when `split`) one at a time on
+    one device, each its own jitted program, gives the per-action costs that the simulator
+    turns into the step time of p real devices (`predict_step_s`). Unsplit, B is the whole
+    backward; split (zero-bubble), B is the input gradient and W the weight gradient.
+    """
+    from flax import nnx
+
+    from models.transformer import Transformer
+    from pipeline.actions import StageActions
+
+    with nnx.use_eager_sharding(False):  # one device: no mesh, so no sharding to apply
+        block_def, stacked = nnx.split(Transformer(cfg, nnx.Rngs(0)).blocks)
+    w = jax.tree.map(lambda a: a[:layers], stacked)
+    x = jax.random.normal(jax.random.key(0), (b_mb, seq, cfg.d_model), cfg.dtype)
+    act = StageActions(block_def, remat, split)
+    forward, backward = jax.jit(act.forward), jax.jit(act.backward)
+    y, stash = forward(w, x)  # the first trace also records what `backward` rebuilds
+    g = jnp.ones_like(y)
+    calls = {"F": (forward, (w, x)), "B": (backward, (w, stash, g))}
+    if split:
+        calls["W"] = (jax.jit(act.weight_grads), (w, backward(w, stash, g)[2]))
+    return _fastest_s(calls, repeats)
+
+
+def predict_step_s(schedule, seconds: dict[str, float], resolution: int = 1000) -> float:
+    """The simulator's makespan of `schedule` with per-action costs in seconds.
+
+    `pipeline.simulate` takes integer costs, so each cost is rounded in units of the cheapest
+    action / `resolution` (an error of about 1/resolution); the makespan is converted back.
+    """
+    from pipeline.simulate import simulate
+
+    kinds = ("F", "B", "W") if schedule.split_backward else ("F", "B")
+    unit = min(seconds[k] for k in kinds) / resolution
+    ticks = simulate(schedule, {k: max(1, round(seconds[k] / unit)) for k in kinds}).ticks
+    return ticks * unit

@@ -1,0 +1,34 @@
+"""The bench's predicted step: per-action times are real, and the makespan from seconds is the
+simulator's, scaled back from its integer ticks without distortion."""
+
+import pytest
+
+from models import PRESETS
+from pipeline.schedules import make_schedule
+from spmd.measure import predict_step_s, time_actions
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_time_actions_are_positive(split):
+    costs = time_actions(PRESETS["tiny"], layers=1, b_mb=2, seq=8, split=split, repeats=2)
+    assert sorted(costs) == (["B", "F", "W"] if split else ["B", "F"])
+    assert all(s > 0 for s in costs.values()), costs
+
+
+@pytest.mark.parametrize("name", ["gpipe", "1f1b"])
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8), (4, 3)])
+def test_predicted_step_is_the_closed_form(name, p, m):
+    """Equal costs F = B = c: one micro-batch's F+B per tick pair, m + p − 1 of them."""
+    c = 0.0125
+    got = predict_step_s(make_schedule(name, p, m), {"F": c, "B": c})
+    assert got == pytest.approx((m + p - 1) * 2 * c, rel=1e-9)
+
+
+def test_predicted_step_follows_unequal_costs():
+    """F = 1, B = 2 (in any unit): the simulator's closed form 3(m + p − 1), times the unit;
+    zb-h1 with F = B = W is 3m + p − 1 for m ≥ p."""
+    unit = 3e-4
+    got = predict_step_s(make_schedule("1f1b", 4, 8), {"F": unit, "B": 2 * unit})
+    assert got == pytest.approx(3 * (8 + 4 - 1) * unit, rel=1e-9)
+    zb = predict_step_s(make_schedule("zb-h1", 4, 8), dict.fromkeys("FBW", unit))
+    assert zb == pytest.approx((3 * 8 + 4 - 1) * unit, rel=1e-9)
