@@ -122,6 +122,20 @@ def test_bad_file_is_one_line_and_exit_2_and_touches_nothing(args, expect, tmp_p
     assert snapshot(tmp_path) == before
 
 
+def test_unwritable_checkpoint_dir_is_refused_even_as_root(tmp_path, monkeypatch):
+    """Root may write anywhere (so the real-permission case above skips as root, which CI is):
+    here the permission check itself answers no, and nothing is written into the folder."""
+    from models.config import ConfigError
+    from spmd import checkpoint
+
+    monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: False)
+    target = tmp_path / "read_only"
+    target.mkdir()
+    with pytest.raises(ConfigError, match=f"^checkpoint directory {target} is not writable; "):
+        checkpoint.CheckpointManager.open(target, {})
+    assert not any(target.iterdir())
+
+
 class StubTrainer:
     """Just what `spmd.loop.train` calls: a finite training loss, a NaN eval loss."""
 
