@@ -61,10 +61,6 @@ class Plan:
     ring: bool  # interleaved: the last stage's F output goes to stage 0
     split: bool  # B is the input gradient only, W the weight gradient
 
-    @property
-    def r_slots(self) -> int:
-        return self.slots["r"]
-
 
 def _colour(intervals):
     """intervals: list of (write_tick, last_read_tick, key). A slot written at the end of tick

@@ -116,7 +116,7 @@ def test_buffers_do_not_grow_with_microbatches():
     for m in (4, 16, 64):
         for name in ("1f1b", "zb-h1"):
             assert max(plan(name, 4, m).slots.values()) <= 4, (name, m, plan(name, 4, m).slots)
-    assert plan("gpipe", 4, 16).r_slots == 16
+    assert plan("gpipe", 4, 16).slots["r"] == 16
 
 
 @functools.cache
