@@ -1,0 +1,405 @@
+"""Hugging Face Llama and GPT-2 folders ↔ this project's parameter layout. No mesh here.
+
+Each parameter of `models.transformer` is described once as a lazy `Node` over the folder's
+tensors: a `Leaf` (an HF tensor, or a block of one, reshaped and transposed into our axes),
+`Concat` (pieces side by side along one axis: q|k|v, gate|up, the stacked layers, the vocabulary
+and its zero padding) and `Zeros`. `Node.read(index)` reads only the elements of `index` (a
+tuple of slices, as `jax.make_array_from_callback` passes) from memory-mapped safetensors;
+`Node.write` is its inverse, for export. One description serves both ways, so export then import
+is exact by construction.
+
+Layouts (HF `nn.Linear` weights are (out, in); GPT-2's `Conv1D` weights are (in, out)):
+  wqkv (D, K, G+2, H)  Llama q_proj (N·H, D) with N = K·G, k_proj/v_proj (K·H, D): query head
+                       k·G + g uses kv head k in HF's `repeat_kv` too, so the fused layout is a
+                       reshape, no gather. GPT-2 c_attn (D, 3·D) = [q | k | v], K = N, G = 1.
+  wo (N, H, D)         o_proj (D, N·H); GPT-2 c_proj (N·H, D).
+  w_in (D, 2, F)       gate_proj, up_proj (F, D); GPT-2 c_fc (D, F) as (D, 1, F).
+  w_down (F, D)        down_proj (D, F); GPT-2 c_proj (F, D).
+RoPE needs no permutation: HF's Llama applies it in the rotate-half form (its conversion script
+permutes Meta's interleaved q/k rows into that form), as `models.transformer.rotary` does.
+"""
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import ml_dtypes  # noqa: F401 - registers numpy's "bfloat16": published Llama weights are bf16
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from models.config import ConfigError, ModelConfig
+
+Index = tuple[slice, ...]
+LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
+SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def _bounds(index: Index, shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    return [s.indices(n)[:2] for s, n in zip(index, shape, strict=True)]
+
+
+class Node:
+    shape: tuple[int, ...]
+
+    def read(self, folder: "Folder", index: Index) -> np.ndarray:
+        """Our array's elements at `index` (unit-step slices), float32."""
+        raise NotImplementedError
+
+    def write(self, array: np.ndarray, out: dict[str, np.ndarray]) -> None:
+        """Scatter our full array into the HF tensors of `out` (allocated by `hf_tensors`)."""
+        raise NotImplementedError
+
+    def leaves(self):
+        yield from ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Zeros(Node):
+    """Vocabulary padding: no HF tensor behind it, dropped on export."""
+
+    shape: tuple[int, ...]
+
+    def read(self, folder, index):
+        return np.zeros([hi - lo for lo, hi in _bounds(index, self.shape)], np.float32)
+
+    def write(self, array, out):
+        pass
+
+
+@dataclasses.dataclass(frozen=True)
+class Leaf(Node):
+    """HF tensor `name` (full shape `hf_shape`), or its block `region` (one (start, stop) per
+    dim), reshaped to `view` and transposed so that our axis i is view axis `perm[i]`.
+
+    The view axes split the HF dims in order; a unit axis joins the dim before it as an inner
+    axis. A slice of the outermost view axis of a dim is a contiguous range of that dim, so a
+    device whose shard cuts only outer axes (what `spmd.rules` shards: heads, kv heads, the MLP
+    width, the vocabulary, D) reads exactly its shard; a cut inner axis reads the covering range.
+    """
+
+    name: str
+    hf_shape: tuple[int, ...]
+    view: tuple[int, ...]
+    perm: tuple[int, ...]
+    region: tuple[tuple[int, int], ...] | None = None
+
+    @property
+    def shape(self):
+        return tuple(self.view[p] for p in self.perm)
+
+    @property
+    def _region(self):
+        return self.region or tuple((0, n) for n in self.hf_shape)
+
+    def _groups(self) -> list[list[int]]:
+        """View axes per HF dim."""
+        groups, axis = [], 0
+        for lo, hi in self._region:
+            group, size = [], 1
+            while size < hi - lo or (axis < len(self.view) and self.view[axis] == 1 and group):
+                group.append(axis)
+                size *= self.view[axis]
+                axis += 1
+            groups.append(group)
+        return groups
+
+    def read(self, folder, index):
+        view_bounds = [None] * len(self.view)
+        for ours, (lo, hi) in zip(self.perm, _bounds(index, self.shape), strict=True):
+            view_bounds[ours] = (lo, hi)
+        hf_index, block, inner = [], [], []
+        for (start, _), group in zip(self._region, self._groups(), strict=True):
+            lo, hi = view_bounds[group[0]]
+            step = math.prod(self.view[a] for a in group[1:])
+            hf_index.append(slice(start + lo * step, start + hi * step))
+            block += [hi - lo, *(self.view[a] for a in group[1:])]
+            inner += [slice(None), *(slice(*view_bounds[a]) for a in group[1:])]
+        data = folder.read(self.name, tuple(hf_index)).astype(np.float32)
+        return data.reshape(block)[tuple(inner)].transpose(self.perm)
+
+    def write(self, array, out):
+        block = array.transpose(np.argsort(self.perm)).reshape([hi - lo for lo, hi in self._region])
+        out[self.name][tuple(slice(lo, hi) for lo, hi in self._region)] = block
+
+    def leaves(self):
+        yield self
+
+
+@dataclasses.dataclass(frozen=True)
+class Concat(Node):
+    """`parts` side by side along `axis`; with `stack`, each part gains that axis (size 1)."""
+
+    axis: int
+    parts: tuple[Node, ...]
+    stack: bool = False
+
+    def _extent(self, part):
+        return 1 if self.stack else part.shape[self.axis]
+
+    @property
+    def shape(self):
+        first = list(self.parts[0].shape)
+        if self.stack:
+            first.insert(self.axis, 0)
+        first[self.axis] = sum(self._extent(p) for p in self.parts)
+        return tuple(first)
+
+    def read(self, folder, index):
+        lo, hi = _bounds(index, self.shape)[self.axis]
+        pieces, offset = [], 0
+        for part in self.parts:
+            a, b = max(lo - offset, 0), min(hi - offset, self._extent(part))
+            if a < b:
+                if self.stack:
+                    sub = index[: self.axis] + index[self.axis + 1 :]
+                    pieces.append(np.expand_dims(part.read(folder, sub), self.axis))
+                else:
+                    sub = index[: self.axis] + (slice(a, b),) + index[self.axis + 1 :]
+                    pieces.append(part.read(folder, sub))
+            offset += self._extent(part)
+        return np.concatenate(pieces, self.axis)
+
+    def write(self, array, out):
+        offset = 0
+        for part in self.parts:
+            piece = np.take(array, range(offset, offset + self._extent(part)), self.axis)
+            part.write(piece.squeeze(self.axis) if self.stack else piece, out)
+            offset += self._extent(part)
+
+    def leaves(self):
+        for part in self.parts:
+            yield from part.leaves()
+
+
+def _padded(leaf: Leaf, axis: int, padded: int) -> Node:
+    """The vocabulary axis of `leaf` padded with zeros to `padded` (mesh-independent, see
+    `ModelConfig.vocab_multiple`)."""
+    pad = list(leaf.shape)
+    pad[axis] = padded - leaf.shape[axis]
+    return Concat(axis, (leaf, Zeros(tuple(pad)))) if pad[axis] else leaf
+
+
+def layout(cfg: ModelConfig, prefix: str) -> dict[str, Node]:
+    """Our parameter path (as `nnx.to_flat_state` spells it, joined by "/") → its `Node`.
+    `prefix`: "model." / "transformer." as `*ForCausalLM` saves, or "" for a bare base model."""
+    d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
+    v, g = cfg.vocab_size, n // k
+    vec = lambda name: Leaf(name, (d,), (d,), (0,))  # noqa: E731 - a norm gain or a bias
+
+    if cfg.style == "llama":
+        def block(p):
+            qkv = [Leaf(p + "self_attn.q_proj.weight", (n * h, d), (k, g, h, d), (3, 0, 1, 2))]
+            qkv += [Leaf(p + f"self_attn.{x}_proj.weight", (k * h, d), (k, 1, h, d),
+                         (3, 0, 1, 2)) for x in "kv"]
+            return {
+                "attn_norm/scale": vec(p + "input_layernorm.weight"),
+                "attn/wqkv": Concat(2, tuple(qkv)),
+                "attn/wo": Leaf(p + "self_attn.o_proj.weight", (d, n * h), (d, n, h), (1, 2, 0)),
+                "mlp_norm/scale": vec(p + "post_attention_layernorm.weight"),
+                "mlp/w_in": Concat(1, tuple(Leaf(p + f"mlp.{x}_proj.weight", (f, d), (f, d),
+                                                 (1, 0)) for x in ("gate", "up")), stack=True),
+                "mlp/w_down": Leaf(p + "mlp.down_proj.weight", (d, f), (d, f), (1, 0)),
+            }
+
+        layer, embed, final = prefix + "layers.{}.", prefix + "embed_tokens.weight", prefix + "norm."
+        top = {"head/norm/scale": vec(final + "weight")}
+    else:
+        def block(p):
+            def third(name, shape, view):  # q, k or v: columns c·D .. (c+1)·D of c_attn
+                region = lambda c: (*((0, s) for s in shape[:-1]), (c * d, c * d + d))  # noqa: E731
+                return Concat(len(view) - 2, tuple(Leaf(name, shape, view, tuple(
+                    range(len(view))), region(c)) for c in range(3)))
+
+            return {
+                "attn_norm/scale": vec(p + "ln_1.weight"), "attn_norm/bias": vec(p + "ln_1.bias"),
+                "attn/wqkv": third(p + "attn.c_attn.weight", (d, 3 * d), (d, n, 1, h)),
+                "attn/bqkv": third(p + "attn.c_attn.bias", (3 * d,), (n, 1, h)),
+                "attn/wo": Leaf(p + "attn.c_proj.weight", (n * h, d), (n, h, d), (0, 1, 2)),
+                "attn/bo": vec(p + "attn.c_proj.bias"),
+                "mlp_norm/scale": vec(p + "ln_2.weight"), "mlp_norm/bias": vec(p + "ln_2.bias"),
+                "mlp/w_in": Leaf(p + "mlp.c_fc.weight", (d, f), (d, 1, f), (0, 1, 2)),
+                "mlp/b_in": Leaf(p + "mlp.c_fc.bias", (f,), (f, 1), (1, 0)),
+                "mlp/w_down": Leaf(p + "mlp.c_proj.weight", (f, d), (f, d), (0, 1)),
+                "mlp/b_down": vec(p + "mlp.c_proj.bias"),
+            }
+
+        layer, embed, final = prefix + "h.{}.", prefix + "wte.weight", prefix + "ln_f."
+        top = {"head/norm/scale": vec(final + "weight"), "head/norm/bias": vec(final + "bias"),
+               "positions": Leaf(prefix + "wpe.weight", (cfg.max_seq_len, d),
+                                 (cfg.max_seq_len, d), (0, 1))}
+    top["embedding"] = _padded(Leaf(embed, (v, d), (v, d), (0, 1)), 0, cfg.padded_vocab)
+    if not cfg.tie_embeddings:
+        top["head/w"] = _padded(Leaf("lm_head.weight", (v, d), (v, d), (1, 0)), 1,
+                                cfg.padded_vocab)
+    blocks = [block(layer.format(i)) for i in range(cfg.n_layers)]
+    stacked = {"blocks/" + key: Concat(0, tuple(b[key] for b in blocks), stack=True)
+               for key in blocks[0]}
+    return {**stacked, **top}
+
+
+def hf_tensors(nodes: dict[str, Node]) -> dict[str, np.ndarray]:
+    """Empty float32 HF tensors for every leaf, to be filled by `Node.write`."""
+    return {leaf.name: np.zeros(leaf.hf_shape, np.float32)
+            for node in nodes.values() for leaf in node.leaves()}
+
+
+# ---- config.json ----------------------------------------------------------------------------
+def _refuse(path: Path, key: str, value, fix: str) -> ConfigError:
+    return ConfigError(f"{path}: {key}={value!r} is not supported; {fix}")
+
+
+def config_from_hf(hf: dict, path: Path, **overrides) -> ModelConfig:
+    """A `ModelConfig` from a config.json dict, refusing what this model does not compute."""
+    arch = (hf.get("architectures") or [None])[0]
+    if arch == LLAMA:
+        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+        kind = rope.get("rope_type", rope.get("type", "default"))
+        if kind != "default":
+            raise _refuse(path, "rope_scaling type", kind,
+                          "only plain RoPE (rope_type 'default') is implemented")
+        heads = hf["num_attention_heads"]
+        checks = {"hidden_act": (hf.get("hidden_act", "silu"), "silu"),
+                  "attention_bias": (hf.get("attention_bias", False), False),
+                  "mlp_bias": (hf.get("mlp_bias", False), False),
+                  "head_dim": (hf.get("head_dim") or hf["hidden_size"] // heads,
+                               hf["hidden_size"] // heads)}
+        fields = dict(style="llama", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+                      n_layers=hf["num_hidden_layers"], n_heads=heads,
+                      n_kv_heads=hf.get("num_key_value_heads") or heads,
+                      d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
+                      norm_eps=hf.get("rms_norm_eps", 1e-6),
+                      rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10_000.0)),
+                      tie_embeddings=hf.get("tie_word_embeddings", False))
+    elif arch == GPT2:
+        d = hf["n_embd"]
+        checks = {"activation_function": (hf.get("activation_function", "gelu_new"), "gelu_new"),
+                  "scale_attn_weights": (hf.get("scale_attn_weights", True), True),
+                  "scale_attn_by_inverse_layer_idx":
+                      (hf.get("scale_attn_by_inverse_layer_idx", False), False)}
+        fields = dict(style="gpt2", vocab_size=hf["vocab_size"], d_model=d,
+                      n_layers=hf["n_layer"], n_heads=hf["n_head"], n_kv_heads=hf["n_head"],
+                      d_ff=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"],
+                      norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                      tie_embeddings=hf.get("tie_word_embeddings", True))
+    else:
+        raise ConfigError(f"{path}: architectures={hf.get('architectures')!r} is not supported; "
+                          f"this loader reads {LLAMA} and {GPT2}")
+    for key, (value, wanted) in checks.items():
+        if value != wanted:
+            raise _refuse(path, key, value, f"{arch} is read with {key}={wanted!r} only")
+    cfg = ModelConfig(**{**fields, **overrides})
+    cfg.validate()
+    return cfg
+
+
+def config_to_hf(cfg: ModelConfig) -> dict:
+    """config.json for `cfg`: float32 weights, unpadded vocabulary. RoPE's base is written both
+    as transformers 4 (`rope_theta`) and 5 (`rope_parameters`) spell it."""
+    if cfg.style == "llama":
+        return {"architectures": [LLAMA], "model_type": "llama", "vocab_size": cfg.vocab_size,
+                "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff,
+                "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
+                "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+                "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps,
+                "rope_theta": cfg.rope_theta,
+                "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+                "hidden_act": "silu", "attention_bias": False, "mlp_bias": False,
+                "tie_word_embeddings": cfg.tie_embeddings, "dtype": "float32"}
+    return {"architectures": [GPT2], "model_type": "gpt2", "vocab_size": cfg.vocab_size,
+            "n_embd": cfg.d_model, "n_layer": cfg.n_layers, "n_head": cfg.n_heads,
+            "n_inner": cfg.d_ff, "n_positions": cfg.max_seq_len,
+            "layer_norm_epsilon": cfg.norm_eps, "activation_function": "gelu_new",
+            "tie_word_embeddings": cfg.tie_embeddings, "dtype": "float32"}
+
+
+# ---- the folder -----------------------------------------------------------------------------
+class Folder:
+    """An HF model folder, read lazily: config.json, and the safetensors file(s) memory-mapped.
+
+    `read(name, index)` returns only the elements of `index` (safetensors' `get_slice`), so
+    no tensor is ever copied whole unless the caller asks for all of it. Use as a context
+    manager: the files stay open (mapped) until it exits.
+    """
+
+    def __init__(self, path: str | Path, **overrides):
+        self.path = Path(path)
+        config = self.path / "config.json"
+        if not self.path.is_dir():
+            raise ConfigError(f"{self.path}: no such folder; give a Hugging Face model folder")
+        if not config.is_file():
+            raise ConfigError(f"{self.path}: no config.json; give a Hugging Face model folder "
+                              "(config.json + model.safetensors)")
+        try:
+            hf = json.loads(config.read_text())
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"{config} is not readable JSON ({err}); fix or replace it") from err
+        try:
+            self.cfg = config_from_hf(hf, config, **overrides)
+        except KeyError as err:
+            raise ConfigError(f"{config} has no {err}; is it a complete config.json?") from err
+        self.files: dict[str, str] = {}  # tensor name → file
+        if (self.path / INDEX).is_file():
+            try:
+                weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
+            except (OSError, ValueError, KeyError) as err:
+                raise ConfigError(f"{self.path / INDEX} has no readable weight_map ({err}); "
+                                  "fix or replace it") from err
+            self.files = {name: str(self.path / file) for name, file in weight_map.items()}
+        elif (self.path / SINGLE).is_file():
+            with safe_open(self.path / SINGLE, framework="numpy") as f:
+                self.files = dict.fromkeys(f.keys(), str(self.path / SINGLE))
+        else:
+            raise ConfigError(f"{self.path}: neither {SINGLE} nor {INDEX}; this loader reads "
+                              "safetensors only (save the model with safe_serialization)")
+        self._open: dict[str, object] = {}
+        style = {"llama": ("model.", "embed_tokens.weight"), "gpt2": ("transformer.", "wte.weight")}
+        prefix, probe = style[self.cfg.style]
+        self.prefix = prefix if prefix + probe in self.files else ""
+
+    def __enter__(self) -> "Folder":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._open.values():
+            handle.__exit__(None, None, None)
+        self._open.clear()
+
+    def _slice(self, name: str):
+        if name not in self.files:
+            raise ConfigError(f"{self.path}: tensor {name} is missing; is the folder complete "
+                              "(every shard of the index present)?")
+        file = self.files[name]
+        if file not in self._open:
+            if not Path(file).is_file():
+                raise ConfigError(f"{self.path}: {Path(file).name} (holding {name}) is missing")
+            self._open[file] = safe_open(file, framework="numpy").__enter__()
+        return self._open[file].get_slice(name)
+
+    def check(self, nodes: dict[str, Node]) -> None:
+        """Every tensor the layout needs is present with the shape config.json implies."""
+        for node in nodes.values():
+            for leaf in node.leaves():
+                shape = tuple(self._slice(leaf.name).get_shape())
+                if shape != leaf.hf_shape:
+                    raise ConfigError(
+                        f"{self.path}: tensor {leaf.name} has shape {shape} but config.json "
+                        f"implies {leaf.hf_shape}; the config and the weights disagree")
+
+    def read(self, name: str, index: Index) -> np.ndarray:
+        return self._slice(name)[index]
+
+
+def save(path: str | Path, cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
+    """Write `params` (our path → full host array) as an HF folder: config.json and one
+    model.safetensors in the names and layouts `transformers` saves (tied heads not stored)."""
+    path = Path(path)
+    prefix = "model." if cfg.style == "llama" else "transformer."
+    nodes = layout(cfg, prefix)
+    out = hf_tensors(nodes)
+    for key, node in nodes.items():
+        node.write(np.asarray(params[key], np.float32), out)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(out, str(path / SINGLE), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
