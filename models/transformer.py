@@ -9,6 +9,7 @@ Every parameter is declared once with its logical axes (`_param`). Activations a
 """
 
 import contextlib
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -94,14 +95,28 @@ class Norm(nnx.Module):
         return y.astype(x.dtype)
 
 
-def rotary(x: jax.Array, theta: float) -> jax.Array:
-    """Rotary position embedding (Su et al. 2021), rotate-half form, on (B, T, heads, H)."""
+def rotary(x: jax.Array, theta: float, start: jax.Array | int = 0) -> jax.Array:
+    """Rotary position embedding (Su et al. 2021), rotate-half form, on (B, T, heads, H) whose
+    first token is at absolute position `start` (generation feeds one token at a time)."""
     t, h = x.shape[1], x.shape[-1]
     inv_freq = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
-    angles = jnp.arange(t, dtype=jnp.float32)[:, None] * inv_freq[None, :]  # (T, H/2)
+    positions = jnp.arange(t, dtype=jnp.float32) + start  # exact integers in float32 below 2^24
+    angles = positions[:, None] * inv_freq[None, :]  # (T, H/2)
     cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
+
+
+class KVCache(NamedTuple):
+    """Keys and values of every position generated so far, each (B, S, K, H) for one layer or
+    (L, B, S, K, H) stacked like the blocks (scanned alongside them). Sharded as the keys and
+    values are computed: batch over the data axes, K over `tensor` (`KV_NAMES`)."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+KV_NAMES = ("batch", None, "kv_heads", None)  # one layer's (B, S, K, H)
 
 
 class Attention(nnx.Module):
@@ -124,7 +139,14 @@ class Attention(nnx.Module):
             self.bqkv = _const("bias", (k, self.group + 2, h), ("kv_heads", None, None))
             self.bo = _const("bias", (d,), ("embed",))
 
-    def __call__(self, x):  # (B, T, D)
+    def __call__(self, x, cache: KVCache | None = None, start: jax.Array | int = 0):
+        """(B, T, D) → (B, T, D), causal self-attention over x.
+
+        Generation passes this layer's `cache` (keys and values of every position so far) and
+        `start`, the absolute position of x's first token: x's keys and values are written into
+        the cache there, each query attends to the cached positions up to its own, and the
+        result is (y, cache). Same projections, same rotary, same attention kernel as training.
+        """
         cfg, dt, g = self.cfg, self.cfg.dtype, self.group
         x = constrain(x, ("batch", None, "embed"))  # sequence parallelism: all-gather T here
         with jax.named_scope("attn_qkv"):
@@ -136,9 +158,17 @@ class Attention(nnx.Module):
             q = qkv[:, :, :, :g].reshape(b, t, cfg.n_heads, cfg.head_dim)  # heads k*G .. k*G+G-1
             k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # (B, T, K, H)
             if cfg.style == "llama":
-                q, k = rotary(q, cfg.rope_theta), rotary(k, cfg.rope_theta)
+                q, k = rotary(q, cfg.rope_theta, start), rotary(k, cfg.rope_theta, start)
         with jax.named_scope("attn_core"):
-            o = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, N, H)
+            if cache is None:
+                o = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, N, H)
+            else:
+                cache = KVCache(*(constrain(jax.lax.dynamic_update_slice_in_dim(c, new, start, 1),
+                                            KV_NAMES) for c, new in zip(cache, (k, v))))
+                # Query i sits at position start + i and sees cached positions 0 .. start + i.
+                s_len = cache.k.shape[1]
+                seen = jnp.arange(s_len)[None, :] <= start + jnp.arange(t)[:, None]  # (T, S)
+                o = jax.nn.dot_product_attention(q, cache.k, cache.v, mask=seen[None, None])
             o = constrain(o, ("batch", None, "heads", None))
         with jax.named_scope("attn_out"):
             y = project("btnh,nhd->btd", o, self.wo)
@@ -146,7 +176,7 @@ class Attention(nnx.Module):
             y = constrain(y, ("batch", "seq", "embed"))
             if self.biases:
                 y = y + self.bo[...].astype(dt)
-        return y
+        return y if cache is None else (y, cache)
 
 
 class MLP(nnx.Module):
@@ -195,10 +225,17 @@ class Block(nnx.Module):
         self.attn_norm, self.attn = Norm(cfg), Attention(cfg, rngs)
         self.mlp_norm, self.mlp = Norm(cfg), MLP(cfg, rngs)
 
-    def __call__(self, x):  # (B, T, D), sequence-sharded between blocks under SP
-        x = x + self.attn(self.attn_norm(x))
+    def __call__(self, x, cache: KVCache | None = None, start: jax.Array | int = 0):
+        """(B, T, D), sequence-sharded between blocks under SP; with a `cache` (generation),
+        (x, cache): see `Attention`."""
+        if cache is None:
+            x = x + self.attn(self.attn_norm(x))
+        else:
+            y, cache = self.attn(self.attn_norm(x), cache, start)
+            x = x + y
         x = x + self.mlp(self.mlp_norm(x))
-        return constrain(x, ("batch", "seq", "embed"))
+        x = constrain(x, ("batch", "seq", "embed"))
+        return x if cache is None else (x, cache)
 
 
 def scan_blocks(block_def: nnx.GraphDef, stacked: nnx.State, x: jax.Array, remat: bool = False):
@@ -260,13 +297,14 @@ class Transformer(nnx.Module):
         self.blocks = make_blocks(rngs)
         self.head = LMHead(cfg, rngs)
 
-    def embed(self, tokens: jax.Array) -> jax.Array:  # (B, T) int → (B, T, D)
+    def embed(self, tokens: jax.Array, start: jax.Array | int = 0) -> jax.Array:
+        """(B, T) int → (B, T, D); the first token is at absolute position `start`."""
         with jax.named_scope("embed"):
             # Vocab-parallel: each `tensor` shard looks up its rows, then one all-reduce
             # (reduce-scatter over T with sequence parallelism).
             x = constrain(jnp.take(self.embedding[...], tokens, axis=0), ("batch", None, "embed"))
             if self.cfg.style == "gpt2":
-                x = x + self.positions[...][: tokens.shape[1]]
+                x = x + jax.lax.dynamic_slice_in_dim(self.positions[...], start, tokens.shape[1])
             return constrain(x.astype(self.cfg.dtype), ("batch", "seq", "embed"))
 
     def run_blocks(self, x: jax.Array, remat: bool = False) -> jax.Array:
@@ -278,6 +316,27 @@ class Transformer(nnx.Module):
 
     def __call__(self, tokens: jax.Array, remat: bool = False) -> jax.Array:
         return self.logits(self.run_blocks(self.embed(tokens), remat))
+
+    def empty_cache(self, batch: int, length: int) -> KVCache:
+        """A zero cache for `length` positions, stacked over the layers, (L, B, S, K, H)."""
+        cfg = self.cfg
+        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+        return KVCache(*(constrain(jnp.zeros(shape, cfg.dtype), (None, *KV_NAMES))
+                         for _ in range(2)))
+
+    def decode(self, tokens: jax.Array, cache: KVCache, start: jax.Array | int):
+        """Generation: (B, T) tokens at positions start .. start + T - 1 → their (B, T, V)
+        logits and the cache holding their keys and values too. One call over the prompt
+        fills the cache (prefill); then one call per new token (T = 1) reads and appends to
+        it. The cache's layer axis is scanned alongside the stacked blocks."""
+        block_def, stacked = nnx.split(self.blocks)
+
+        def body(x, layer):
+            layer_state, layer_cache = layer
+            return nnx.merge(block_def, layer_state)(x, layer_cache, start)
+
+        x, cache = jax.lax.scan(body, self.embed(tokens, start), (stacked, cache))
+        return self.logits(x), cache
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -3,7 +3,9 @@
     python scripts/sample.py --checkpoint-dir ckpt --prompt "def main(" --max-new-tokens 200
 
 The model and its settings come from the checkpoint; it restores onto any mesh without `stage`
-(default: one device). Greedy with --temperature 0. Bad settings print one line and exit 2.
+(default: one device). Greedy with --temperature 0. A KV cache makes each new token one step;
+--no-cache recomputes the sequence instead (same tokens, slower). Bad settings print one line
+and exit 2.
 """
 
 import argparse
@@ -27,6 +29,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="emulate N CPU devices (selects the CPU)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", dest="cache", action="store_false",
+                   help="recompute the whole sequence for every token (the reference path) "
+                        "instead of prefill + one step per token with a KV cache")
     return p.parse_args(argv)
 
 
@@ -52,7 +57,7 @@ def main(argv=None) -> int:
                                      len(prompt_bytes) + args.max_new_tokens, devices)
         prompt = encode(args.prompt, trainer.cfg.vocab_size)
         out = generate(trainer, params, prompt, args.max_new_tokens, args.temperature,
-                       args.top_k, args.seed)
+                       args.top_k, args.seed, args.cache)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

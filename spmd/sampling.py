@@ -1,13 +1,18 @@
 """Text from a trained checkpoint: restore onto any mesh, then sample token by token.
 
-Each new token recomputes the whole sequence (no KV cache): simple, and cheap at these sizes.
-The sequence lives in a fixed-size buffer (prompt + new tokens), so one `jax.jit` compiles once;
-the loop over positions runs inside it (`lax.fori_loop`). Positions past the current length hold
-padding, but attention is causal, so the logits at position `length - 1` never see them.
+A prefill over the prompt fills a per-layer key/value cache (`models.transformer.KVCache`,
+sharded like the keys and values: batch over the data axes, kv heads over `tensor`); then each
+new token is one step that attends to the cache and appends its own keys and values. The
+uncached path, which recomputes the whole sequence for every token, stays as the reference: the
+greedy output of both is the same. The sequence lives in a fixed-size buffer (prompt + new
+tokens), so one `jax.jit` compiles once; the loop over positions runs inside it
+(`lax.fori_loop`). Positions past the current length hold padding (or zeros in the cache), but
+attention is causal (masked), so the logits at position `length - 1` never see them.
 """
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 
 import jax
@@ -85,20 +90,23 @@ def decode(tokens) -> str:
     return bytes(int(t) if t < 256 else 0xFF for t in tokens).decode("utf-8", errors="replace")
 
 
-def generate(trainer: Trainer, params, prompt: np.ndarray, new_tokens: int,
-             temperature: float = 0.0, top_k: int = 0, seed: int = 0) -> np.ndarray:
-    """(rows, len(prompt) + new_tokens) tokens: the prompt then the samples, one row per data
-    shard (rows sample independently). Greedy when `temperature` is 0, else softmax of
-    logits / temperature restricted to the `top_k` most likely tokens (0: all)."""
-    cfg: ModelConfig = trainer.cfg
-    rows = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
-    length = prompt.size + new_tokens
-    if length > cfg.max_seq_len:
-        raise ConfigError(f"prompt ({prompt.size} tokens) + --max-new-tokens {new_tokens} "
+def _check(cfg: ModelConfig, prompt_size: int, new_tokens: int, temperature: float,
+           top_k: int) -> None:
+    if prompt_size + new_tokens > cfg.max_seq_len:
+        raise ConfigError(f"prompt ({prompt_size} tokens) + --max-new-tokens {new_tokens} "
                           f"exceeds the model's max_seq_len ({cfg.max_seq_len}); shorten them")
     if temperature < 0 or top_k < 0:
         raise ConfigError("--temperature and --top-k must be >= 0")
-    top_k = min(top_k, cfg.vocab_size)
+
+
+def _sampler(trainer: Trainer, prompt_size: int, length: int, temperature: float, top_k: int,
+             cache: bool):
+    """The jitted loop (params, buffer, key) → buffer with positions prompt_size .. length - 1
+    sampled. Step `pos` needs the logits of the token at pos - 1: uncached, from the whole
+    buffer; cached, from that one token against the KV cache, which a prefill over the prompt
+    (all but its last token, which the first step feeds) has filled. The key is split the same
+    way in both, so they sample the same tokens, not only greedily."""
+    top_k = min(top_k, trainer.cfg.vocab_size)
 
     def pick(logits, key):  # (rows, V) → (rows,)
         if temperature == 0:
@@ -112,18 +120,70 @@ def generate(trainer: Trainer, params, prompt: np.ndarray, new_tokens: int,
     def run(params, buffer, key):
         with flax_spmd.logical_axis_rules(trainer.rules.activations):
             model = nnx.merge(trainer.graphdef, params)
+            kv = None
+            if cache:
+                kv = model.empty_cache(buffer.shape[0], length)
+                if prompt_size > 1:
+                    kv = model.decode(buffer[:, : prompt_size - 1], kv, 0)[1]
 
             def body(pos, carry):
-                buffer, key = carry
+                buffer, kv, key = carry
                 key, sub = jax.random.split(key)
-                logits = jax.lax.dynamic_index_in_dim(model(buffer), pos - 1, 1, keepdims=False)
-                return jax.lax.dynamic_update_index_in_dim(
-                    buffer, pick(logits, sub)[:, None], pos, 1), key
+                if kv is None:
+                    logits = jax.lax.dynamic_index_in_dim(model(buffer), pos - 1, 1, False)
+                else:
+                    last = jax.lax.dynamic_slice_in_dim(buffer, pos - 1, 1, axis=1)
+                    logits, kv = model.decode(last, kv, pos - 1)
+                    logits = logits[:, 0]
+                buffer = jax.lax.dynamic_update_index_in_dim(buffer, pick(logits, sub)[:, None],
+                                                             pos, 1)
+                return buffer, kv, key
 
-            return jax.lax.fori_loop(prompt.size, length, body, (buffer, key))[0]
+            return jax.lax.fori_loop(prompt_size, length, body, (buffer, kv, key))[0]
 
-    buffer = np.zeros((rows, length), np.int32)
+    return jax.jit(run)
+
+
+def _buffer(trainer: Trainer, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
+    """(rows, prompt + new_tokens) tokens, the prompt in every row: one row per data shard."""
+    rows = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+    buffer = np.zeros((rows, prompt.size + new_tokens), np.int32)
     buffer[:, : prompt.size] = prompt
+    return buffer
+
+
+def generate(trainer: Trainer, params, prompt: np.ndarray, new_tokens: int,
+             temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+             cache: bool = True) -> np.ndarray:
+    """(rows, len(prompt) + new_tokens) tokens: the prompt then the samples, one row per data
+    shard (rows sample independently). Greedy when `temperature` is 0, else softmax of
+    logits / temperature restricted to the `top_k` most likely tokens (0: all). `cache=False`
+    recomputes the whole sequence for every token: the reference the KV cache must match."""
+    _check(trainer.cfg, prompt.size, new_tokens, temperature, top_k)
+    buffer = _buffer(trainer, prompt, new_tokens)
+    run = _sampler(trainer, prompt.size, buffer.shape[1], temperature, top_k, cache)
     with jax.set_mesh(trainer.mesh):
-        out = jax.jit(run)(params, trainer.place(buffer), jax.random.key(seed))
+        out = run(params, trainer.place(buffer), jax.random.key(seed))
     return np.asarray(jax.device_get(out))
+
+
+def generation_speed(trainer: Trainer, params, prompt_len: int = 16, new_tokens: int = 256,
+                     repeats: int = 2) -> dict[str, float]:
+    """Greedy new tokens per second (all rows together), with and without the KV cache, after
+    compiling (the best of `repeats` runs each). The prompt is `prompt_len` fixed tokens."""
+    _check(trainer.cfg, prompt_len, new_tokens, 0.0, 0)
+    prompt = np.arange(prompt_len, dtype=np.int32) % trainer.cfg.vocab_size
+    buffer = _buffer(trainer, prompt, new_tokens)
+    speed = {}
+    with jax.set_mesh(trainer.mesh):
+        args = (params, trainer.place(buffer), jax.random.key(0))
+        for name, cache in (("cached", True), ("uncached", False)):
+            run = _sampler(trainer, prompt_len, buffer.shape[1], 0.0, 0, cache)
+            compiled = run.lower(*args).compile()
+            best = float("inf")
+            for _ in range(repeats):
+                begin = time.perf_counter()
+                jax.block_until_ready(compiled(*args))
+                best = min(best, time.perf_counter() - begin)
+            speed[f"{name}_tokens_per_s"] = buffer.shape[0] * new_tokens / best
+    return speed
