@@ -22,6 +22,7 @@ permutes Meta's interleaved q/k rows into that form), as `models.transformer.rot
 import dataclasses
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import ml_dtypes  # noqa: F401 - registers numpy's "bfloat16": published Llama weights are bf16
@@ -389,6 +390,26 @@ class Folder:
 
     def read(self, name: str, index: Index) -> np.ndarray:
         return self._slice(name)[index]
+
+
+def load_tokenizer(path: str | Path) -> Callable[[bytes], np.ndarray]:
+    """The `tokenizer.json` of folder `path` (or that file itself), through the `tokenizers`
+    package, as UTF-8 text → int32 token ids (ids may pass uint16: Llama 3 has 128,256)."""
+    from tokenizers import Tokenizer
+
+    file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+    if not file.is_file():
+        raise ConfigError(f"--tokenizer {path}: no tokenizer.json there; give a Hugging Face "
+                          "model folder that has one")
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception
+        raise ConfigError(f"--tokenizer {file} is not a tokenizers file ({err})") from err
+
+    def encode(text: bytes) -> np.ndarray:
+        return np.asarray(tokenizer.encode(text.decode("utf-8", errors="replace")).ids, np.int32)
+
+    return encode
 
 
 def save(path: str | Path, cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:

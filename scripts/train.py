@@ -62,7 +62,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--preset", default="small", help="tiny | small | base")
+    p.add_argument("--preset", default=None, help="tiny | small | base (default small)")
+    p.add_argument("--init-from-hf", default=None, metavar="DIR",
+                   help="fine-tune a Hugging Face Llama/GPT-2 folder (its config sets the model)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenize text --data with DIR/tokenizer.json instead of bytes")
     for flag, kind in MODEL_FLAGS.items():
         p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None)
     p.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
@@ -117,18 +121,45 @@ def configure_devices(args: argparse.Namespace) -> None:
     os.environ["XLA_FLAGS"] = " ".join(flags)
 
 
+def hf_config(args: argparse.Namespace):
+    """The model of --init-from-hf DIR. Its shape comes from DIR/config.json, so a model flag
+    that says otherwise is refused (one that agrees is fine); --vocab-multiple is only padding."""
+    from models import ConfigError
+    from models.hf import Folder
+
+    padding = {"vocab_multiple": args.vocab_multiple} if args.vocab_multiple else {}
+    with Folder(args.init_from_hf, compute_dtype=args.dtype, **padding) as folder:
+        cfg = folder.cfg
+    if args.preset is not None:
+        raise ConfigError(f"--preset conflicts with --init-from-hf {args.init_from_hf} (the "
+                          "model comes from its config.json); drop --preset")
+    given = {k: getattr(args, k) for k in [*MODEL_FLAGS, "tie_embeddings"]}
+    for flag, value in given.items():
+        field = FIELD.get(flag, flag)
+        if value is not None and value != getattr(cfg, field):
+            text = "--" + ("no-" if value is False else "") + flag.replace("_", "-")
+            text += "" if isinstance(value, bool) else f" {value}"
+            raise ConfigError(f"{text} conflicts with {args.init_from_hf}/config.json "
+                              f"({field}={getattr(cfg, field)!r}); the model shape comes from "
+                              "--init-from-hf: drop the flag")
+    return cfg
+
+
 def build(args: argparse.Namespace):
     from models import build_config
-    from spmd.data import check_split, check_vocab, load_tokens, split_heldout
+    from spmd.data import byte_tokens, check_split, check_vocab, load_tokens, split_heldout
     from spmd.mesh import make_mesh
     from spmd.rules import Rules
     from spmd.train_step import TrainConfig, Trainer
 
-    overrides = {FIELD.get(k, k): getattr(args, k) for k in MODEL_FLAGS
-                 if getattr(args, k) is not None}
-    if args.tie_embeddings is not None:
-        overrides["tie_embeddings"] = args.tie_embeddings
-    cfg = build_config(args.preset, **overrides, compute_dtype=args.dtype)
+    if args.init_from_hf:
+        cfg = hf_config(args)
+    else:
+        overrides = {FIELD.get(k, k): getattr(args, k) for k in MODEL_FLAGS
+                     if getattr(args, k) is not None}
+        if args.tie_embeddings is not None:
+            overrides["tie_embeddings"] = args.tie_embeddings
+        cfg = build_config(args.preset or "small", **overrides, compute_dtype=args.dtype)
     mesh = make_mesh(args.mesh)
     stages = mesh.shape["stage"]
     tc = TrainConfig(
@@ -137,7 +168,12 @@ def build(args: argparse.Namespace):
         schedule=args.schedule, virtual_stages=args.virtual_stages, remat=args.remat,
         grad_accum=args.grad_accum,
     )
-    tokens = load_tokens(args.data)
+    encode = byte_tokens
+    if args.tokenizer:
+        from models.hf import load_tokenizer
+
+        encode = load_tokenizer(args.tokenizer)
+    tokens = load_tokens(args.data, encode)
     source = "the default corpus" if args.data is None else f"--data {args.data}"
     check_vocab(tokens, cfg.vocab_size, source)
     check_split(tokens, args.seq_len, args.eval_every > 0, source)
@@ -162,6 +198,15 @@ def print_layout(trainer, params) -> None:
         print(describe_pipeline(trainer))
 
 
+def initial_state(args, trainer):
+    """Fresh (params, opt_state): --init-from-hf DIR's weights, else drawn from --seed."""
+    if args.init_from_hf:
+        from spmd.hf import init_state
+
+        return init_state(args.init_from_hf, trainer)
+    return trainer.init(args.seed)
+
+
 def open_checkpoints(args, trainer):
     """(manager or None, params, opt_state, first step): fresh, or restored from the latest."""
     from models import ConfigError
@@ -170,7 +215,7 @@ def open_checkpoints(args, trainer):
     if not args.checkpoint_dir:
         if args.resume:
             raise ConfigError("--resume needs --checkpoint-dir DIR (where the run was saved)")
-        return None, *trainer.init(args.seed), 0
+        return None, *initial_state(args, trainer), 0
     info = run_info(trainer.cfg, trainer.tc, args.mesh, args.seed)
     manager = CheckpointManager.open(args.checkpoint_dir, info, keep=args.keep,
                                      overwrite=args.overwrite, resume=args.resume)
@@ -178,7 +223,7 @@ def open_checkpoints(args, trainer):
     if latest is None:
         if args.resume:
             print(f"no checkpoint in {args.checkpoint_dir} yet: starting from step 0")
-        return manager, *trainer.init(args.seed), 0
+        return manager, *initial_state(args, trainer), 0
     try:
         if latest + 1 >= trainer.tc.steps:  # a checkpoint after step N continues at step N + 1
             raise ConfigError(f"the run in {args.checkpoint_dir} has already done {latest + 1} "

@@ -7,6 +7,7 @@ every layout sees the same tokens in the same order and must produce the same lo
 import dataclasses
 import math
 import sysconfig
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +18,15 @@ TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst"}
 DEFAULT_CORPUS_BYTES = 8 << 20  # the first 8 MiB of the standard library: enough, loads fast
 
 
-def stdlib_corpus(limit: int = DEFAULT_CORPUS_BYTES) -> np.ndarray:
-    """Byte-level tokens from the Python standard library's own sources: no download needed."""
+def byte_tokens(text: bytes) -> np.ndarray:
+    """Byte-level tokens: one id per byte of the (UTF-8) text."""
+    return np.frombuffer(text, np.uint8).astype(np.uint16)
+
+
+def stdlib_corpus(limit: int = DEFAULT_CORPUS_BYTES,
+                  encode: Callable[[bytes], np.ndarray] = byte_tokens) -> np.ndarray:
+    """Tokens of the Python standard library's own sources (the first `limit` bytes): no
+    download needed."""
     root = Path(sysconfig.get_paths()["stdlib"])
     chunks, size = [], 0
     for path in sorted(root.rglob("*.py")):
@@ -29,13 +37,15 @@ def stdlib_corpus(limit: int = DEFAULT_CORPUS_BYTES) -> np.ndarray:
         size += len(data)
         if size >= limit:
             break
-    return np.frombuffer(b"".join(chunks)[:limit], np.uint8).astype(np.uint16)
+    return encode(b"".join(chunks)[:limit])
 
 
-def load_tokens(path: str | None) -> np.ndarray:
-    """`None` → the stdlib corpus; a `.bin` → uint16 token ids; a text file or folder → bytes."""
+def load_tokens(path: str | None,
+                encode: Callable[[bytes], np.ndarray] = byte_tokens) -> np.ndarray:
+    """`None` → the stdlib corpus; a `.bin` → uint16 token ids; a text file or folder →
+    `encode(text)`: bytes, or a tokenizer's ids (`--tokenizer`)."""
     if path is None:
-        return stdlib_corpus()
+        return stdlib_corpus(encode=encode)
     if not path.strip():  # Path("") is the current folder: it would read all text found there
         raise ConfigError("--data is empty; give a text file, a folder or a .bin, or leave it out "
                           "for the default corpus")
@@ -54,8 +64,7 @@ def load_tokens(path: str | None) -> np.ndarray:
             files = [p] if p.is_file() else sorted(
                 f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES
             )
-            text = b"".join(f.read_bytes() for f in files)
-            tokens = np.frombuffer(text, np.uint8).astype(np.uint16)
+            tokens = encode(b"".join(f.read_bytes() for f in files))
     except OSError as err:
         raise ConfigError(f"--data {path}: cannot read {err.filename or path} ({err.strerror}); "
                           "check its permissions") from err

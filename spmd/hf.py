@@ -78,13 +78,18 @@ def logits(trainer: Trainer, params, tokens: np.ndarray) -> np.ndarray:
         return np.asarray(jax.device_get(jax.jit(forward)(params, batch)))
 
 
-def export(cfg, params: nnx.State, out: str | Path) -> None:
-    """Write `params` as an HF folder at `out` (float32, unpadded vocabulary), gathering one
-    parameter at a time to the host. Refuses a non-empty `out`: nothing saved is overwritten."""
+def check_new_folder(out: str | Path) -> None:
+    """Export writes only into a new or empty folder: nothing the user saved is overwritten."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out {out} already exists and is not an empty folder; give a new "
                           "folder (nothing there is overwritten)")
+
+
+def export(cfg, params: nnx.State, out: str | Path) -> None:
+    """Write `params` as an HF folder at `out` (float32, unpadded vocabulary); refuses a
+    non-empty `out`. The host holds the gathered params and the HF tensors once each."""
+    check_new_folder(out)
     arrays = {_key(path): np.asarray(jax.device_get(var.get_value()))
               for path, var in nnx.to_flat_state(params)}
     try:
