@@ -187,7 +187,9 @@ def layout(cfg: ModelConfig, prefix: str) -> dict[str, Node]:
     `prefix`: "model." / "transformer." as `*ForCausalLM` saves, or "" for a bare base model."""
     d, n, k, h, f = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff
     v, g = cfg.vocab_size, n // k
-    vec = lambda name: Leaf(name, (d,), (d,), (0,))  # noqa: E731 - a norm gain or a bias
+
+    def vec(name):  # a norm gain or a bias
+        return Leaf(name, (d,), (d,), (0,))
 
     if cfg.style == "llama":
         def block(p):
@@ -204,19 +206,21 @@ def layout(cfg: ModelConfig, prefix: str) -> dict[str, Node]:
                 "mlp/w_down": Leaf(p + "mlp.down_proj.weight", (d, f), (d, f), (1, 0)),
             }
 
-        layer, embed, final = prefix + "layers.{}.", prefix + "embed_tokens.weight", prefix + "norm."
+        layer, embed = prefix + "layers.{}.", prefix + "embed_tokens.weight"
+        final = prefix + "norm."
         top = {"head/norm/scale": vec(final + "weight")}
     else:
         def block(p):
-            def third(name, shape, view):  # q, k or v: columns c·D .. (c+1)·D of c_attn
-                region = lambda c: (*((0, s) for s in shape[:-1]), (c * d, c * d + d))  # noqa: E731
-                return Concat(len(view) - 2, tuple(Leaf(name, shape, view, tuple(
-                    range(len(view))), region(c)) for c in range(3)))
+            def thirds(name, shape, view):  # q | k | v: columns c·D .. (c+1)·D of c_attn
+                rows = tuple((0, s) for s in shape[:-1])
+                return Concat(len(view) - 2, tuple(
+                    Leaf(name, shape, view, tuple(range(len(view))), (*rows, (c * d, c * d + d)))
+                    for c in range(3)))
 
             return {
                 "attn_norm/scale": vec(p + "ln_1.weight"), "attn_norm/bias": vec(p + "ln_1.bias"),
-                "attn/wqkv": third(p + "attn.c_attn.weight", (d, 3 * d), (d, n, 1, h)),
-                "attn/bqkv": third(p + "attn.c_attn.bias", (3 * d,), (n, 1, h)),
+                "attn/wqkv": thirds(p + "attn.c_attn.weight", (d, 3 * d), (d, n, 1, h)),
+                "attn/bqkv": thirds(p + "attn.c_attn.bias", (3 * d,), (n, 1, h)),
                 "attn/wo": Leaf(p + "attn.c_proj.weight", (n * h, d), (n, h, d), (0, 1, 2)),
                 "attn/bo": vec(p + "attn.c_proj.bias"),
                 "mlp_norm/scale": vec(p + "ln_2.weight"), "mlp_norm/bias": vec(p + "ln_2.bias"),
@@ -403,7 +407,7 @@ def load_tokenizer(path: str | Path) -> Callable[[bytes], np.ndarray]:
                           "model folder that has one")
     try:
         tokenizer = Tokenizer.from_file(str(file))
-    except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception
+    except Exception as err:  # tokenizers raises a bare Exception
         raise ConfigError(f"--tokenizer {file} is not a tokenizers file ({err})") from err
 
     def encode(text: bytes) -> np.ndarray:

@@ -1,0 +1,206 @@
+"""Hugging Face folders in and out: logits against `transformers`' own (fixtures made by
+scripts/make_hf_fixtures.py, no network, no torch), on one device and on meshes; export then
+import is exact; a sharded index loads; each device reads only its shard; bad folders are one
+line; train.py fine-tunes from a folder and scripts/hf.py exports the checkpoint."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from models.hf import Folder, layout
+from scripts import hf as hf_script
+from scripts import train as train_script
+from spmd import hf
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures" / "hf"
+STYLES = ("llama", "gpt2")
+# float32 on both sides, only the order of operations differs from torch: measured 5e-7..8e-7.
+RTOL = 1e-4
+
+
+def reference(style: str) -> tuple[np.ndarray, np.ndarray]:
+    ref = json.loads((FIXTURES / style / "reference.json").read_text())
+    return np.asarray(ref["tokens"]), np.asarray(ref["logits"], np.float32)
+
+
+def rel_err(got, want) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def flat(params) -> dict[str, np.ndarray]:
+    return {"/".join(map(str, k)): np.asarray(jax.device_get(v.get_value()))
+            for k, v in nnx.to_flat_state(params)}
+
+
+def one_line_error(capfd, code, *expect):
+    """Exit 2, exactly one stderr line (`error: ...`) holding every string in `expect`."""
+    err = capfd.readouterr().err
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
+    assert all(e in lines[0] for e in expect), lines[0]
+
+
+@pytest.mark.parametrize("mesh", ["data=1", "tensor=8", "data=2,stage=2,tensor=2"])
+@pytest.mark.parametrize("style", STYLES)
+def test_logits_match_transformers(style, mesh):
+    tokens, want = reference(style)
+    trainer, params = hf.open_model(FIXTURES / style, mesh, len(tokens))
+    placed = jax.tree.leaves(params)
+    assert [a.sharding for a in placed] == jax.tree.leaves(trainer.param_shardings)
+    got = hf.logits(trainer, params, tokens)
+    assert got.shape == want.shape == (len(tokens), trainer.cfg.vocab_size)
+    assert rel_err(got, want) < RTOL, f"{style} on {mesh}: {rel_err(got, want):.2e}"
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_export_then_import_is_exact(style, tmp_path):
+    """The exported tensors are the folder's own (Llama's bf16 upcast exactly, vocab unpadded,
+    a tied GPT-2 head not stored), and reading them back gives the same params bit for bit."""
+    trainer, params = hf.open_model(FIXTURES / style, "data=1", 8)
+    hf.export(trainer.cfg, params, tmp_path / "out")
+    original = load_file(FIXTURES / style / "model.safetensors")
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    assert sorted(exported) == sorted(original)
+    for name, array in original.items():
+        assert exported[name].dtype == np.float32
+        np.testing.assert_array_equal(exported[name], array.astype(np.float32), err_msg=name)
+    with Folder(tmp_path / "out") as folder:
+        assert folder.cfg == trainer.cfg
+    again = flat(hf.open_model(tmp_path / "out", "fsdp=2,tensor=4", 8)[1])
+    for name, array in flat(params).items():
+        np.testing.assert_array_equal(again[name], array, err_msg=name)
+
+
+def test_sharded_index_loads(tmp_path):
+    """model-0000k-of-00002.safetensors + model.safetensors.index.json, as transformers shards."""
+    tensors = load_file(FIXTURES / "llama" / "model.safetensors")
+    names = sorted(tensors)
+    files = {f"model-0000{i + 1}-of-00002.safetensors": names[i::2] for i in range(2)}
+    for file, keys in files.items():
+        save_file({k: tensors[k] for k in keys}, str(tmp_path / file), metadata={"format": "pt"})
+    weight_map = {k: file for file, keys in files.items() for k in keys}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {}, "weight_map": weight_map}))
+    shutil.copy(FIXTURES / "llama" / "config.json", tmp_path)
+    tokens, want = reference("llama")
+    trainer, params = hf.open_model(tmp_path, "tensor=8", len(tokens))
+    assert rel_err(hf.logits(trainer, params, tokens), want) < RTOL
+
+
+def test_each_device_reads_only_its_shard(monkeypatch):
+    """Counted at the safetensors slice: no device's callback reads more elements than the
+    shard it returns, and all devices together read each stored element once per device that
+    holds it (a replicated gain once per replica, the zero vocab padding never)."""
+    reads = []  # (HF tensor name, elements read)
+    read, make_array = Folder.read, jax.make_array_from_callback
+
+    def counting_read(self, name, index):
+        out = read(self, name, index)
+        reads.append((name, out.size))
+        return out
+
+    def spy(shape, sharding, callback):
+        def counted(index):
+            before = len(reads)
+            block = callback(index)
+            done = sum(size for _, size in reads[before:])
+            assert done <= block.size, (shape, index, done, block.size)
+            return block
+
+        return make_array(shape, sharding, counted)
+
+    monkeypatch.setattr(Folder, "read", counting_read)
+    monkeypatch.setattr(jax, "make_array_from_callback", spy)
+    trainer, params = hf.open_model(FIXTURES / "llama", "fsdp=2,tensor=4", 8)
+    nodes = layout(trainer.cfg, "model.")
+    for path, var in nnx.to_flat_state(params):
+        leaves, array = list(nodes["/".join(path)].leaves()), var.get_value()
+        shards = {str(i) for i in array.sharding.devices_indices_map(array.shape).values()}
+        holders = trainer.mesh.size // len(shards)
+        stored = sum(int(np.prod(leaf.hf_shape)) for leaf in leaves)
+        done = sum(size for name, size in reads if name in {leaf.name for leaf in leaves})
+        assert done == stored * holders, (path, done, stored, holders)
+
+
+def _index_without_shard(d: Path) -> None:
+    """An index naming two shards; only the first (which lacks lm_head.weight) is there."""
+    first = "model-00001-of-00002.safetensors"
+    (d / "model.safetensors").rename(d / first)
+    weight_map = {name: first for name in load_file(d / first)}
+    weight_map["lm_head.weight"] = "model-00002-of-00002.safetensors"
+    (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def _config(old: str, new: str):
+    def edit(d: Path) -> None:
+        (d / "config.json").write_text((d / "config.json").read_text().replace(old, new))
+
+    return edit
+
+
+@pytest.mark.parametrize("edit,expect", [
+    (lambda d: (d / "model.safetensors").unlink(), ["neither model.safetensors"]),
+    (_index_without_shard, ["model-00002-of-00002.safetensors (holding lm_head.weight)"]),
+    (_config("LlamaForCausalLM", "MistralForCausalLM"),
+     ["architectures=['MistralForCausalLM']", "LlamaForCausalLM and GPT2LMHeadModel"]),
+    (_config('"intermediate_size": 128', '"intermediate_size": 96'),
+     ["gate_proj.weight has shape (128, 64) but config.json implies (96, 64)"]),
+    (_config('"rope_type": "default"', '"rope_type": "yarn"'),
+     ["rope_scaling type='yarn' is not supported"]),
+], ids=["no-weights", "missing-shard", "unknown-architecture", "shape-mismatch", "rope-scaling"])
+def test_bad_folder_is_one_line(tmp_path, capfd, edit, expect):
+    folder = tmp_path / "model"
+    shutil.copytree(FIXTURES / "llama", folder)
+    edit(folder)
+    code = hf_script.main(["logits", "--model", str(folder), "--tokens", "1 2 3", "--json"])
+    one_line_error(capfd, code, str(folder), *expect)
+
+
+def test_logits_cli_json():
+    """The real command line, on a mesh: JSON out, float32 logits of the unpadded vocabulary."""
+    tokens, want = reference("gpt2")
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "hf.py"), "logits", "--model",
+         str(FIXTURES / "gpt2"), "--tokens", " ".join(map(str, tokens)), "--mesh", "tensor=2",
+         "--cpu-devices", "2", "--json"], capture_output=True, text=True, timeout=300, check=False)
+    assert out.returncode == 0, out.stderr
+    got = np.asarray(json.loads(out.stdout)["logits"], np.float32)
+    assert got.shape == want.shape and rel_err(got, want) < RTOL
+
+
+def test_fine_tune_from_hf_then_export(tmp_path, capfd):
+    """train.py --init-from-hf --tokenizer trains two steps; scripts/hf.py exports the saved
+    params as a folder that loads back to the same arrays; --out is never overwritten."""
+    llama, ckpt, out = str(FIXTURES / "llama"), tmp_path / "ckpt", tmp_path / "out"
+    code = train_script.main(["--init-from-hf", llama, "--heads", "4"])
+    one_line_error(capfd, code, "--heads 4 conflicts", "n_heads=16")
+    text = tmp_path / "text.txt"
+    text.write_text((ROOT / "README.md").read_text()[:20_000])
+    assert train_script.main([
+        "--init-from-hf", llama, "--tokenizer", llama, "--data", str(text), "--steps", "2",
+        "--batch-size", "4", "--seq-len", "16", "--eval-every", "0", "--mesh",
+        "data=2,tensor=4", "--lr", "1e-2", "--warmup", "1", "--checkpoint-dir", str(ckpt)]) == 0
+    capfd.readouterr()
+    assert hf_script.main(["export", "--checkpoint-dir", str(ckpt), "--out", str(out)]) == 0
+    from spmd.sampling import load
+
+    trained = flat(load(ckpt, "data=1", 1, jax.devices()[:1])[1])
+    exported = flat(hf.open_model(out, "data=1", 8)[1])
+    original = flat(hf.open_model(llama, "data=1", 8)[1])
+    for name, array in trained.items():
+        np.testing.assert_array_equal(exported[name], array, err_msg=name)
+    assert not np.array_equal(trained["blocks/attn/wqkv"], original["blocks/attn/wqkv"])
+    before = (out / "model.safetensors").read_bytes()
+    capfd.readouterr()
+    code = hf_script.main(["export", "--checkpoint-dir", str(ckpt), "--out", str(out)])
+    one_line_error(capfd, code, f"--out {out} already exists")
+    assert (out / "model.safetensors").read_bytes() == before
