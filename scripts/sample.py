@@ -1,11 +1,13 @@
-"""Generate text from the latest checkpoint of a scripts/train.py run (byte-level model).
+"""Generate text from the latest checkpoint of a scripts/train.py run (byte-level model), or
+from a Hugging Face Llama / GPT-2 folder (its tokenizer.json when it has one).
 
     python scripts/sample.py --checkpoint-dir ckpt --prompt "def main(" --max-new-tokens 200
+    python scripts/sample.py --model DIR --prompt "Once upon a time" --mesh tensor=2
 
-The model and its settings come from the checkpoint; it restores onto any mesh without `stage`
-(default: one device). Greedy with --temperature 0. A KV cache makes each new token one step;
---no-cache recomputes the sequence instead (same tokens, slower). Bad settings print one line
-and exit 2.
+The model and its settings come from the checkpoint or the folder; it loads onto any mesh
+without `stage` (default: one device). Greedy with --temperature 0. A KV cache makes each new
+token one step; --no-cache recomputes the sequence instead (same tokens, slower). Bad settings
+print one line and exit 2.
 """
 
 import argparse
@@ -19,7 +21,10 @@ from scripts.train import configure_devices  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint-dir", required=True, help="the --checkpoint-dir of the run")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint-dir", help="the --checkpoint-dir of a scripts/train.py run")
+    source.add_argument("--model", help="a Hugging Face folder (config.json, *.safetensors; "
+                                        "its tokenizer.json if any, else --prompt is token ids)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0: greedy (deterministic)")
@@ -42,7 +47,7 @@ def main(argv=None) -> int:
 
     from models import ConfigError
     from spmd.mesh import parse_mesh_spec
-    from spmd.sampling import decode, encode, generate, load
+    from spmd.sampling import decode, encode, generate, load, open_hf
 
     try:
         if args.max_new_tokens < 1:
@@ -52,18 +57,24 @@ def main(argv=None) -> int:
         for n in parse_mesh_spec(mesh_spec).values():
             size *= n
         devices = jax.devices()[:size]  # the mesh may use fewer devices than there are
-        prompt_bytes = args.prompt.encode("utf-8")
-        trainer, params, info = load(args.checkpoint_dir, mesh_spec,
-                                     len(prompt_bytes) + args.max_new_tokens, devices)
-        prompt = encode(args.prompt, trainer.cfg.vocab_size)
+        if args.model:
+            trainer, params, prompt, detokenize = open_hf(args.model, mesh_spec, args.prompt,
+                                                          args.max_new_tokens)
+            source = args.model
+        else:
+            prompt_bytes = args.prompt.encode("utf-8")
+            trainer, params, info = load(args.checkpoint_dir, mesh_spec,
+                                         len(prompt_bytes) + args.max_new_tokens, devices)
+            prompt = encode(args.prompt, trainer.cfg.vocab_size)
+            detokenize, source = decode, f"checkpoint step {info['step']} of {args.checkpoint_dir}"
         out = generate(trainer, params, prompt, args.max_new_tokens, args.temperature,
                        args.top_k, args.seed, args.cache)
     except ConfigError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"# checkpoint step {info['step']} of {args.checkpoint_dir}", file=sys.stderr)
+    print(f"# {source}", file=sys.stderr)
     for row in out:
-        print(decode(row))
+        print(detokenize(row))
     return 0
 
 

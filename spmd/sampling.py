@@ -24,7 +24,7 @@ from flax.core import spmd as flax_spmd
 
 from models import ConfigError, ModelConfig
 from spmd.checkpoint import ITEMS, STEP_PREFIX, CheckpointManager
-from spmd.mesh import make_mesh
+from spmd.mesh import make_mesh, parse_mesh_spec
 from spmd.rules import Rules
 from spmd.train_step import TrainConfig, Trainer
 
@@ -33,6 +33,18 @@ def _known(cls, saved: dict) -> dict:
     """The fields of `cls` in a saved record (a record from another version may hold more)."""
     names = {f.name for f in dataclasses.fields(cls)}
     return {k: v for k, v in saved.items() if k in names}
+
+
+def _check_length(length: int, cfg: ModelConfig) -> None:
+    if length > cfg.max_seq_len:
+        raise ConfigError(f"the prompt + --max-new-tokens is {length} tokens but the model's "
+                          f"max_seq_len is {cfg.max_seq_len}; shorten them")
+
+
+def _check_no_stage(mesh_spec: str) -> None:
+    if parse_mesh_spec(mesh_spec).get("stage", 1) > 1:
+        raise ConfigError(f"sampling runs the plain model: give a --mesh without stage "
+                          f"(got {mesh_spec})")
 
 
 def load(directory: str | Path, mesh_spec: str, seq_len: int, devices=None):
@@ -61,11 +73,10 @@ def load(directory: str | Path, mesh_spec: str, seq_len: int, devices=None):
             raise ConfigError(f"no checkpoint in {directory}; train with --checkpoint-dir first")
         info = probe.read_info(step)
         cfg = ModelConfig(**_known(ModelConfig, info["model"]))
+        _check_length(seq_len, cfg)
         tc = TrainConfig(**{**_known(TrainConfig, info["train"]), "grad_accum": 1})
+        _check_no_stage(mesh_spec)
         mesh = make_mesh(mesh_spec, devices)
-        if mesh.shape["stage"] > 1:
-            raise ConfigError(f"sampling runs the plain model: give a --mesh without stage "
-                              f"(got {mesh_spec})")
         rows = mesh.shape["data"] * mesh.shape["fsdp"]
         trainer = Trainer(cfg, tc, mesh, Rules(), (rows, seq_len))
         params, _, info = CheckpointManager(directory, raw, info).restore(step, trainer)
@@ -90,11 +101,55 @@ def decode(tokens) -> str:
     return bytes(int(t) if t < 256 else 0xFF for t in tokens).decode("utf-8", errors="replace")
 
 
+def open_hf(path: str | Path, mesh_spec: str, text: str, new_tokens: int):
+    """(trainer, params, prompt tokens, tokens → text) for the Hugging Face folder at `path`.
+
+    Text goes through the folder's `tokenizer.json` (the `tokenizers` package) when it has one;
+    without one, the prompt is token ids ("1 2 3") and so is the output. Everything is checked
+    against config.json before the weights load (`spmd.hf.open_model`, which places each shard
+    directly on its device).
+    """
+    from models.hf import Folder  # safetensors and tokenizers: needed for HF folders only
+    from spmd.hf import open_model
+
+    with Folder(path) as folder:
+        cfg = folder.cfg
+    tokenizer_file = Path(path) / "tokenizer.json"
+    if tokenizer_file.is_file():
+        from tokenizers import Tokenizer
+
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception
+            raise ConfigError(f"{tokenizer_file} is not a tokenizers file ({err}); fix or "
+                              "remove it") from err
+        prompt = np.asarray(tokenizer.encode(text).ids, np.int32)
+
+        def detokenize(tokens) -> str:
+            return tokenizer.decode([int(t) for t in tokens])
+    else:
+        try:
+            prompt = np.asarray([int(t) for t in text.split()], np.int32)
+        except ValueError:
+            raise ConfigError(f"--prompt {text!r}: {path} has no tokenizer.json, so give token "
+                              'ids, e.g. "1 2 3"') from None
+
+        def detokenize(tokens) -> str:
+            return " ".join(str(int(t)) for t in tokens)
+    if prompt.size == 0:
+        raise ConfigError("--prompt is empty; give at least one token")
+    if prompt.min() < 0 or prompt.max() >= cfg.vocab_size:
+        raise ConfigError(f"--prompt holds token ids {prompt.min()}..{prompt.max()} but {path} "
+                          f"has a vocabulary of {cfg.vocab_size}; give ids below it")
+    _check_length(prompt.size + new_tokens, cfg)
+    _check_no_stage(mesh_spec)
+    trainer, params = open_model(path, mesh_spec, prompt.size + new_tokens)
+    return trainer, params, prompt, detokenize
+
+
 def _check(cfg: ModelConfig, prompt_size: int, new_tokens: int, temperature: float,
            top_k: int) -> None:
-    if prompt_size + new_tokens > cfg.max_seq_len:
-        raise ConfigError(f"prompt ({prompt_size} tokens) + --max-new-tokens {new_tokens} "
-                          f"exceeds the model's max_seq_len ({cfg.max_seq_len}); shorten them")
+    _check_length(prompt_size + new_tokens, cfg)
     if temperature < 0 or top_k < 0:
         raise ConfigError("--temperature and --top-k must be >= 0")
 
