@@ -120,7 +120,7 @@ def open_hf(path: str | Path, mesh_spec: str, text: str, new_tokens: int):
 
         try:
             tokenizer = Tokenizer.from_file(str(tokenizer_file))
-        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception
+        except Exception as err:  # tokenizers raises a bare Exception
             raise ConfigError(f"{tokenizer_file} is not a tokenizers file ({err}); fix or "
                               "remove it") from err
         prompt = np.asarray(tokenizer.encode(text).ids, np.int32)
