@@ -172,8 +172,11 @@ def _sampler(trainer: Trainer, prompt_size: int, length: int, temperature: float
             logits = jnp.where(logits < kth, -jnp.inf, logits)
         return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
+    # Sequence parallelism splits T over `tensor`: a one-token step has nothing to split.
+    rules = dataclasses.replace(trainer.rules, sequence_parallel=False).activations
+
     def run(params, buffer, key):
-        with flax_spmd.logical_axis_rules(trainer.rules.activations):
+        with flax_spmd.logical_axis_rules(rules):
             model = nnx.merge(trainer.graphdef, params)
             kv = None
             if cache:
