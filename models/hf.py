@@ -91,13 +91,14 @@ class Leaf(Node):
         return tuple(self.view[p] for p in self.perm)
 
     @property
-    def _region(self):
+    def bounds(self) -> tuple[tuple[int, int], ...]:
+        """(start, stop) per HF dim: the block of the HF tensor this leaf covers."""
         return self.region or tuple((0, n) for n in self.hf_shape)
 
     def _groups(self) -> list[list[int]]:
         """View axes per HF dim."""
         groups, axis = [], 0
-        for lo, hi in self._region:
+        for lo, hi in self.bounds:
             group, size = [], 1
             while size < hi - lo or (axis < len(self.view) and self.view[axis] == 1 and group):
                 group.append(axis)
@@ -111,7 +112,7 @@ class Leaf(Node):
         for ours, (lo, hi) in zip(self.perm, _bounds(index, self.shape), strict=True):
             view_bounds[ours] = (lo, hi)
         hf_index, block, inner = [], [], []
-        for (start, _), group in zip(self._region, self._groups(), strict=True):
+        for (start, _), group in zip(self.bounds, self._groups(), strict=True):
             lo, hi = view_bounds[group[0]]
             step = math.prod(self.view[a] for a in group[1:])
             hf_index.append(slice(start + lo * step, start + hi * step))
@@ -121,8 +122,8 @@ class Leaf(Node):
         return data.reshape(block)[tuple(inner)].transpose(self.perm)
 
     def write(self, array, out):
-        block = array.transpose(np.argsort(self.perm)).reshape([hi - lo for lo, hi in self._region])
-        out[self.name][tuple(slice(lo, hi) for lo, hi in self._region)] = block
+        block = array.transpose(np.argsort(self.perm)).reshape([hi - lo for lo, hi in self.bounds])
+        out[self.name][tuple(slice(lo, hi) for lo, hi in self.bounds)] = block
 
     def leaves(self):
         yield self
@@ -416,15 +417,17 @@ def load_tokenizer(path: str | Path) -> Callable[[bytes], np.ndarray]:
     return encode
 
 
-def save(path: str | Path, cfg: ModelConfig, params: dict[str, np.ndarray]) -> None:
-    """Write `params` (our path → full host array) as an HF folder: config.json and one
-    model.safetensors in the names and layouts `transformers` saves (tied heads not stored)."""
+def save(path: str | Path, cfg: ModelConfig, fetch: Callable[[str], np.ndarray]) -> None:
+    """Write params as an HF folder: config.json and one model.safetensors in the names and
+    layouts `transformers` saves (a tied head is not stored). `fetch(our path)` gives one full
+    parameter on the host; each is dropped once scattered, so the host holds the HF tensors
+    and one parameter at a time."""
     path = Path(path)
     prefix = "model." if cfg.style == "llama" else "transformer."
     nodes = layout(cfg, prefix)
     out = hf_tensors(nodes)
     for key, node in nodes.items():
-        node.write(np.asarray(params[key], np.float32), out)
+        node.write(np.asarray(fetch(key), np.float32), out)
     path.mkdir(parents=True, exist_ok=True)
     save_file(out, str(path / SINGLE), metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")

@@ -87,13 +87,12 @@ def check_new_folder(out: str | Path) -> None:
 
 
 def export(cfg, params: nnx.State, out: str | Path) -> None:
-    """Write `params` as an HF folder at `out` (float32, unpadded vocabulary); refuses a
-    non-empty `out`. The host holds the gathered params and the HF tensors once each."""
+    """Write `params` as an HF folder at `out` (float32, unpadded vocabulary), gathering one
+    parameter at a time to the host; refuses a non-empty `out`."""
     check_new_folder(out)
-    arrays = {_key(path): np.asarray(jax.device_get(var.get_value()))
-              for path, var in nnx.to_flat_state(params)}
+    arrays = {_key(path): var.get_value() for path, var in nnx.to_flat_state(params)}
     try:
-        save(out, cfg, arrays)
+        save(out, cfg, lambda key: jax.device_get(arrays[key]))
     except OSError as err:
         raise ConfigError(f"--out {out}: cannot write ({err.strerror}); give a writable "
                           "folder") from err
