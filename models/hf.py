@@ -28,7 +28,6 @@ from pathlib import Path
 import ml_dtypes  # noqa: F401 - registers numpy's "bfloat16": published Llama weights are bf16
 import numpy as np
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from models.config import ConfigError, ModelConfig
 
@@ -49,7 +48,7 @@ class Node:
         raise NotImplementedError
 
     def write(self, array: np.ndarray, out: dict[str, np.ndarray]) -> None:
-        """Scatter our full array into the HF tensors of `out` (allocated by `hf_tensors`)."""
+        """Scatter our full array into the HF tensors of `out` (allocated as `hf_shapes`)."""
         raise NotImplementedError
 
     def leaves(self):
@@ -245,10 +244,9 @@ def layout(cfg: ModelConfig, prefix: str) -> dict[str, Node]:
     return {**stacked, **top}
 
 
-def hf_tensors(nodes: dict[str, Node]) -> dict[str, np.ndarray]:
-    """Empty float32 HF tensors for every leaf, to be filled by `Node.write`."""
-    return {leaf.name: np.zeros(leaf.hf_shape, np.float32)
-            for node in nodes.values() for leaf in node.leaves()}
+def hf_shapes(node: Node) -> dict[str, tuple[int, ...]]:
+    """The HF tensors behind `node` and their shapes (GPT-2's c_attn, three leaves, once)."""
+    return {leaf.name: leaf.hf_shape for leaf in node.leaves()}
 
 
 # ---- config.json ----------------------------------------------------------------------------
@@ -418,16 +416,28 @@ def load_tokenizer(path: str | Path) -> Callable[[bytes], np.ndarray]:
 
 
 def save(path: str | Path, cfg: ModelConfig, fetch: Callable[[str], np.ndarray]) -> None:
-    """Write params as an HF folder: config.json and one model.safetensors in the names and
-    layouts `transformers` saves (a tied head is not stored). `fetch(our path)` gives one full
-    parameter on the host; each is dropped once scattered, so the host holds the HF tensors
-    and one parameter at a time."""
+    """Write params as an HF folder: config.json and one float32 model.safetensors in the names
+    and layouts `transformers` saves (a tied head is not stored). `fetch(our path)` gives one
+    full parameter on the host. The file is streamed one parameter at a time (the safetensors
+    header needs only the shapes), so the host never holds more than one parameter and its HF
+    tensors: `safetensors.numpy.save_file` would hold every tensor twice (arrays and bytes)."""
     path = Path(path)
-    prefix = "model." if cfg.style == "llama" else "transformer."
-    nodes = layout(cfg, prefix)
-    out = hf_tensors(nodes)
-    for key, node in nodes.items():
-        node.write(np.asarray(fetch(key), np.float32), out)
+    nodes = layout(cfg, "model." if cfg.style == "llama" else "transformer.")
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for node in nodes.values():
+        for name, shape in hf_shapes(node).items():
+            size = 4 * math.prod(shape)
+            header[name] = {"dtype": "F32", "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
+            offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     path.mkdir(parents=True, exist_ok=True)
-    save_file(out, str(path / SINGLE), metadata={"format": "pt"})
+    with open(path / SINGLE, "wb") as f:
+        f.write(len(text).to_bytes(8, "little") + text)
+        for key, node in nodes.items():
+            out = {name: np.zeros(shape, "<f4") for name, shape in hf_shapes(node).items()}
+            node.write(np.asarray(fetch(key), np.float32), out)
+            for array in out.values():  # in the header's order
+                f.write(array.data)
     (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")
