@@ -20,6 +20,7 @@ permutes Meta's interleaved q/k rows into that form), as `models.transformer.rot
 """
 
 import dataclasses
+import itertools
 import json
 import math
 from collections.abc import Callable
@@ -410,7 +411,13 @@ def load_tokenizer(path: str | Path) -> Callable[[bytes], np.ndarray]:
         raise ConfigError(f"--tokenizer {file} is not a tokenizers file ({err})") from err
 
     def encode(text: bytes) -> np.ndarray:
-        return np.asarray(tokenizer.encode(text.decode("utf-8", errors="replace")).ids, np.int32)
+        """Paragraph by paragraph, as one batch: a single call on megabytes is slow (24 s for
+        the 8 MB default corpus, 4 s this way) and a merge across a blank line is rare. No
+        special tokens (a BOS per paragraph would be noise in the stream)."""
+        parts = text.decode("utf-8", errors="replace").split("\n\n")
+        parts = [p + "\n\n" for p in parts[:-1]] + parts[-1:]
+        ids = tokenizer.encode_batch(parts, add_special_tokens=False)
+        return np.fromiter(itertools.chain.from_iterable(e.ids for e in ids), np.int32)
 
     return encode
 

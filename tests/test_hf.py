@@ -15,7 +15,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from models.hf import Folder, layout
+from models.hf import Folder, layout, load_tokenizer
 from scripts import hf as hf_script
 from scripts import train as train_script
 from spmd import hf
@@ -164,6 +164,14 @@ def test_bad_folder_is_one_line(tmp_path, capfd, edit, expect):
     edit(folder)
     code = hf_script.main(["logits", "--model", str(folder), "--tokens", "1 2 3", "--json"])
     one_line_error(capfd, code, str(folder), *expect)
+
+
+def test_tokenizer_encodes_as_tokenizers_does():
+    from tokenizers import Tokenizer
+
+    text = "def f(x):\n    return x\n\n\nprint(f(1))  # é\n"
+    want = Tokenizer.from_file(str(FIXTURES / "llama" / "tokenizer.json")).encode(text).ids
+    assert load_tokenizer(FIXTURES / "llama")(text.encode()).tolist() == want
 
 
 def test_logits_cli_json():
