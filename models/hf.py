@@ -257,7 +257,8 @@ def _refuse(path: Path, key: str, value, fix: str) -> ConfigError:
 
 def config_from_hf(hf: dict, path: Path, **overrides) -> ModelConfig:
     """A `ModelConfig` from a config.json dict, refusing what this model does not compute."""
-    arch = (hf.get("architectures") or [None])[0]
+    by_type = {"llama": LLAMA, "gpt2": GPT2}  # a config without architectures names its type
+    arch = (hf.get("architectures") or [by_type.get(hf.get("model_type"))])[0]
     if arch == LLAMA:
         rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
         kind = rope.get("rope_type", rope.get("type", "default"))
@@ -345,6 +346,7 @@ class Folder:
         except KeyError as err:
             raise ConfigError(f"{config} has no {err}; is it a complete config.json?") from err
         self.files: dict[str, str] = {}  # tensor name → file
+        self._open: dict[str, object] = {}  # file → its safe_open handle (memory-mapped)
         if (self.path / INDEX).is_file():
             try:
                 weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
@@ -353,12 +355,11 @@ class Folder:
                                   "fix or replace it") from err
             self.files = {name: str(self.path / file) for name, file in weight_map.items()}
         elif (self.path / SINGLE).is_file():
-            with safe_open(self.path / SINGLE, framework="numpy") as f:
-                self.files = dict.fromkeys(f.keys(), str(self.path / SINGLE))
+            self.files = dict.fromkeys(self._handle(str(self.path / SINGLE)).keys(),
+                                       str(self.path / SINGLE))
         else:
             raise ConfigError(f"{self.path}: neither {SINGLE} nor {INDEX}; this loader reads "
                               "safetensors only (save the model with safe_serialization)")
-        self._open: dict[str, object] = {}
         style = {"llama": ("model.", "embed_tokens.weight"), "gpt2": ("transformer.", "wte.weight")}
         prefix, probe = style[self.cfg.style]
         self.prefix = prefix if prefix + probe in self.files else ""
@@ -375,12 +376,19 @@ class Folder:
         if name not in self.files:
             raise ConfigError(f"{self.path}: tensor {name} is missing; is the folder complete "
                               "(every shard of the index present)?")
-        file = self.files[name]
+        if not Path(self.files[name]).is_file():
+            raise ConfigError(f"{self.path}: {Path(self.files[name]).name} (holding {name}) is "
+                              "missing")
+        return self._handle(self.files[name]).get_slice(name)
+
+    def _handle(self, file: str):
         if file not in self._open:
-            if not Path(file).is_file():
-                raise ConfigError(f"{self.path}: {Path(file).name} (holding {name}) is missing")
-            self._open[file] = safe_open(file, framework="numpy").__enter__()
-        return self._open[file].get_slice(name)
+            try:
+                self._open[file] = safe_open(file, framework="numpy").__enter__()
+            except Exception as err:  # safetensors' own error type is not exported
+                raise ConfigError(f"{file} is not a readable safetensors file ({err}); "
+                                  "replace it") from err
+        return self._open[file]
 
     def check(self, nodes: dict[str, Node]) -> None:
         """Every tensor the layout needs is present with the shape config.json implies."""

@@ -150,6 +150,8 @@ def _config(old: str, new: str):
 
 @pytest.mark.parametrize("edit,expect", [
     (lambda d: (d / "model.safetensors").unlink(), ["neither model.safetensors"]),
+    (lambda d: (d / "model.safetensors").write_bytes(b"\x08" + bytes(7) + b"{not json"),
+     ["model.safetensors is not a readable safetensors file"]),
     (_index_without_shard, ["model-00002-of-00002.safetensors (holding lm_head.weight)"]),
     (_config("LlamaForCausalLM", "MistralForCausalLM"),
      ["architectures=['MistralForCausalLM']", "LlamaForCausalLM and GPT2LMHeadModel"]),
@@ -157,7 +159,8 @@ def _config(old: str, new: str):
      ["gate_proj.weight has shape (128, 64) but config.json implies (96, 64)"]),
     (_config('"rope_type": "default"', '"rope_type": "yarn"'),
      ["rope_scaling type='yarn' is not supported"]),
-], ids=["no-weights", "missing-shard", "unknown-architecture", "shape-mismatch", "rope-scaling"])
+], ids=["no-weights", "corrupt-weights", "missing-shard", "unknown-architecture",
+        "shape-mismatch", "rope-scaling"])
 def test_bad_folder_is_one_line(tmp_path, capfd, edit, expect):
     folder = tmp_path / "model"
     shutil.copytree(FIXTURES / "llama", folder)
