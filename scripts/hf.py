@@ -40,10 +40,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def parse_tokens(text: str) -> list[int]:
     from models import ConfigError
 
-    parts = text.replace(",", " ").split()
-    if not parts or not all(p.isdigit() for p in parts):
+    try:
+        tokens = [int(p) for p in text.replace(",", " ").split()]
+    except ValueError:
+        tokens = []
+    if not tokens or min(tokens) < 0:
         raise ConfigError(f"--tokens {text!r}: give non-negative integer ids, e.g. \"1 2 3\"")
-    return [int(p) for p in parts]
+    return tokens
 
 
 def run_logits(args) -> None:

@@ -191,7 +191,8 @@ def test_logits_cli_json():
 
 def test_fine_tune_from_hf_then_export(tmp_path, capfd):
     """train.py --init-from-hf --tokenizer trains two steps; scripts/hf.py exports the saved
-    params as a folder that loads back to the same arrays; --out is never overwritten."""
+    params (the latest, and --step 0) as folders that load back to the same arrays; --out is
+    never overwritten."""
     llama, ckpt, out = str(FIXTURES / "llama"), tmp_path / "ckpt", tmp_path / "out"
     code = train_script.main(["--init-from-hf", llama, "--heads", "4"])
     one_line_error(capfd, code, "--heads 4 conflicts", "n_heads=16")
@@ -200,7 +201,8 @@ def test_fine_tune_from_hf_then_export(tmp_path, capfd):
     assert train_script.main([
         "--init-from-hf", llama, "--tokenizer", llama, "--data", str(text), "--steps", "2",
         "--batch-size", "4", "--seq-len", "16", "--eval-every", "0", "--mesh",
-        "data=2,tensor=4", "--lr", "1e-2", "--warmup", "1", "--checkpoint-dir", str(ckpt)]) == 0
+        "data=2,tensor=4", "--lr", "1e-2", "--warmup", "1", "--checkpoint-dir", str(ckpt),
+        "--checkpoint-every", "1"]) == 0
     capfd.readouterr()
     assert hf_script.main(["export", "--checkpoint-dir", str(ckpt), "--out", str(out)]) == 0
     from spmd.sampling import load
@@ -211,6 +213,12 @@ def test_fine_tune_from_hf_then_export(tmp_path, capfd):
     for name, array in trained.items():
         np.testing.assert_array_equal(exported[name], array, err_msg=name)
     assert not np.array_equal(trained["blocks/attn/wqkv"], original["blocks/attn/wqkv"])
+    assert hf_script.main(["export", "--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "s0"),
+                           "--step", "0"]) == 0
+    # The warm-up starts at lr 0, so step 0 left the weights as they were loaded.
+    first = flat(hf.open_model(tmp_path / "s0", "data=1", 8)[1])
+    for name, array in original.items():
+        np.testing.assert_array_equal(first[name], array, err_msg=name)
     before = (out / "model.safetensors").read_bytes()
     capfd.readouterr()
     code = hf_script.main(["export", "--checkpoint-dir", str(ckpt), "--out", str(out)])
