@@ -25,6 +25,7 @@ import json
 import math
 from collections.abc import Callable
 from pathlib import Path
+from typing import Self
 
 import ml_dtypes  # noqa: F401 - registers numpy's "bfloat16": published Llama weights are bf16
 import numpy as np
@@ -271,31 +272,32 @@ def config_from_hf(hf: dict, path: Path, **overrides) -> ModelConfig:
                   "mlp_bias": (hf.get("mlp_bias", False), False),
                   "head_dim": (hf.get("head_dim") or hf["hidden_size"] // heads,
                                hf["hidden_size"] // heads)}
-        fields = dict(style="llama", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
-                      n_layers=hf["num_hidden_layers"], n_heads=heads,
-                      n_kv_heads=hf.get("num_key_value_heads") or heads,
-                      d_ff=hf["intermediate_size"], max_seq_len=hf["max_position_embeddings"],
-                      norm_eps=hf.get("rms_norm_eps", 1e-6),
-                      rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10_000.0)),
-                      tie_embeddings=hf.get("tie_word_embeddings", False))
+        cfg = ModelConfig(style="llama", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
+                          n_layers=hf["num_hidden_layers"], n_heads=heads,
+                          n_kv_heads=hf.get("num_key_value_heads") or heads,
+                          d_ff=hf["intermediate_size"],
+                          max_seq_len=hf["max_position_embeddings"],
+                          norm_eps=hf.get("rms_norm_eps", 1e-6),
+                          rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10_000.0)),
+                          tie_embeddings=hf.get("tie_word_embeddings", False))
     elif arch == GPT2:
         d = hf["n_embd"]
         checks = {"activation_function": (hf.get("activation_function", "gelu_new"), "gelu_new"),
                   "scale_attn_weights": (hf.get("scale_attn_weights", True), True),
                   "scale_attn_by_inverse_layer_idx":
                       (hf.get("scale_attn_by_inverse_layer_idx", False), False)}
-        fields = dict(style="gpt2", vocab_size=hf["vocab_size"], d_model=d,
-                      n_layers=hf["n_layer"], n_heads=hf["n_head"], n_kv_heads=hf["n_head"],
-                      d_ff=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"],
-                      norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                      tie_embeddings=hf.get("tie_word_embeddings", True))
+        cfg = ModelConfig(style="gpt2", vocab_size=hf["vocab_size"], d_model=d,
+                          n_layers=hf["n_layer"], n_heads=hf["n_head"], n_kv_heads=hf["n_head"],
+                          d_ff=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"],
+                          norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                          tie_embeddings=hf.get("tie_word_embeddings", True))
     else:
         raise ConfigError(f"{path}: architectures={hf.get('architectures')!r} is not supported; "
                           f"this loader reads {LLAMA} and {GPT2}")
     for key, (value, wanted) in checks.items():
         if value != wanted:
             raise _refuse(path, key, value, f"{arch} is read with {key}={wanted!r} only")
-    cfg = ModelConfig(**{**fields, **overrides})
+    cfg = dataclasses.replace(cfg, **overrides)
     cfg.validate()
     return cfg
 
@@ -364,7 +366,7 @@ class Folder:
         prefix, probe = style[self.cfg.style]
         self.prefix = prefix if prefix + probe in self.files else ""
 
-    def __enter__(self) -> "Folder":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -453,6 +455,5 @@ def save(path: str | Path, cfg: ModelConfig, fetch: Callable[[str], np.ndarray])
         for key, node in nodes.items():
             out = {name: np.zeros(shape, "<f4") for name, shape in hf_shapes(node).items()}
             node.write(np.asarray(fetch(key), np.float32), out)
-            for array in out.values():  # in the header's order
-                f.write(array.data)
+            f.writelines(array.data for array in out.values())  # in the header's order
     (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2) + "\n")

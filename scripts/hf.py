@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.train import Parser, configure_devices  # noqa: E402
+from scripts.train import Parser, configure_devices
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -15,6 +15,9 @@ compares its logits with OURS.json (`scripts/hf.py logits --json` on the same fo
 """
 
 import argparse
+import codecs
+import contextlib
+import io
 import json
 import sys
 from pathlib import Path
@@ -24,16 +27,20 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+with contextlib.redirect_stdout(io.StringIO()):  # importing `this` prints the Zen
+    import this
+
 OUT = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "hf"
 VOCAB = 300  # not a multiple of 128: the loader pads it, the exporter trims it
 TOKENS = [1, 5, 17, 200, 299, 0, 42, 7]
 # tensor=8 must split the kv heads and the MLP: 8 kv heads (Llama: 16 query heads, groups of 2).
-LLAMA = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=128,
-             rms_norm_eps=1e-6, rope_theta=50_000.0, tie_word_embeddings=False)
-GPT2 = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=8, n_positions=64,
-            layer_norm_epsilon=1e-5, activation_function="gelu_new", bos_token_id=0,
-            eos_token_id=0)
+LLAMA = {"vocab_size": VOCAB, "hidden_size": 64, "intermediate_size": 128,
+         "num_hidden_layers": 2, "num_attention_heads": 16, "num_key_value_heads": 8,
+         "max_position_embeddings": 128, "rms_norm_eps": 1e-6, "rope_theta": 50_000.0,
+         "tie_word_embeddings": False}
+GPT2 = {"vocab_size": VOCAB, "n_embd": 64, "n_layer": 2, "n_head": 8, "n_positions": 64,
+        "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new", "bos_token_id": 0,
+        "eos_token_id": 0}
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:
@@ -52,13 +59,14 @@ def logits(model, tokens: list[int]) -> np.ndarray:
 
 
 def tokenizer(vocab_size: int) -> Tokenizer:
-    """A byte-level BPE trained on this script's own text: small, and any text encodes."""
+    """A byte-level BPE trained on the Zen of Python (the same text in every Python): small,
+    and any text encodes."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([Path(__file__).read_text()], trainer)
+    tok.train_from_iterator([codecs.decode(this.s, "rot13")], trainer)
     return tok
 
 
