@@ -43,6 +43,7 @@ from pipeline.schedules import Action as Act, make_schedule
 from pipeline.simulate import simulate
 
 IDLE, FWD, BWD_DX, BWD_DW, BWD = 0, 1, 2, 3, 4  # action codes; BWD: both input and weights
+KINDS = {IDLE: "idle", FWD: "F", BWD_DX: "BX", BWD_DW: "BW", BWD: "B"}
 # Table columns per (tick, stage): the action, then the ring-buffer slot of each read and write.
 (CODE, MB, CHUNK, FIRST, LAST, DXROW, X_GET, X_PUT, G_GET, G_PUT, G_OWN, R_GET, R_PUT, W_GET,
  W_PUT) = range(15)
@@ -136,6 +137,19 @@ def plan(name: str, p: int, m: int, v: int = 1) -> Plan:
     return Plan(tab, size, ring=v > 1, split=split)
 
 
+def action_scope(kind: str, last: bool) -> str:
+    """The named scope of one action's ops in the compiled program (`last`: the last virtual
+    stage's variant, whose F also runs the head and the loss)."""
+    return f"action_{kind}{'_last' if last else ''}"
+
+
+def action_counts(pl: Plan) -> dict[str, np.ndarray]:
+    """Per action scope, the ticks each stage runs it: [p] counts, summing to the tick count."""
+    keys = pl.table[:, :, CODE] + 5 * pl.table[:, :, LAST]
+    return {action_scope(KINDS[k % 5], k >= 5): (keys == k).sum(0)
+            for k in np.unique(np.concatenate([keys.ravel(), [0]]))}
+
+
 def to_virtual_stages(stacked, p: int, v: int):
     """[L, ...] → [p, v, L/(v·p), ...]: chunk c of stage s holds virtual stage c·p + s."""
     def one(a):
@@ -182,7 +196,9 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
     def branch(kind, last):
         """One action: (y, dx, dw, dh, loss, F's stash, own output gradient, W's stash), zeros
         where the action makes nothing. B and W read their slot of the residual buffers here,
-        so ticks without a B (or W) copy no slot out."""
+        so ticks without a B (or W) copy no slot out. Its ops are named by `action_scope`: the
+        census weights them by the ticks that run this action (`action_counts`)."""
+        @jax.named_scope(action_scope(kind, last))
         def run(w, hp, x, g, rbuf, wbuf, r, tgt):
             y, dx, dw, dh, g_own = zeros((x, x, w, hp, x))
             stash, w_stash = (tuple(jnp.zeros(b.shape[1:], b.dtype) for b in bufs)
@@ -202,11 +218,10 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
             return vary((y, dx, dw, dh, loss, stash, g_own, w_stash))
         return run
 
-    kinds = {IDLE: "idle", FWD: "F", BWD_DX: "BX", BWD_DW: "BW", BWD: "B"}
     # Compile only the (action, last) pairs this table uses; CODE becomes a branch index.
     keys = pl.table[:, :, CODE] + 5 * pl.table[:, :, LAST]
     used = sorted({0, *np.unique(keys).tolist()})
-    branches = [branch(kinds[k % 5], k >= 5) for k in used]
+    branches = [branch(KINDS[k % 5], k >= 5) for k in used]
     table = pl.table.copy()
     table[:, :, CODE] = np.searchsorted(used, keys)
     tab = jnp.asarray(table)
@@ -251,9 +266,11 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
             dxs = dxs.at[r[DXROW]].set(dx)
             rbuf = _put(rbuf, r[R_PUT], stash)
             wbuf = _put(wbuf, r[W_PUT], w_stash)
-            xbuf = xbuf.at[r[X_PUT]].set(jax.lax.ppermute(y, "stage", perm_f))
+            with jax.named_scope("send_activation"):
+                xbuf = xbuf.at[r[X_PUT]].set(jax.lax.ppermute(y, "stage", perm_f))
             gbuf = gbuf.at[r[G_OWN]].set(g_own)
-            gbuf = gbuf.at[r[G_PUT]].set(jax.lax.ppermute(dx, "stage", perm_b))
+            with jax.named_scope("send_gradient"):
+                gbuf = gbuf.at[r[G_PUT]].set(jax.lax.ppermute(dx, "stage", perm_b))
             return (xbuf, gbuf, rbuf, wbuf, acc_w, acc_h, dxs, loss + loss_mb), None
 
         (*_, acc_w, acc_h, dxs, loss), _ = jax.lax.scan(tick, init, tab)

@@ -1,13 +1,16 @@
 """The model's loss through a pipeline: embed → pipelined blocks → head + loss.
 
 Two ways to run the blocks:
-- `gpipe`: the forward tick loop of `pipeline.gpipe`, differentiated by `jax.grad`. Embedding and
-  head run outside the loop (DESIGN section 1); the head runs per micro-batch, split over
-  `stage` (stage as extra data parallelism there) whenever p divides m.
-- every other schedule (`1f1b`, `interleaved`, `zb-h1`): the table-driven executor of
-  `pipeline.executor`, which runs the forward and backward actions by hand in the schedule's
+- training, every schedule (`gpipe`, `1f1b`, `interleaved`, `zb-h1`): the table-driven executor
+  of `pipeline.executor`, which runs the forward and backward actions by hand in the schedule's
   order. The last stage needs dLoss/dy for each micro-batch as soon as its forward is done, so
   there the head and loss run inside the loop, on the last stage, in that micro-batch's F.
+- `forward_only` (evaluation): the forward tick loop of `pipeline.gpipe`. Embedding and head run
+  outside the loop (DESIGN section 1); the head runs per micro-batch, split over `stage` (stage
+  as extra data parallelism there) whenever p divides m. `jax.grad` of this loop is GPipe too,
+  the readable reference that the tests hold the executor to; it is not the training path
+  because its transpose keeps every tick's residuals, bubble ticks included, and ran at 1.2x the
+  executor's GPipe (BENCHMARKS.md).
 The embedding always runs outside, on every stage (a gather: cheap to repeat).
 """
 
@@ -50,19 +53,20 @@ def head_parts(model: Transformer):
     return (head_state, tied), head_fn
 
 
-def pipeline_loss(model: Transformer, inputs, targets, tc, stages: int, schedule: str | None = None):
+def pipeline_loss(model: Transformer, inputs, targets, tc, stages: int,
+                  forward_only: bool = False):
     """Same value as the unpipelined loss: the mean over the same global batch of tokens.
 
-    `schedule` overrides `tc.schedule` (evaluation needs no backward: it runs `gpipe`).
+    `forward_only`: no backward will be taken (evaluation): run the forward loop of `gpipe`.
     """
-    m, v, schedule = tc.microbatches, tc.virtual_stages, schedule or tc.schedule
+    m, v = tc.microbatches, tc.virtual_stages
     xs = to_microbatches(model.embed(inputs), m)  # (m, b_mb, T, D)
     block_def, stacked = nnx.split(model.blocks)
-    if schedule != "gpipe":
+    if not forward_only:
         staged = to_stages(stacked, stages) if v == 1 else to_virtual_stages(stacked, stages, v)
         head_params, head_fn = head_parts(model)
         return pipelined_loss(block_def, staged, head_fn, head_params, xs,
-                              to_microbatches(targets, m), schedule, tc.remat, v)
+                              to_microbatches(targets, m), tc.schedule, tc.remat, v)
     ys = gpipe(block_def, to_stages(stacked, stages), xs, tc.remat)  # (m, b_mb, T, D)
     # The head runs per micro-batch (vmap over m). When p divides m, ys comes back split over
     # `stage` along m, and `spmd_axis_name` keeps it so: each stage runs the head on m/p

@@ -20,10 +20,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-LAYOUTS = ["data=8", "tensor=8", "data=2,tensor=4", "data=2,tensor=4+sp",
+LAYOUTS = ["data=8", "tensor=8", "fsdp=2,tensor=4", "data=2,tensor=4", "data=2,tensor=4+sp",
            "data=2,stage=2,tensor=2:gpipe", "data=2,stage=2,tensor=2:1f1b",
            "data=2,stage=2,tensor=2:zb-h1", "data=2,stage=2,tensor=2:interleaved",
-           "stage=4,tensor=2:1f1b"]
+           "data=2,stage=2,tensor=2:1f1b+sp", "stage=4,tensor=2:gpipe", "stage=4,tensor=2:1f1b",
+           "stage=4,tensor=2:zb-h1", "stage=4,tensor=2:interleaved"]
 
 
 def parse_layout(text: str) -> tuple[str, str, bool]:
@@ -87,7 +88,7 @@ def main() -> int:
     shape = (args.batch_size, args.seq_len)
     runs = [("single", 1)] + [(lay, m) for lay in args.layouts
                               for m in (args.microbatches if "stage" in lay else [1])]
-    model_flops = analysis.model_flops(cfg, *shape, args.remat != "none")
+    model_flops = analysis.model_flops(cfg, *shape)
     # Each action timed alone on one device: (layers, micro-batch rows, split) → {F, B[, W]} s.
     action_s = functools.cache(lambda layers, b_mb, split: time_actions(
         cfg, layers, b_mb, args.seq_len, args.remat, split))
@@ -118,7 +119,8 @@ def main() -> int:
         tc = TrainConfig(microbatches=m, schedule=schedule, virtual_stages=v, remat=args.remat)
         result = measure(Trainer(cfg, tc, mesh, Rules(sp), shape), inputs, targets, args.steps)
         p = mesh.shape["stage"]
-        expected = analysis.expected(cfg, dict(mesh.shape), *shape, m, schedule, v, sp)
+        expected = analysis.expected(cfg, dict(mesh.shape), *shape, m, schedule, v, sp,
+                                     args.remat)
         comm = sum(c["bytes"] for c in result["collectives"].values())
         want = sum(e.total_bytes for e in expected)
         bubble = simulate(make_schedule(schedule, p, m, v)).bubble_fraction if p > 1 else 0.0
@@ -127,7 +129,9 @@ def main() -> int:
                      "microbatches": m, "virtual_stages": v, "sequence_parallel": sp,
                      "devices": mesh.size, **result, "comm_bytes": comm,
                      "comm_bytes_analytical": want, "bubble_fraction": bubble,
-                     "model_flops": model_flops, **predicted})
+                     "model_flops": model_flops,
+                     "recompute_flops_analytical": analysis.recompute_flops(
+                         cfg, *shape, args.remat, p, v), **predicted})
         print(f"measured {layout} m={m}: {result['step_s']:.3f} s/step, "
               f"compile {result['compile_s']:.1f} s", file=sys.stderr)
     base = rows[0]
@@ -137,20 +141,28 @@ def main() -> int:
             if r["predicted_step_s"] else None
         r["comm_bytes_ratio"] = r["comm_bytes"] / r["comm_bytes_analytical"] \
             if r["comm_bytes_analytical"] else None
-        # All devices' compiled FLOPs over one device's (cost_analysis of the same step).
+        # All devices' compiled FLOPs over one device's (cost_analysis of the same step: it
+        # counts a loop body once, so this says little; executed_flops_ratio is the truth).
         r["flops_ratio"] = r["flops_per_device"] * r["devices"] / base["flops_per_device"]
+        # Matmul FLOPs the step executes (loops and schedule tables counted), all devices, over
+        # the model's 6N + 12Lhs per token; the excess is recomputation, by name.
+        r["executed_flops_ratio"] = r["executed_flops"] / model_flops
+        r["recompute_flops_ratio"] = r["executed_flops_by_phase"]["recompute"] / model_flops
     print("| layout | schedule | m | step / 1 device | predicted / 1 device | comm / closed form "
-          "| FLOPs / 1 device | peak MiB/device | compile s | tokens/s | bubble | loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "| executed FLOPs / model | recompute / model | peak MiB/device | compile s | tokens/s "
+          "| bubble | loss |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         comm = f"{r['comm_bytes_ratio']:.2f}" if r["comm_bytes_ratio"] else "-"
         pred = f"{r['predicted_ratio']:.2f}" if r["predicted_ratio"] else "-"
         print(f"| {r['layout'].split(':')[0]} | {r['schedule']} | {r['microbatches']} | "
-              f"{r['step_time_ratio']:.2f} | {pred} | {comm} | {r['flops_ratio']:.2f} | "
-              f"{r['peak_bytes_per_device'] / 2**20:.1f} | {r['compile_s']:.1f} | "
-              f"{r['tokens_per_s']:,.0f} | {r['bubble_fraction']:.2f} | {r['loss']:.5f} |")
-    print(f"\nmodel FLOPs per step (PaLM 6N+12Lhs per token): {model_flops:.3g}; one device's "
-          f"compiled step (cost_analysis): {base['flops_per_device']:.3g}")
+              f"{r['step_time_ratio']:.2f} | {pred} | {comm} | {r['executed_flops_ratio']:.3f} | "
+              f"{r['recompute_flops_ratio']:.3f} | {r['peak_bytes_per_device'] / 2**20:.1f} | "
+              f"{r['compile_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['bubble_fraction']:.2f} | "
+              f"{r['loss']:.5f} |")
+    print(f"\nmodel FLOPs per step (PaLM 6N+12Lhs per token): {model_flops:.3g}; one device "
+          f"executes {base['executed_flops']:.3g} (XLA's cost_analysis, loop bodies once: "
+          f"{base['flops_per_device']:.3g})")
     for r in rows:
         if r["action_s"]:
             print(f"{r['layout']} m={r['microbatches']}: {r['action_layers']} layers x "

@@ -3,9 +3,11 @@
     python scripts/explain.py --mesh data=2,stage=2,tensor=2 --preset tiny
     python scripts/explain.py --mesh data=2,tensor=4 --sequence-parallel --json
 
-Compiles the real train step on emulated CPU devices, reads the collectives from the compiled
-HLO (`spmd.hlo`), attributes each to a module (`spmd.analysis.attribute`) and sets the measured
-bytes per op kind beside DESIGN section 2's closed forms (`spmd.analysis.expected`).
+Compiles the real train step on emulated CPU devices, reads what it executes from the compiled
+HLO (`spmd.census`: loop trip counts, and for pipelines the ticks of the schedule table that
+run each action, per stage), attributes each collective to a module (`spmd.analysis.attribute`)
+and sets the bytes per op kind and mesh axes beside DESIGN section 2's closed forms
+(`spmd.analysis.expected`), and the executed matmul FLOPs beside the model's.
 """
 
 import argparse
@@ -56,8 +58,7 @@ def explain(args: argparse.Namespace) -> dict:
 
     from models import PRESETS, ConfigError
     from pipeline.run import stage_map
-    from spmd import analysis
-    from spmd.hlo import collectives
+    from spmd import analysis, census
     from spmd.loop import parameter_table
     from spmd.mesh import make_mesh
     from spmd.rules import Rules
@@ -74,17 +75,18 @@ def explain(args: argparse.Namespace) -> dict:
     trainer = Trainer(cfg, tc, mesh, Rules(args.sequence_parallel), shape)
     params, opt_state = trainer.init(seed=0)
     inputs = trainer.place((np.zeros(shape, np.int32),) * 2)  # values do not matter here
-    compiled = trainer.lower_step(params, opt_state, *inputs).compile()
-    measured = collectives(compiled.as_text(), mesh)
+    text = trainer.lower_step(params, opt_state, *inputs).compile().as_text()
+    where = (mesh, args.schedule, m, args.virtual_stages)
+    measured = census.collectives(text, *where)
     table = parameter_table(trainer, params)
 
     groups: dict[tuple, dict] = {}
     for c in measured:
-        key = (analysis.attribute(c), c.op, c.bytes, c.axes)
-        g = groups.setdefault(key, {"op": c.op, "bytes": c.bytes, "axes": list(c.axes),
-                                    "count_fwd": 0, "count_bwd": 0, "names": []})
-        g[f"count_{analysis.phase(c)}"] += c.count
-        if key[0] == "other" and c.name not in g["names"]:
+        g = groups.setdefault((c.source, c.op, c.bytes, c.axes), {
+            "op": c.op, "bytes": c.bytes, "axes": list(c.axes), "counts": {}, "names": []})
+        per_stage = g["counts"].setdefault(c.phase, [0.0] * p)
+        g["counts"][c.phase] = [a + b for a, b in zip(per_stage, c.counts, strict=True)]
+        if c.source == "other" and c.name not in g["names"]:
             g["names"].append(c.name[-120:])
     per_source = {}
     for (src, *_), g in groups.items():
@@ -103,22 +105,37 @@ def explain(args: argparse.Namespace) -> dict:
         modules.append({"module": name, "parallel": how if mesh.shape["tensor"] > 1 else
                         "replicated (tensor=1)", "params": rows, "collectives": cols})
     exp = analysis.expected(cfg, dict(mesh.shape), *shape, m, args.schedule,
-                            args.virtual_stages, args.sequence_parallel)
-    meas_kind, exp_kind = analysis.by_kind(measured), analysis.by_kind(exp)
-    flops = compiled.cost_analysis()
-    flops = (flops[0] if isinstance(flops, list) else flops).get("flops", 0.0)
+                            args.virtual_stages, args.sequence_parallel, args.remat)
+    meas_kind, exp_kind = census.by_kind(measured), census.by_kind(exp)
+    flops = census.flops(text, *where)
+    stages = []
+    for s in range(p):
+        stage = {"stage": s, "bytes_by_source": {}}
+        for c in measured:
+            b = stage["bytes_by_source"].get(c.source, 0.0) + c.bytes * c.counts[s]
+            stage["bytes_by_source"][c.source] = b
+        stages.append(stage)
+    model = analysis.model_flops(cfg, *shape)
     out = {
         "mesh": dict(mesh.shape), "preset": args.preset, "batch": shape[0], "seq": shape[1],
-        "sequence_parallel": args.sequence_parallel, "modules": modules,
+        "sequence_parallel": args.sequence_parallel, "remat": args.remat, "modules": modules,
         "pipeline": per_source.get("pipeline send/recv", []),
+        "pipeline_boundary": per_source.get("pipeline boundary", []),
+        "interleaved_placement": per_source.get("interleaved placement", []),
+        "fsdp_weight_gather": per_source.get("FSDP weight gather", []),
         "gradient_reduction": per_source.get("gradient reduction", []),
         "other": per_source.get("other", []),
-        "bytes_by_kind": {k: {"measured": meas_kind.get(k, 0), "analytical": exp_kind.get(k, 0)}
-                          for k in sorted(set(meas_kind) | set(exp_kind))},
-        "expected": [vars(e) | {"axes": list(e.axes)} for e in exp],
-        "flops_per_device_cost_analysis": flops,
-        "model_flops_per_device": analysis.model_flops(cfg, *shape, args.remat != "none")
-        / mesh.size,
+        "bytes_by_kind": {f"{op} over {','.join(axes)}": {
+            "measured": meas_kind.get((op, axes), 0), "analytical": exp_kind.get((op, axes), 0)}
+            for op, axes in sorted(set(meas_kind) | set(exp_kind))},
+        "expected": [vars(e) | {"axes": list(e.axes), "counts": list(e.counts)} for e in exp],
+        "stages": stages,
+        "model_flops": model,
+        "recompute_flops_analytical": analysis.recompute_flops(cfg, *shape, args.remat, p,
+                                                               args.virtual_stages),
+        "executed_flops": sum(flops["dot"].values()),
+        "executed_flops_by_phase": flops["dot"],
+        "elementwise_flops": sum(flops["elementwise"].values()),
     }
     if p > 1:
         from pipeline.draw import ascii_timeline
@@ -126,53 +143,79 @@ def explain(args: argparse.Namespace) -> dict:
         from pipeline.simulate import simulate
 
         sim = simulate(make_schedule(args.schedule, p, m, args.virtual_stages))
+        ticks, runs = census.action_ticks(*where[1:2], p, m, args.virtual_stages)
         out["pipeline_schedule"] = {
             "schedule": args.schedule, "microbatches": m, "virtual_stages": args.virtual_stages,
             "bubble_fraction": sim.bubble_fraction, "timeline": ascii_timeline(sim),
+            "ticks": ticks, "actions_per_stage": {k: v.tolist() for k, v in runs.items()},
             "stage_map": [[[r.start, r.stop - 1] for r in chunks]
                           for chunks in stage_map(cfg.n_layers, p, args.virtual_stages)]}
     return out
 
 
-def _colls(cols: list[dict], indent: str = "    ") -> list[str]:
+def _counts(counts: dict, stages: int) -> str:
+    if stages == 1:
+        return "  ".join(f"{ph} x{n[0]:g}" for ph, n in counts.items())
+    return "  ".join(f"{ph} x[{' '.join(f'{k:g}' for k in n)}]" for ph, n in counts.items())
+
+
+def _colls(cols: list[dict], stages: int, indent: str = "    ") -> list[str]:
     if not cols:
         return [f"{indent}no collective"]
     return [f"{indent}{c['op']:<19}{c['bytes']:>10,} B  over {','.join(c['axes']):<13}"
-            f"fwd x{c['count_fwd']:<4} bwd x{c['count_bwd']}"
+            f"{_counts(c['counts'], stages)}"
             + (f"  ({'; '.join(c['names'])})" if c.get("names") else "") for c in cols]
 
 
 def render(r: dict) -> str:
     mesh = " x ".join(f"{a}={n}" for a, n in r["mesh"].items() if n > 1) or "single device"
+    p = r["mesh"]["stage"]
     lines = [f"mesh {mesh}, preset {r['preset']}, batch {r['batch']} x seq {r['seq']}"
-             f"{', sequence parallel' if r['sequence_parallel'] else ''}"
-             "  (bytes per device per execution; counts per step as compiled: an op in a "
-             "loop counts each trip, in a cond branch on every trip)", ""]
+             f"{', sequence parallel' if r['sequence_parallel'] else ''}, remat {r['remat']}",
+             "(bytes per device per execution; executions per step by phase: F forward, B "
+             "backward (input gradient when split), W weight gradient, head/loss (the last "
+             "stage's F), recompute, step (once, after the backward)"
+             + ("; [per stage 0..p-1]" if p > 1 else "") + ")", ""]
     for mod in r["modules"]:
         lines.append(f"{mod['module']}: {mod['parallel']}")
-        for p in mod["params"]:
-            lines.append(f"    param {p['path']:<28} {str(tuple(p['shape'])):<18} "
-                         f"{p['spec']:<32} shard {tuple(p['shard'])}")
-        lines += _colls(mod["collectives"])
-    for title, key in (("pipeline send/recv", "pipeline"), ("gradient reduction",
-                       "gradient_reduction"), ("other (not in DESIGN's closed forms)", "other")):
-        if r[key] or key != "other":
-            lines += ["", f"{title}:"] + _colls(r[key])
+        for prm in mod["params"]:
+            lines.append(f"    param {prm['path']:<28} {str(tuple(prm['shape'])):<18} "
+                         f"{prm['spec']:<32} shard {tuple(prm['shard'])}")
+        lines += _colls(mod["collectives"], p)
+    for title, key in (("pipeline send/recv (F: activations forward, B: gradients back)",
+                        "pipeline"), ("pipeline boundary", "pipeline_boundary"),
+                       ("interleaved placement", "interleaved_placement"),
+                       ("FSDP weight gather", "fsdp_weight_gather"),
+                       ("gradient reduction", "gradient_reduction"),
+                       ("other (not in DESIGN's closed forms)", "other")):
+        if r[key] or key in ("pipeline", "gradient_reduction") and p > 1:
+            lines += ["", f"{title}:"] + _colls(r[key], p)
     if "pipeline_schedule" in r:
         ps = r["pipeline_schedule"]
         lines += ["", f"pipeline: {ps['schedule']}, m={ps['microbatches']}, "
-                  f"v={ps['virtual_stages']}, bubble fraction {ps['bubble_fraction']:.3f}"]
+                  f"v={ps['virtual_stages']}, {ps['ticks']} ticks, bubble fraction "
+                  f"{ps['bubble_fraction']:.3f}"]
         for s, chunks in enumerate(ps["stage_map"]):
-            lines.append(f"  stage {s}: layers " + ", ".join(f"{a}..{b}" for a, b in chunks))
+            acts = ", ".join(f"{k.removeprefix('action_')} {v[s]}"
+                             for k, v in ps["actions_per_stage"].items() if v[s])
+            work = ", ".join(f"{k} {v:,.0f}" for k, v in r["stages"][s]["bytes_by_source"].items()
+                             if v)
+            lines.append(f"  stage {s}: layers " + ", ".join(f"{a}..{b}" for a, b in chunks)
+                         + f"; ticks per action: {acts}")
+            lines.append(f"    bytes per device: {work}")
         lines += [ps["timeline"]]
-    lines += ["", f"{'bytes per device per step':<27}{'measured':>12}{'analytical':>12}"
+    lines += ["", f"{'bytes per device per step':<36}{'measured':>12}{'analytical':>12}"
               f"{'ratio':>8}"]
     for k, v in r["bytes_by_kind"].items():
         ratio = f"{v['measured'] / v['analytical']:.2f}" if v["analytical"] else "-"
-        lines.append(f"  {k:<25}{v['measured']:>12,}{v['analytical']:>12,}{ratio:>8}")
-    lines.append(f"FLOPs per device: cost_analysis {r['flops_per_device_cost_analysis']:.3g} "
-                 f"(loop bodies counted once), model (PaLM 6N+12Lhs per token) "
-                 f"{r['model_flops_per_device']:.3g}")
+        lines.append(f"  {k:<34}{v['measured']:>12,.0f}{v['analytical']:>12,.0f}{ratio:>8}")
+    model = r["model_flops"]
+    phases = ", ".join(f"{k} {v / model:.3f}" for k, v in r["executed_flops_by_phase"].items() if v)
+    lines.append(f"matmul FLOPs executed, all devices: {r['executed_flops']:.4g} = "
+                 f"{r['executed_flops'] / model:.3f} x the model's (PaLM 6N + 12Lhs per token: "
+                 f"{model:.4g}); by phase: {phases}; recompute analytical "
+                 f"{r['recompute_flops_analytical'] / model:.3f}; elementwise "
+                 f"{r['elementwise_flops']:.3g}")
     return "\n".join(lines)
 
 

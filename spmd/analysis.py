@@ -3,10 +3,9 @@ measured collective to the part of the model that causes it.
 
 Symbols as in DESIGN: b global batch, m micro-batches, s sequence, h width, L layers,
 d = data x fsdp, p stage, t tensor. X_mb = (b/d/m)·s·h·e bytes with e the compute dtype's size.
-All figures are per device and per train step, counted the way `spmd.hlo` counts the compiled
-program: an op inside a loop counts once per trip, and an op inside a `lax.cond` branch counts
-on every trip of the enclosing loop (the branch is not known statically). For GPipe that means
-the per-layer ops count on all m + p - 1 ticks, bubble ticks included.
+Collectives are given per device and per train step, as executions on each stage: what the
+step runs (`spmd.census` reads the same from the compiled program, weighting each pipeline
+action by the ticks of the schedule table that run it). A stage that idles runs nothing.
 
 On XLA CPU a reduce-scatter forced by a sharding constraint is lowered as all-reduce +
 dynamic-slice, so with sequence parallelism the compiled program holds all-reduce(X) +
@@ -24,6 +23,7 @@ from spmd.hlo import Collective
 
 SOURCES = ("embedding", "attention q/k/v", "attention out", "MLP up/gate", "MLP down",
            "sequence-parallel gather", "head", "loss", "pipeline send/recv",
+           "pipeline boundary", "interleaved placement", "FSDP weight gather",
            "gradient reduction", "other")
 _SCOPES = {"embed": "embedding", "attn_qkv": "attention q/k/v", "attn_out": "attention out",
            "mlp_up": "MLP up/gate", "mlp_down": "MLP down", "head": "head", "loss": "loss"}
@@ -35,98 +35,161 @@ _SCOPE_RE = re.compile(r"(?:^|[/(])(embed|attn_qkv|attn_core|attn_out|mlp_up|mlp
 class Expected:
     source: str
     op: str
-    bytes: int      # per device, one execution
-    count: int      # executions per step (as the HLO census counts them)
+    bytes: int                  # per device, one execution
+    counts: tuple[int, ...]     # executions per step on each stage (one entry: no pipeline)
     axes: tuple[str, ...]
-    phase: str      # "fwd" | "bwd" | "step"
+    phase: str                  # as `spmd.census.phase`: F, B, W, head/loss, recompute, step
 
     @property
-    def total_bytes(self) -> int:
+    def count(self) -> float:
+        """Executions per step per device, the mean over stages."""
+        return sum(self.counts) / len(self.counts)
+
+    @property
+    def total_bytes(self) -> float:
         return self.bytes * self.count
 
 
-def _ticks(schedule: str, p: int, m: int, v: int) -> int:
-    if p == 1:
-        return 1
-    if schedule == "gpipe":
-        return m + p - 1
-    from pipeline.schedules import make_schedule
-    from pipeline.simulate import simulate
+def ticks(schedule: str, p: int, m: int, v: int) -> int:
+    """Ticks of the executor's loop: the schedule simulated with unit-time actions."""
+    from pipeline.executor import plan
 
-    return simulate(make_schedule(schedule, p, m, v)).ticks
+    return len(plan(schedule, p, m, v).table)
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts per kind: 'layer_tp' (split over tensor), 'layer_rep', 'embedding',
-    'positions', 'head_tp', 'head_rep'; per layer for the layer kinds."""
+    """Parameter counts per kind: 'layer_tp' (split over tensor), 'layer_matmul' (its weights,
+    without gpt2's biases), 'layer_rep', 'embedding', 'positions', 'head_tp', 'head_rep'; per
+    layer for the layer kinds."""
     h, f, k, hd, n = cfg.d_model, cfg.d_ff, cfg.n_kv_heads, cfg.head_dim, cfg.n_heads
     gated, gpt2 = cfg.style == "llama", cfg.style == "gpt2"
     ins = 2 if gated else 1
-    layer_tp = h * k * (n // k + 2) * hd + n * hd * h + h * ins * f + f * h
-    if gpt2:
-        layer_tp += k * (n // k + 2) * hd + ins * f
-    return {"layer_tp": layer_tp, "layer_rep": (4 if gpt2 else 2) * h + (2 * h if gpt2 else 0),
+    layer_matmul = h * k * (n // k + 2) * hd + n * hd * h + h * ins * f + f * h
+    layer_tp = layer_matmul + (k * (n // k + 2) * hd + ins * f if gpt2 else 0)
+    return {"layer_tp": layer_tp, "layer_matmul": layer_matmul,
+            "layer_rep": (4 if gpt2 else 2) * h + (2 * h if gpt2 else 0),
             "embedding": cfg.padded_vocab * h,
             "positions": cfg.max_seq_len * h if gpt2 else 0,
             "head_tp": 0 if cfg.tie_embeddings else h * cfg.padded_vocab,
             "head_rep": 2 * h if gpt2 else h}
 
 
-def grad_bytes_per_device(cfg: ModelConfig, mesh: dict[str, int]) -> int:
+def grad_bytes_per_device(cfg: ModelConfig, mesh: dict[str, int], seq: int) -> int:
     """Gradient bytes one device all-reduces over data: its parameter shard, float32
-    (≈ |θ|/(t·p); embedding, head and norms are not split over stage)."""
+    (≈ |θ|/(t·p); embedding, head and norms are not split over stage). Of gpt2's learned
+    positions only the `seq` rows in use have a gradient that is not known to be zero."""
     c, t, p = param_counts(cfg), mesh["tensor"], mesh["stage"]
     per = (c["layer_tp"] // t + c["layer_rep"]) * cfg.n_layers // p
-    return 4 * (per + c["embedding"] // t + c["positions"] + c["head_tp"] // t + c["head_rep"])
+    positions = min(seq, cfg.max_seq_len) * cfg.d_model if c["positions"] else 0
+    return 4 * (per + c["embedding"] // t + positions + c["head_tp"] // t + c["head_rep"])
+
+
+def head_bytes_per_device(cfg: ModelConfig, t: int) -> int:
+    """The pipeline's head parameters on one device, float32: final norm, output weight or, when
+    tied, the embedding (the executor's last stage multiplies by it)."""
+    c = param_counts(cfg)
+    return 4 * (c["head_rep"] + (c["head_tp"] or c["embedding"]) // t)
 
 
 def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, microbatches: int = 1,
              schedule: str = "gpipe", virtual_stages: int = 1,
-             sequence_parallel: bool = False) -> list[Expected]:
-    """DESIGN section 2's collectives for one train step, per device."""
+             sequence_parallel: bool = False, remat: str = "none") -> list[Expected]:
+    """DESIGN section 2's collectives for one train step: bytes per device and executions on
+    each stage (every stage runs every micro-batch through its L/p layers; the last stage also
+    runs the head and the loss, once per micro-batch)."""
     d, p, t = mesh["data"] * mesh["fsdp"], mesh["stage"], mesh["tensor"]
     m = microbatches if p > 1 else 1
-    e = cfg.dtype.itemsize
+    e, h, sp = cfg.dtype.itemsize, cfg.d_model, sequence_parallel
     b_shard = batch // d
-    x_shard, x_mb = b_shard * seq * cfg.d_model * e, b_shard // m * seq * cfg.d_model * e
-    ticks = _ticks(schedule, p, m, virtual_stages)
-    # Executions of each layer's body per device: every tick for GPipe (cond counted
-    # statically), else once per micro-batch; executor B recomputes the stage forward.
-    runs = cfg.n_layers // p * (ticks if p > 1 and schedule == "gpipe" else m)
-    fwd_runs = runs * (2 if p > 1 and schedule != "gpipe" else 1)
+    x_shard, x_mb = b_shard * seq * h * e, b_shard // m * seq * h * e
+    runs = (cfg.n_layers // p * m,) * p  # layer executions per stage
+    twice = tuple(2 * r for r in runs)
+    last = (0,) * (p - 1) + (m,)  # the head and the loss: the last stage, per micro-batch
+    once = (1,) * p
+    tp, ar, ag = ("tensor",), "all-reduce", "all-gather"
     rows: list[Expected] = []
-    tp = ("tensor",)
+
+    def add(source, op, size, counts, axes, phase):
+        rows.append(Expected(source, op, size, counts, axes, phase))
+
     if t > 1:
-        for src in ("attention out", "MLP down"):  # row-parallel outputs
-            rows.append(Expected(src, "all-reduce", x_mb, fwd_runs, tp, "fwd"))
-            if sequence_parallel:  # transpose of the reduce-scatter
-                rows.append(Expected(src, "all-gather", x_mb, runs, tp, "bwd"))
-        for src in ("attention q/k/v", "MLP up/gate"):  # column-parallel inputs
-            rows.append(Expected(src, "all-reduce", x_mb, runs, tp, "bwd"))  # Megatron's f
-            if sequence_parallel:
-                rows.append(Expected("sequence-parallel gather", "all-gather", x_mb, fwd_runs,
-                                     tp, "fwd"))
-        if sequence_parallel:  # norm (and gpt2 bias) gradients of sequence-sharded blocks
-            rep = param_counts(cfg)["layer_rep"] * 4
-            rows.append(Expected("other", "all-reduce", rep, runs, tp, "bwd"))
-        rows.append(Expected("embedding", "all-reduce", x_shard, 1, tp, "fwd"))
-        if sequence_parallel:
-            rows.append(Expected("embedding", "all-gather", x_shard, 1, tp, "bwd"))
-            rows.append(Expected("head", "all-gather", x_shard, 1, tp, "fwd"))
-        head_split = p if p > 1 and schedule == "gpipe" and m % p == 0 else 1
-        # The head's input gradient is all-reduced at the data shard's full size even when
-        # GPipe splits the head over `stage` (measured); the loss statistics are split.
-        rows.append(Expected("head", "all-reduce", x_shard, 1, tp, "bwd"))
-        rows.append(Expected("loss", "all-reduce", 3 * b_shard * seq * 4 // head_split, 1, tp,
-                             "fwd"))
+        # Megatron: the row-parallel outputs all-reduce forward (with SP: reduce-scatter, which
+        # CPU lowers as all-reduce + slice, and whose transpose is an all-gather backward); the
+        # column-parallel inputs all-reduce their input gradient backward (Megatron's f), and
+        # with SP all-gather T forward (whose transpose is the all-reduce backward).
+        layer_fwd = [("attention out", ar, runs), ("MLP down", ar, runs)]
+        if sp:
+            layer_fwd.append(("sequence-parallel gather", ag, twice))
+        for source, op, counts in layer_fwd:
+            add(source, op, x_mb, counts, tp, "F")
+        for source in ("attention q/k/v", "MLP up/gate"):
+            add(source, ar, x_mb, runs, tp, "B")
+            if sp:
+                add({"attention q/k/v": "attention out", "MLP up/gate": "MLP down"}[source],
+                    ag, x_mb, runs, tp, "B")
+        if sp:  # norm (and gpt2 bias) gradients of sequence-sharded blocks
+            add("other", ar, param_counts(cfg)["layer_rep"] * 4, runs, tp, "B")
+        if _whole_forward_again(cfg, remat, p, virtual_stages):  # B re-runs the stage forward
+            for source, op, counts in layer_fwd:
+                add(source, op, x_mb, counts, tp, "recompute")
+        elif remat != "none":  # each layer re-run in its backward, its output not needed
+            add("attention out", ar, x_mb, runs, tp, "recompute")
+            if sp:
+                add("sequence-parallel gather", ag, x_mb, twice, tp, "recompute")
+        add("embedding", ar, x_shard, once, tp, "F")
+        if sp:  # T gathered before the head, and its final norm's gradient summed
+            add("embedding", ag, x_shard, once, tp, "B")
+            add("head", ag, x_mb, last, tp, "head/loss" if p > 1 else "F")
+            add("head", ar, param_counts(cfg)["head_rep"] * 4, last, tp,
+                "head/loss" if p > 1 else "B")
+        add("head", ar, x_mb, last, tp, "head/loss" if p > 1 else "B")
+        # The loss's three statistics (max, sum of exponentials, target logit), one float per
+        # token each; XLA may carry one of them in the head's all-reduce.
+        add("loss", ar, b_shard // m * seq * 4, tuple(3 * n for n in last), tp,
+            "head/loss" if p > 1 else "F")
     if p > 1:
-        for phase in ("fwd", "bwd"):
-            rows.append(Expected("pipeline send/recv", "collective-permute", x_mb, ticks,
-                                 ("stage",), phase))
+        n = (ticks(schedule, p, m, virtual_stages),) * p
+        add("pipeline send/recv", "collective-permute", x_mb // (t if sp else 1), n, ("stage",),
+            "F")
+        add("pipeline send/recv", "collective-permute", x_mb // (t if sp else 1), n, ("stage",),
+            "B")
+        # After the loop: the head's gradient (from the last stage), the input gradient (from
+        # stage 0, float32: `pipeline.gpipe.widen`; split over T with SP) and the loss, summed
+        # over stages once.
+        dx = b_shard * seq * h * 4 // (t if sp else 1)
+        add("pipeline boundary", ar, head_bytes_per_device(cfg, t) + dx + 4, once, ("stage",),
+            "step")
+        if virtual_stages > 1:  # stage s runs layers of other stages' blocks: moved each step,
+            # the weights there and their gradients back (one all-to-all per parameter)
+            c = param_counts(cfg)
+            stage_bytes = 4 * (c["layer_tp"] // t + c["layer_rep"]) * cfg.n_layers // p
+            add("interleaved placement", "all-to-all", stage_bytes, once, ("stage",), "F")
+            add("interleaved placement", "all-to-all", stage_bytes, once, ("stage",), "B")
+    fsdp = mesh["fsdp"] > 1
+    if fsdp and p == 1:
+        # ZeRO-3: each layer's weights gathered over fsdp before its forward and again before
+        # its backward (still split over tensor), the head's before its forward (its norm again
+        # in the backward); the embedding lookup trades rows for columns (all-to-all) instead.
+        c, f = param_counts(cfg), ("fsdp",)
+        layer = 4 * (c["layer_tp"] // t + c["layer_rep"])
+        add("FSDP weight gather", ag, layer, (cfg.n_layers,), f, "F")
+        add("FSDP weight gather", ag, layer, (cfg.n_layers,), f, "B")
+        add("FSDP weight gather", ag, 4 * (c["head_tp"] // t + c["head_rep"]), once, f, "F")
+        add("FSDP weight gather", ag, 4 * c["head_rep"], once, f, "B")
+        add("embedding", "all-to-all", x_shard, once, f, "F")
+        add("embedding", "all-to-all", x_shard, once, f, "B")
+        if t > 1:  # the token ids, to the devices holding their rows
+            add("embedding", "collective-permute", b_shard * seq * 4, once, ("fsdp", "tensor"),
+                "F")
     if d > 1:
         axes = tuple(a for a in ("data", "fsdp") if mesh[a] > 1)
-        rows.append(Expected("gradient reduction", "all-reduce", grad_bytes_per_device(cfg, mesh),
-                             1, axes, "step"))
+        extra = 0
+        if fsdp and p == 1:  # the embedding's gradient left with its all-to-all
+            extra -= 4 * param_counts(cfg)["embedding"] // t
+        if p > 1:  # the loss; a tied embedding's head part is averaged in the loop's boundary
+            extra = 4 + (param_counts(cfg)["embedding"] // t * 4 if cfg.tie_embeddings else 0)
+        add("gradient reduction", ar, grad_bytes_per_device(cfg, mesh, seq) + extra, once, axes,
+            "step")
     return rows
 
 
@@ -138,35 +201,62 @@ def by_kind(rows) -> dict[str, int]:
     return out
 
 
-def model_flops(cfg: ModelConfig, batch: int, seq: int, remat: bool = False) -> float:
+def model_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
     """Model FLOPs of one train step, all devices together: PaLM's formula (Chowdhery et al.
     2022, appendix B), per token 6·N + 12·L·h·s, N the matmul parameters (embedding lookup,
-    norms and biases excluded; the head included). Causal masking is not discounted.
-    With rematerialisation the forward runs twice: 8·N instead of 6·N (hardware FLOPs)."""
+    norms and biases excluded; the head included). Causal masking is not discounted."""
     c = param_counts(cfg)
-    n = c["layer_tp"] * cfg.n_layers + (c["head_tp"] or c["embedding"])
-    return batch * seq * ((8 if remat else 6) * n + 12 * cfg.n_layers * cfg.d_model * seq)
+    n = c["layer_matmul"] * cfg.n_layers + (c["head_tp"] or c["embedding"])
+    return batch * seq * (6 * n + 12 * cfg.n_layers * cfg.d_model * seq)
+
+
+def _whole_forward_again(cfg: ModelConfig, remat: str, stages: int, virtual_stages: int) -> bool:
+    """Whether the backward re-runs every product of the forward. remat "layer" re-runs each
+    layer in its backward but not its last product (the MLP down-projection: its output is not
+    needed there); so does "stage" when a stage holds one layer (XLA drops the loop of one trip,
+    then the unused product). With more layers, layer i's output is layer i+1's input, and the
+    loop body, the same for every layer, computes it for all."""
+    return remat == "stage" and stages > 1 and cfg.n_layers // (stages * virtual_stages) > 1
+
+
+def recompute_flops(cfg: ModelConfig, batch: int, seq: int, remat: str, stages: int,
+                    virtual_stages: int = 1) -> float:
+    """The forward matmul FLOPs that rematerialisation runs again, all devices together."""
+    if remat == "none":
+        return 0.0
+    c, h = param_counts(cfg), cfg.d_model
+    matmuls = c["layer_matmul"]
+    if not _whole_forward_again(cfg, remat, stages, virtual_stages):
+        matmuls -= cfg.d_ff * h
+    return batch * seq * cfg.n_layers * (2 * matmuls + 4 * h * seq)
+
+
+def source_of(name: str) -> str:
+    """The part of the model an op belongs to, from the named scopes in its op_name (a fused
+    op is named by its first component); "other" if none."""
+    scope = _SCOPE_RE.findall(name.split(":")[0]) or _SCOPE_RE.findall(name)
+    return _SCOPES.get(scope[-1], "other") if scope else "other"
 
 
 def attribute(c: Collective) -> str:
     """Which part of the model a compiled collective belongs to, from its op and axes and the
-    named scopes in its op_name (a fused op is named by its first component)."""
+    named scopes in its op_name."""
     if c.op == "collective-permute" and "stage" in c.axes:
         return "pipeline send/recv"
-    if (c.op in ("all-reduce", "reduce-scatter") and "tensor" not in c.axes
-            and {"data", "fsdp"} & set(c.axes)):
-        return "gradient reduction"
-    first = c.name.split(":")[0]
-    scope = _SCOPE_RE.findall(first) or _SCOPE_RE.findall(c.name)
-    if scope and scope[-1] in _SCOPES:
-        return _SCOPES[scope[-1]]
-    if c.op == "all-gather" and c.axes == ("tensor",) and "while/body" in c.name:
+    if c.op == "all-to-all" and c.axes == ("stage",):
+        return "interleaved placement"
+    if c.op == "all-gather" and c.axes == ("fsdp",) and source_of(c.name) != "embedding":
+        return "FSDP weight gather"
+    if c.op in ("all-reduce", "reduce-scatter") and "tensor" not in c.axes:
+        if "stage" in c.axes:
+            return "pipeline boundary"
+        if {"data", "fsdp"} & set(c.axes):
+            return "gradient reduction"
+    source = source_of(c.name)
+    if source == "other" and c.op == "all-gather" and c.axes == ("tensor",) \
+            and "while/body" in c.name:
         return "sequence-parallel gather"  # at a block's norm, before a column-parallel input
-    return "other"
-
-
-def phase(c: Collective) -> str:
-    return "bwd" if "transpose(" in c.name.split(":")[0] else "fwd"
+    return source
 
 
 def _drop_common_ones(a: tuple[int, ...], b: tuple[int, ...]) -> tuple[tuple, tuple]:

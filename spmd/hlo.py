@@ -21,6 +21,9 @@ Facts about the text (checked on jax 0.10.2, CPU backend) that shape the parser:
 - Operands are printed by name only (`all-gather(%fusion.2)`): their shapes are looked up
   in the same computation. Each collective keeps its operand and result dimensions, so a
   caller can tell *what* moved (e.g. a weight shard vs an activation: `spmd.analysis`).
+- XLA's own `cost_analysis()` counts a loop body once, whatever its trip count; `flops` here
+  counts every dot (2·M·N·K from its shapes) and elementwise op as often as it runs. Fused ops
+  sit in fusion computations (`calls=`), counted with their fusion.
 """
 from __future__ import annotations
 
@@ -337,6 +340,103 @@ def collectives(compiled_text: str, mesh: jax.sharding.Mesh) -> list[Collective]
                                     name.group(1) if name else "",
                                     sum(map(shape_dims, operands), ()), shape_dims(result)))
     return found
+
+
+# Elementwise arithmetic: one FLOP per result element. Reductions: one per operand element.
+_ELEMENTWISE = {"add", "subtract", "multiply", "divide", "maximum", "minimum", "negate", "abs",
+                "exponential", "exponential-minus-one", "log", "log-plus-one", "logistic", "tanh",
+                "sqrt", "rsqrt", "cbrt", "power", "erf", "sine", "cosine", "compare", "select",
+                "clamp", "floor", "ceil", "round-nearest-even", "sign"}
+_REDUCTIONS = {"reduce", "reduce-window"}
+
+
+@dataclass(frozen=True)
+class Flops:
+    """The arithmetic of one instruction of the compiled program."""
+    kind: str   # "dot" (dot or convolution) or "elementwise" (incl. reductions)
+    flops: int  # per device, one execution
+    count: int  # executions per call (product of enclosing trip counts)
+    name: str   # metadata op_name ('' if none)
+
+
+def _dims_attr(attrs: str, key: str) -> list[int]:
+    m = re.search(rf"\b{key}=\{{([\d,\s]*)\}}", attrs)
+    return _ints(m.group(1)) if m else []
+
+
+def _instr_flops(ins: _Instr, shapes: dict[str, str]) -> tuple[str, int] | None:
+    def elements(dims) -> int:
+        return int(np.prod(dims, dtype=np.int64))
+
+    def operand(i: int) -> tuple[int, ...]:
+        o = ins.operands[i]
+        return shape_dims(o if "[" in o else shapes[o.lstrip("%")])[0]
+
+    if ins.opcode in _ELEMENTWISE:
+        return "elementwise", elements(shape_dims(ins.shape)[0])
+    if ins.opcode in _REDUCTIONS:
+        return "elementwise", elements(operand(0))
+    if ins.opcode == "dot":
+        k = elements([operand(0)[i] for i in _dims_attr(ins.attrs, "lhs_contracting_dims")])
+        return "dot", 2 * elements(shape_dims(ins.shape)[0]) * k
+    if ins.opcode == "convolution":  # per output element: the kernel's elements per output feature
+        labels = re.search(r"dim_labels=\w+_(\w+)->", ins.attrs).group(1)
+        kernel = operand(1)
+        return "dot", (2 * elements(shape_dims(ins.shape)[0]) * elements(kernel)
+                       // kernel[labels.index("o")])
+    return None
+
+
+def flops(compiled_text: str) -> list[Flops]:
+    """Every dot, convolution and elementwise instruction of `compiled_text`, with how often it
+    runs. Computations applied per element (a reduction's `to_apply`) are not counted: their
+    reduction counts once per operand element instead."""
+    comps, entry = _parse_computations(compiled_text)
+    counts = _execution_counts(comps, entry)
+    applied = {callee for instrs in comps.values() for ins in instrs
+               for kind, callee in _CALL_ONE.findall(ins.attrs) if kind == "to_apply"}
+    name_of = _names(comps)
+    found = []
+    for comp, instrs in comps.items():
+        if comp in applied:
+            continue
+        shapes = {i.name: i.shape for i in instrs}
+        for ins in instrs:
+            work = _instr_flops(ins, shapes)
+            if work and work[1]:
+                found.append(Flops(work[0], work[1], counts[comp] or 1, name_of(comp, ins)))
+    return found
+
+
+def _names(comps: dict[str, list[_Instr]]):
+    """name_of(computation, instruction) → its op_name, or where XLA left none (the CPU
+    backend's XNNPACK fusions drop the metadata of the dots they fuse) the name of what called
+    its computation, else of its first named user: the op it was fused or rewritten for."""
+    caller = {callee: (comp, ins) for comp, instrs in comps.items() for ins in instrs
+              for kind, callee in _CALL_ONE.findall(ins.attrs) if kind == "calls"}
+    users: dict[tuple[str, str], list[_Instr]] = {}
+    for comp, instrs in comps.items():
+        for ins in instrs:
+            for o in ins.operands:
+                users.setdefault((comp, o.split()[-1].lstrip("%")), []).append(ins)
+    memo: dict[tuple[str, str], str] = {}
+
+    def name_of(comp: str, ins: _Instr) -> str:
+        key = (comp, ins.name)
+        if key not in memo:
+            memo[key] = ""  # guards against cycles
+            own = _OP_NAME.search(ins.attrs)
+            if own:
+                memo[key] = own.group(1)
+            else:
+                up = [caller[comp]] if comp in caller else []
+                for c, i in up + [(comp, u) for u in users.get(key, [])]:
+                    if (found := name_of(c, i)):
+                        memo[key] = found
+                        break
+        return memo[key]
+
+    return name_of
 
 
 def census(colls: list[Collective]) -> dict[str, dict]:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spmd.hlo import census, collectives
+from spmd import census
 from spmd.train_step import Trainer
 
 
@@ -40,9 +40,25 @@ def measure(trainer: Trainer, inputs: np.ndarray, targets: np.ndarray, steps: in
                                      + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
         # Per device; XLA's cost analysis counts a while-loop body once (not x trip count).
         "flops_per_device": float(cost.get("flops", 0.0)),
-        "collectives": census(collectives(compiled.as_text(), trainer.mesh)),
+        **executed(trainer, compiled.as_text()),
         "loss": float(metrics["loss"]),
     }
+
+
+def executed(trainer: Trainer, text: str) -> dict:
+    """What the compiled step runs (`spmd.census`): collectives per op kind (executions and
+    bytes per device per step, the mean over stages) and FLOPs of all devices by phase."""
+    tc = trainer.tc
+    where = (trainer.mesh, tc.schedule, tc.microbatches, tc.virtual_stages)
+    colls: dict[str, dict] = {}
+    for c in census.collectives(text, *where):
+        entry = colls.setdefault(c.op, {"count": 0.0, "bytes": 0.0})
+        entry["count"] += c.count
+        entry["bytes"] += c.total_bytes
+    flops = census.flops(text, *where)
+    return {"collectives": colls, "executed_flops": sum(flops["dot"].values()),
+            "executed_flops_by_phase": flops["dot"],
+            "elementwise_flops": sum(flops["elementwise"].values())}
 
 
 def _fastest_s(calls: dict, repeats: int) -> dict[str, float]:

@@ -113,7 +113,7 @@ class Trainer:
             out_shardings=(replicated, self.param_shardings),
         )
         # Evaluation needs no backward pass: every schedule's forward is GPipe's.
-        self._loss = jax.jit(functools.partial(self.loss, schedule="gpipe"),
+        self._loss = jax.jit(functools.partial(self.loss, forward_only=True),
                              out_shardings=replicated)
 
     # ---- state ------------------------------------------------------------------------
@@ -130,14 +130,14 @@ class Trainer:
         return params, opt_state
 
     # ---- the traced functions ---------------------------------------------------------
-    def loss(self, params, inputs, targets, schedule: str | None = None):
+    def loss(self, params, inputs, targets, forward_only: bool = False):
         """Mean next-token loss over the global batch; the pipeline when `stage` > 1."""
         with flax_spmd.logical_axis_rules(self.rules.activations):
             model = nnx.merge(self.graphdef, params)
             if self.stages > 1:
                 from pipeline.run import pipeline_loss
 
-                return pipeline_loss(model, inputs, targets, self.tc, self.stages, schedule)
+                return pipeline_loss(model, inputs, targets, self.tc, self.stages, forward_only)
             x = model.run_blocks(model.embed(inputs), remat=self.tc.remat != "none")
             return cross_entropy(model.logits(x), targets)
 

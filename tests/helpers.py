@@ -93,24 +93,24 @@ def replicating(tr, path: str):
     return tr
 
 
-def compiled(mesh_spec, sequence_parallel=False, gather=None, **kw):
-    """(trainer, collectives, parameter table) of the compiled step; with `gather` (a parameter
-    path) the step first replicates that parameter. Cached however it is called (positional or
-    keyword): tests/test_census.py shares these programs."""
-    return _compiled(mesh_spec, sequence_parallel, gather, tuple(sorted(kw.items())))
+def compiled(mesh_spec, sequence_parallel=False, gather=None, cfg=TEST_MODEL, **kw):
+    """(trainer, collectives, parameter table, HLO text) of the compiled step; with `gather` (a
+    parameter path) the step first replicates that parameter. Cached however it is called
+    (positional or keyword): the census and collective tests share these programs."""
+    return _compiled(mesh_spec, sequence_parallel, gather, cfg, tuple(sorted(kw.items())))
 
 
 @functools.cache
-def _compiled(mesh_spec, sequence_parallel, gather, kw):
-    tr = trainer(TEST_MODEL, mesh_spec, sequence_parallel, **dict(kw))
+def _compiled(mesh_spec, sequence_parallel, gather, cfg, kw):
+    tr = trainer(cfg, mesh_spec, sequence_parallel, **dict(kw))
     if gather:
         replicating(tr, gather)
     params, opt_state = tr.init(seed=0)
-    text = tr.lower_step(params, opt_state, *tr.place(batch())).compile().as_text()
-    return tr, collectives(text, tr.mesh), parameter_table(tr, params)
+    text = tr.lower_step(params, opt_state, *tr.place(batch(cfg))).compile().as_text()
+    return tr, collectives(text, tr.mesh), parameter_table(tr, params), text
 
 
 def weight_gathers(mesh_spec, sequence_parallel=False, gather=None, **kw) -> list[tuple]:
     """(op, axes, parameters it fits) of every collective that moves a weight."""
-    _, colls, table = compiled(mesh_spec, sequence_parallel, gather, **kw)
+    _, colls, table, _ = compiled(mesh_spec, sequence_parallel, gather, **kw)
     return [(c.op, c.axes, tuple(names)) for c, names in analysis.weight_gathers(colls, table)]
