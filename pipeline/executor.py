@@ -5,7 +5,8 @@
 stays automatic, so TP works inside each action): a `lax.scan` over the ticks of
 `simulate(schedule, F=B=W=1)`. Each tick every stage reads its row of a small int32 table
 (built here in numpy), runs idle / F / B / W with `lax.switch`, then sends one activation
-forward and one gradient backward (`ppermute`).
+forward and one gradient backward (`ppermute`), each only on ticks where some stage receives
+one (GPipe sends no gradient while it runs forwards, nor activations while it runs backwards).
 
 Each action does only its own work (`pipeline.actions`): F runs the stage forward once under
 `jax.vjp` and keeps the pullback's residuals (less the weights); B rebuilds the pullback from
@@ -143,11 +144,21 @@ def action_scope(kind: str, last: bool) -> str:
     return f"action_{kind}{'_last' if last else ''}"
 
 
+def sends(pl: Plan) -> dict[str, np.ndarray]:
+    """Per send ("send_activation", "send_gradient"), [ticks] bools: does any stage receive one
+    at this tick? All stages take part in a `ppermute`, so on the other ticks it is skipped."""
+    return {"send_activation": (pl.table[:, :, X_PUT] != pl.slots["x"]).any(1),
+            "send_gradient": (pl.table[:, :, G_PUT] != pl.slots["g"]).any(1)}
+
+
 def action_counts(pl: Plan) -> dict[str, np.ndarray]:
-    """Per action scope, the ticks each stage runs it: [p] counts, summing to the tick count."""
+    """Per action scope, the ticks each stage runs it: [p] counts, summing to the tick count;
+    per send scope, the ticks it runs (the same on every stage)."""
     keys = pl.table[:, :, CODE] + 5 * pl.table[:, :, LAST]
-    return {action_scope(KINDS[k % 5], k >= 5): (keys == k).sum(0)
-            for k in np.unique(np.concatenate([keys.ravel(), [0]]))}
+    p = keys.shape[1]
+    counts = {action_scope(KINDS[k % 5], k >= 5): (keys == k).sum(0)
+              for k in np.unique(np.concatenate([keys.ravel(), [0]]))}
+    return counts | {name: np.full(p, ticks.sum()) for name, ticks in sends(pl).items()}
 
 
 def to_virtual_stages(stacked, p: int, v: int):
@@ -225,6 +236,13 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
     table = pl.table.copy()
     table[:, :, CODE] = np.searchsorted(used, keys)
     tab = jnp.asarray(table)
+    sending = tuple(jnp.asarray(ticks) for ticks in sends(pl).values())
+
+    def send(flag, value, perm):
+        """`ppermute`, or zeros where no stage receives (the same on every stage: a tick
+        without a send skips the collective everywhere)."""
+        return jax.lax.cond(flag, lambda v: jax.lax.ppermute(v, "stage", perm), jnp.zeros_like,
+                            value)
 
     @functools.partial(
         jax.shard_map, in_specs=(P("stage"), P(), P(None, DP), P(None, DP)),
@@ -253,8 +271,9 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
             jnp.zeros((), jnp.float32),
         ))
 
-        def tick(carry, rows):
+        def tick(carry, rows_and_sends):
             xbuf, gbuf, rbuf, wbuf, acc_w, acc_h, dxs, loss = carry
+            rows, send_x, send_g = rows_and_sends
             r = rows[s]
             mb, c = r[MB], r[CHUNK]
             x = jnp.where(r[FIRST] == 1, xs[mb], xbuf[r[X_GET]])
@@ -267,13 +286,13 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
             rbuf = _put(rbuf, r[R_PUT], stash)
             wbuf = _put(wbuf, r[W_PUT], w_stash)
             with jax.named_scope("send_activation"):
-                xbuf = xbuf.at[r[X_PUT]].set(jax.lax.ppermute(y, "stage", perm_f))
+                xbuf = xbuf.at[r[X_PUT]].set(send(send_x, y, perm_f))
             gbuf = gbuf.at[r[G_OWN]].set(g_own)
             with jax.named_scope("send_gradient"):
-                gbuf = gbuf.at[r[G_PUT]].set(jax.lax.ppermute(dx, "stage", perm_b))
+                gbuf = gbuf.at[r[G_PUT]].set(send(send_g, dx, perm_b))
             return (xbuf, gbuf, rbuf, wbuf, acc_w, acc_h, dxs, loss + loss_mb), None
 
-        (*_, acc_w, acc_h, dxs, loss), _ = jax.lax.scan(tick, init, tab)
+        (*_, acc_w, acc_h, dxs, loss), _ = jax.lax.scan(tick, init, (tab, *sending))
         # Loss and gradients of the mean over data shards of each shard's mean loss.
         n_dp = jax.lax.axis_size(DP)
         mean_dp = functools.partial(jax.lax.pmean, axis_name=DP)

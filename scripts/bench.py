@@ -12,6 +12,7 @@ pipeline layouts (needs matplotlib).
 """
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -66,6 +67,10 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--remat", default="none")
     ap.add_argument("--cpu-devices", type=int, default=8)
+    ap.add_argument("--layers", type=int, default=None, help="override the preset's layers")
+    ap.add_argument("--generate", type=int, default=256, metavar="N",
+                    help="also time greedy generation of N new tokens on one device, with and "
+                         "without the KV cache (0: skip)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--png", default=None)
     args = ap.parse_args()
@@ -84,6 +89,8 @@ def main() -> int:
     from spmd.train_step import TrainConfig, Trainer
 
     cfg = PRESETS[args.preset]
+    if args.layers:
+        cfg = dataclasses.replace(cfg, n_layers=args.layers)
     inputs, targets = Batches(stdlib_corpus(1 << 20), args.batch_size, args.seq_len, 0)(0)
     shape = (args.batch_size, args.seq_len)
     runs = [("single", 1)] + [(lay, m) for lay in args.layouts
@@ -170,8 +177,23 @@ def main() -> int:
                       f"{k} {s * 1e3:.2f} ms" for k, s in r["action_s"].items())
                   + f"; predicted {r['predicted_step_s'] * 1e3:.1f} ms, "
                   f"measured {r['step_s'] * 1e3:.1f} ms")
+    out = {"results": rows}
+    if args.generate:
+        from spmd.sampling import generation_speed
+
+        prompt = 16
+        gen_cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len,
+                                                           prompt + args.generate))
+        trainer = Trainer(gen_cfg, TrainConfig(), make_mesh("data=1", jax.devices()[:1]),
+                          Rules(), (1, prompt + args.generate))
+        out["generation"] = {"new_tokens": args.generate, "prompt_tokens": prompt, **(
+            speed := generation_speed(trainer, trainer.init(seed=0)[0], prompt, args.generate))}
+        print(f"\ngreedy generation, one device, {args.generate} new tokens after {prompt}: "
+              f"{speed['cached_tokens_per_s']:,.0f} tokens/s with the KV cache, "
+              f"{speed['uncached_tokens_per_s']:,.0f} without "
+              f"({speed['cached_tokens_per_s'] / speed['uncached_tokens_per_s']:.1f}x)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"results": rows}, indent=1))
+        Path(args.json).write_text(json.dumps(out, indent=1))
     if args.png:
         try:
             plot(rows, args.png)

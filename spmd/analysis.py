@@ -50,11 +50,12 @@ class Expected:
         return self.bytes * self.count
 
 
-def ticks(schedule: str, p: int, m: int, v: int) -> int:
-    """Ticks of the executor's loop: the schedule simulated with unit-time actions."""
-    from pipeline.executor import plan
+def send_ticks(schedule: str, p: int, m: int, v: int) -> tuple[int, int]:
+    """Ticks of the executor's loop (the schedule simulated with unit-time actions) on which
+    some stage receives an activation, and a gradient: the sends that run."""
+    from pipeline.executor import plan, sends
 
-    return len(plan(schedule, p, m, v).table)
+    return tuple(int(t.sum()) for t in sends(plan(schedule, p, m, v)).values())
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -148,11 +149,9 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
         add("loss", ar, b_shard // m * seq * 4, tuple(3 * n for n in last), tp,
             "head/loss" if p > 1 else "F")
     if p > 1:
-        n = (ticks(schedule, p, m, virtual_stages),) * p
-        add("pipeline send/recv", "collective-permute", x_mb // (t if sp else 1), n, ("stage",),
-            "F")
-        add("pipeline send/recv", "collective-permute", x_mb // (t if sp else 1), n, ("stage",),
-            "B")
+        for n, phase in zip(send_ticks(schedule, p, m, virtual_stages), "FB", strict=True):
+            add("pipeline send/recv", "collective-permute", x_mb // (t if sp else 1), (n,) * p,
+                ("stage",), phase)
         # After the loop: the head's gradient (from the last stage), the input gradient (from
         # stage 0, float32: `pipeline.gpipe.widen`; split over T with SP) and the loss, summed
         # over stages once.

@@ -7,6 +7,7 @@ per tick on each stage, picked from its schedule table, and names each action's 
 (`action_F`, `action_B_last`, ...). So an op in action a, counted c times by `spmd.hlo` (once
 per tick of the loop, times any inner trip count), runs c · n_a(s) / ticks times on stage s,
 where n_a(s) is the number of ticks that stage s runs a: the table decides, not the design.
+The sends (`send_activation`, `send_gradient`) run only on the ticks where a stage receives.
 
 Each op gets a phase from the action that runs it (F, B, W, the head and loss of the last
 stage's F, a forward re-run inside a backward as "recompute") or, outside the executor, from
@@ -24,6 +25,7 @@ import numpy as np
 from spmd import analysis, hlo
 
 _ACTION = re.compile(r"(?:^|/)action_(idle|F|B|BX|BW)(_last)?(?=/|$)")
+_SEND = re.compile(r"(?:^|/)(send_activation|send_gradient)(?=/|$)")
 PHASES = ("F", "B", "W", "head/loss", "recompute", "step")
 
 
@@ -61,12 +63,12 @@ def action_ticks(schedule: str, stages: int, microbatches: int, virtual_stages: 
 
 def _counts(name: str, count: int, ticks, p: int) -> tuple[float, ...]:
     """Per stage executions of an op that `spmd.hlo` counts `count` times."""
-    action = _ACTION.search(name)
-    if ticks is None or not action:
+    action, send = _ACTION.search(name), _SEND.search(name)
+    if ticks is None or not (action or send):
         return (float(count),) * p
     n, per_stage = ticks
-    runs = per_stage[f"action_{action.group(1)}{action.group(2) or ''}"]
-    return tuple(float(count * r / n) for r in runs)
+    scope = send.group(1) if send else f"action_{action.group(1)}{action.group(2) or ''}"
+    return tuple(float(count * r / n) for r in per_stage[scope])
 
 
 def phase(name: str, source: str) -> str:

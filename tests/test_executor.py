@@ -182,18 +182,18 @@ def test_1f1b_memory_flat_in_microbatches_gpipe_grows():
 
 
 SWEEP_MODEL = dataclasses.replace(TEST_MODEL, n_layers=16)  # divisible by p·v = 8·2
-SWEEP_SHAPE = (48, 8)  # every data shard's batch divisible by every m = p, 2p, 3p below
+SWEEP_SHAPE = (48, 8)  # every data shard's batch divisible by every m = p, 3p below
 SWEEP = [(schedule, dpt, k * dpt[1])
-         for schedule in ("1f1b", "interleaved", "zb-h1")
-         for dpt in ((1, 2, 4), (2, 2, 2), (1, 4, 2), (1, 8, 1)) for k in (1, 2, 3)]
+         for schedule in ("gpipe", "1f1b", "interleaved", "zb-h1")
+         for dpt in ((1, 2, 4), (2, 2, 2), (1, 4, 2), (1, 8, 1)) for k in (1, 3)]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule,dpt,m", SWEEP,
                          ids=[f"{s}-{mesh_of(*d)}-m{m}" for s, d, m in SWEEP])
 def test_schedule_sweep_matches_single_device(schedule, dpt, m):
-    """Every schedule x mesh x m in {p, 2p, 3p}. GPipe's own sweep is in test_pipeline.py; both
-    are held to the single-device model, hence to each other within twice the tolerance."""
+    """Every schedule x mesh x m in {p, 3p} (m = 2p: the cases above), held to the
+    single-device model."""
     v = 2 if schedule == "interleaved" else 1
     loss, grads = loss_and_grads(SWEEP_MODEL, mesh_of(*dpt), shape=SWEEP_SHAPE, microbatches=m,
                                  schedule=schedule, virtual_stages=v)
