@@ -233,6 +233,7 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
     keys = pl.table[:, :, CODE] + 5 * pl.table[:, :, LAST]
     used = sorted({0, *np.unique(keys).tolist()})
     branches = [branch(KINDS[k % 5], k >= 5) for k in used]
+    makes_dw = jnp.asarray([k % 5 in (BWD, BWD_DX, BWD_DW) for k in used])
     table = pl.table.copy()
     table[:, :, CODE] = np.searchsorted(used, keys)
     tab = jnp.asarray(table)
@@ -277,10 +278,14 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
             r = rows[s]
             mb, c = r[MB], r[CHUNK]
             x = jnp.where(r[FIRST] == 1, xs[mb], xbuf[r[X_GET]])
-            w = jax.tree.map(lambda a: a[c], params)
+            # One chunk (v = 1): a static index, so no copy of the stage's weights per tick.
+            w = jax.tree.map(lambda a: a[c] if pl.ring else a[0], params)
             y, dx, dw, dh, loss_mb, stash, g_own, w_stash = jax.lax.switch(
                 r[CODE], branches, w, hp, x, gbuf[r[G_GET]], rbuf, wbuf, r, targets[mb])
-            acc_w = jax.tree.map(lambda A, d: A.at[c].add(d), acc_w, dw)
+            # Only B and W make weight gradients: on other ticks skip the stage-sized add.
+            acc_w = jax.lax.cond(
+                makes_dw[r[CODE]], lambda: jax.tree.map(lambda A, d: A.at[c].add(d), acc_w, dw),
+                lambda: acc_w)
             acc_h = jax.tree.map(jnp.add, acc_h, dh)
             dxs = dxs.at[r[DXROW]].set(dx)
             rbuf = _put(rbuf, r[R_PUT], stash)

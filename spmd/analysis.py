@@ -159,7 +159,8 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
         add("pipeline boundary", ar, head_bytes_per_device(cfg, t) + dx + 4, once, ("stage",),
             "step")
         if virtual_stages > 1:  # stage s runs layers of other stages' blocks: moved each step,
-            # the weights there and their gradients back (one all-to-all per parameter)
+            # the weights there and their gradients back (an all-to-all per parameter for p = 2;
+            # for p = 4 XLA's partitioner moves them in two steps, twice these bytes: measured)
             c = param_counts(cfg)
             stage_bytes = 4 * (c["layer_tp"] // t + c["layer_rep"]) * cfg.n_layers // p
             add("interleaved placement", "all-to-all", stage_bytes, once, ("stage",), "F")
@@ -240,10 +241,11 @@ def source_of(name: str) -> str:
 def attribute(c: Collective) -> str:
     """Which part of the model a compiled collective belongs to, from its op and axes and the
     named scopes in its op_name."""
+    if c.op in ("collective-permute", "all-to-all") and c.axes == ("stage",) \
+            and not re.search(r"send_(activation|gradient)", c.name):
+        return "interleaved placement"  # the stage's weights to the chunks of other stages
     if c.op == "collective-permute" and "stage" in c.axes:
         return "pipeline send/recv"
-    if c.op == "all-to-all" and c.axes == ("stage",):
-        return "interleaved placement"
     if c.op == "all-gather" and c.axes == ("fsdp",) and source_of(c.name) != "embedding":
         return "FSDP weight gather"
     if c.op in ("all-reduce", "reduce-scatter") and "tensor" not in c.axes:

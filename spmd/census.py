@@ -127,8 +127,10 @@ def flops(compiled_text: str, mesh, schedule: str = "gpipe", microbatches: int =
 
 
 def by_kind(rows) -> dict[tuple[str, tuple[str, ...]], float]:
-    """Bytes per device per step by (op kind, mesh axes)."""
+    """Bytes per device per step by (op kind, mesh axes); the interleaved placement's moves are
+    their own kind: XLA's partitioner picks all-to-alls or collective-permutes for them."""
     out: dict[tuple[str, tuple[str, ...]], float] = {}
     for r in rows:
-        out[r.op, r.axes] = out.get((r.op, r.axes), 0.0) + r.total_bytes
+        key = (r.source if r.source == "interleaved placement" else r.op, r.axes)
+        out[key] = out.get(key, 0.0) + r.total_bytes
     return out
