@@ -6,7 +6,8 @@ A layout is a mesh spec, optionally `:schedule` and `+sp` (sequence parallelism)
 `data=2,stage=2,tensor=2:1f1b` or `data=2,tensor=4+sp`. Prints a markdown table of ratios
 (step time, communicated bytes against DESIGN section 2's closed forms, FLOPs against one
 device) and the step time that p real devices would take (`predicted_step_s`: the simulator's
-makespan with each action's cost timed alone; see BENCHMARKS.md), and, with --json FILE, every
+makespan with each action's cost timed alone; `predicted_lockstep_s`: the same costs through
+this executor's lockstep ticks; see BENCHMARKS.md), and, with --json FILE, every
 number; --png FILE plots peak memory and compile time against the micro-batch count for the
 pipeline layouts (needs matplotlib).
 """
@@ -83,7 +84,7 @@ def main() -> int:
     from pipeline.simulate import simulate
     from spmd import analysis
     from spmd.data import Batches, stdlib_corpus
-    from spmd.measure import measure, predict_step_s, time_actions
+    from spmd.measure import measure, predict_lockstep_s, predict_step_s, time_actions
     from spmd.mesh import make_mesh
     from spmd.rules import Rules
     from spmd.train_step import TrainConfig, Trainer
@@ -108,15 +109,17 @@ def main() -> int:
         if layout == "single":
             costs = action_s(cfg.n_layers, args.batch_size, False)
             return {"action_layers": cfg.n_layers, "action_rows": args.batch_size,
-                    "action_s": costs, "predicted_step_s": costs["F"] + costs["B"]}
+                    "action_s": costs, "predicted_step_s": costs["F"] + costs["B"],
+                    "predicted_lockstep_s": costs["F"] + costs["B"]}
         if p == 1:
             return {"action_layers": None, "action_rows": None, "action_s": None,
-                    "predicted_step_s": None}
+                    "predicted_step_s": None, "predicted_lockstep_s": None}
         sched = make_schedule(schedule, p, m, v)
         layers = cfg.n_layers // (p * v)
         costs = action_s(layers, rows_per_mb, sched.split_backward)
         return {"action_layers": layers, "action_rows": rows_per_mb, "action_s": costs,
-                "predicted_step_s": predict_step_s(sched, costs)}
+                "predicted_step_s": predict_step_s(sched, costs),
+                "predicted_lockstep_s": predict_lockstep_s(schedule, p, m, v, costs)}
 
     rows = []
     for layout, m in runs:
@@ -175,7 +178,8 @@ def main() -> int:
             print(f"{r['layout']} m={r['microbatches']}: {r['action_layers']} layers x "
                   f"{r['action_rows']} rows, " + ", ".join(
                       f"{k} {s * 1e3:.2f} ms" for k, s in r["action_s"].items())
-                  + f"; predicted {r['predicted_step_s'] * 1e3:.1f} ms, "
+                  + f"; predicted {r['predicted_step_s'] * 1e3:.1f} ms (schedule), "
+                  f"{r['predicted_lockstep_s'] * 1e3:.1f} ms (this executor, lockstep ticks), "
                   f"measured {r['step_s'] * 1e3:.1f} ms")
     out = {"results": rows}
     if args.generate:

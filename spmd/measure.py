@@ -108,6 +108,21 @@ def time_actions(cfg, layers: int, b_mb: int, seq: int, remat: str = "none",
     return _fastest_s(calls, repeats)
 
 
+def predict_lockstep_s(name: str, stages: int, microbatches: int, virtual_stages: int,
+                       seconds: dict[str, float]) -> float:
+    """The step of this project's executor on p real devices: its ticks run in lockstep (every
+    tick ends with the sends, which every stage joins), so a tick lasts as long as the slowest
+    action in it, Σ over ticks of max over stages. `predict_step_s` is the schedule's own
+    makespan, each stage free to run ahead; the two differ where a tick mixes actions of
+    unequal cost (1F1B's steady state: an F beside a B)."""
+    from pipeline.executor import BWD, BWD_DW, BWD_DX, CODE, FWD, plan
+
+    table = plan(name, stages, microbatches, virtual_stages).table[:, :, CODE]
+    kind = {FWD: "F", BWD: "B", BWD_DX: "B", BWD_DW: "W"}
+    cost = np.vectorize(lambda code: seconds[kind[code]] if code in kind else 0.0)(table)
+    return float(cost.max(1).sum())
+
+
 def predict_step_s(schedule, seconds: dict[str, float], resolution: int = 1000) -> float:
     """The simulator's makespan of `schedule` with per-action costs in seconds.
 

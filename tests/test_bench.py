@@ -5,7 +5,7 @@ import pytest
 
 from models import PRESETS
 from pipeline.schedules import make_schedule
-from spmd.measure import predict_step_s, time_actions
+from spmd.measure import predict_lockstep_s, predict_step_s, time_actions
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -32,3 +32,20 @@ def test_predicted_step_follows_unequal_costs():
     assert got == pytest.approx(3 * (8 + 4 - 1) * unit, rel=1e-9)
     zb = predict_step_s(make_schedule("zb-h1", 4, 8), dict.fromkeys("FBW", unit))
     assert zb == pytest.approx((3 * 8 + 4 - 1) * unit, rel=1e-9)
+
+
+@pytest.mark.parametrize("p,m", [(2, 4), (4, 8)])
+def test_lockstep_prediction(p, m):
+    """The executor's ticks run in lockstep, each as long as its slowest action. GPipe's never
+    mix F and B (all forwards, then all backwards): (m + p − 1)(F + B), the schedule's own
+    makespan. 1F1B's steady state puts an F beside a B: with F < B it pays B on those ticks, so
+    lockstep is slower than the schedule's makespan, and equal to it when F = B."""
+    f, b = 1e-3, 2e-3
+    gpipe = predict_lockstep_s("gpipe", p, m, 1, {"F": f, "B": b})
+    assert gpipe == pytest.approx((m + p - 1) * (f + b), rel=1e-9)
+    costs = {"F": f, "B": b}
+    assert predict_lockstep_s("1f1b", p, m, 1, costs) > predict_step_s(
+        make_schedule("1f1b", p, m), costs) * (1 + 1e-6)
+    equal = {"F": b, "B": b}
+    assert predict_lockstep_s("1f1b", p, m, 1, equal) == pytest.approx(
+        predict_step_s(make_schedule("1f1b", p, m), equal), rel=1e-9)
