@@ -26,7 +26,7 @@ LAYOUTS = ["data=8", "tensor=8", "fsdp=2,tensor=4", "data=2,tensor=4", "data=2,t
            "data=2,stage=2,tensor=2:gpipe", "data=2,stage=2,tensor=2:1f1b",
            "data=2,stage=2,tensor=2:zb-h1", "data=2,stage=2,tensor=2:interleaved",
            "data=2,stage=2,tensor=2:1f1b+sp", "stage=4,tensor=2:gpipe", "stage=4,tensor=2:1f1b",
-           "stage=4,tensor=2:zb-h1", "stage=4,tensor=2:interleaved"]
+           "stage=4,tensor=2:zb-h1"]  # interleaved on stage=4: --layers 8 (small has 4)
 
 
 def parse_layout(text: str) -> tuple[str, str, bool]:

@@ -158,13 +158,20 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
         dx = b_shard * seq * h * 4 // (t if sp else 1)
         add("pipeline boundary", ar, head_bytes_per_device(cfg, t) + dx + 4, once, ("stage",),
             "step")
-        if virtual_stages > 1:  # stage s runs layers of other stages' blocks: moved each step,
-            # the weights there and their gradients back (an all-to-all per parameter for p = 2;
-            # for p = 4 XLA's partitioner moves them in two steps, twice these bytes: measured)
+        if virtual_stages > 1:
+            # Stage s runs layers that the canonical layout (contiguous over `stage`) keeps on
+            # other stages: every step the stage's weights move to their chunks, and their
+            # gradients back. XLA's partitioner reshards [v, p, ...] to [p, v, ...] with one
+            # all-to-all when p = v, and with an all-to-all then a collective-permute, each of
+            # the stage's bytes, when p > v (measured for p, v = 2, 2; 4, 2; 8, 2).
             c = param_counts(cfg)
             stage_bytes = 4 * (c["layer_tp"] // t + c["layer_rep"]) * cfg.n_layers // p
-            add("interleaved placement", "all-to-all", stage_bytes, once, ("stage",), "F")
-            add("interleaved placement", "all-to-all", stage_bytes, once, ("stage",), "B")
+            moves = [("all-to-all", stage_bytes)]
+            if p > virtual_stages:
+                moves.append(("collective-permute", stage_bytes))
+            for op, size in moves:
+                for phase in "FB":
+                    add("interleaved placement", op, size, once, ("stage",), phase)
     fsdp = mesh["fsdp"] > 1
     if fsdp and p == 1:
         # ZeRO-3: each layer's weights gathered over fsdp before its forward and again before
