@@ -165,7 +165,8 @@ def main() -> int:
     for r in rows:
         comm = f"{r['comm_bytes_ratio']:.2f}" if r["comm_bytes_ratio"] else "-"
         pred = f"{r['predicted_ratio']:.2f}" if r["predicted_ratio"] else "-"
-        print(f"| {r['layout'].split(':')[0]} | {r['schedule']} | {r['microbatches']} | "
+        name = parse_layout(r["layout"])[0] + ("+sp" if r["sequence_parallel"] else "")
+        print(f"| {name} | {r['schedule']} | {r['microbatches']} | "
               f"{r['step_time_ratio']:.2f} | {pred} | {comm} | {r['executed_flops_ratio']:.3f} | "
               f"{r['recompute_flops_ratio']:.3f} | {r['peak_bytes_per_device'] / 2**20:.1f} | "
               f"{r['compile_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['bubble_fraction']:.2f} | "
