@@ -73,26 +73,6 @@ def run_logits(args) -> None:
               f"(logit {row.max():.4f})")
 
 
-def restore_step(directory: Path, step: int, trainer, info: dict):
-    """(params, run record) of checkpoint `step` of the run whose latest record is `info`,
-    opened read only as `spmd.sampling.load` opens the latest (it takes no step)."""
-    import logging
-
-    import orbax.checkpoint as ocp
-
-    from spmd.checkpoint import ITEMS, STEP_PREFIX, CheckpointManager
-
-    options = ocp.CheckpointManagerOptions(step_prefix=STEP_PREFIX, read_only=True,
-                                           save_interval_steps=0, create=False)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # "the directory is read only": we know
-    raw = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
-    try:
-        params, _, info = CheckpointManager(directory, raw, info).restore(step, trainer)
-    finally:
-        raw.close()
-    return params, info
-
-
 def run_export(args) -> None:
     import jax
 
@@ -100,10 +80,8 @@ def run_export(args) -> None:
     from spmd.sampling import load
 
     hf.check_new_folder(args.out)  # before reading anything
-    trainer, params, info = load(args.checkpoint_dir, "data=1", 1, jax.devices()[:1])
-    if args.step is not None and args.step != info["step"]:
-        params, info = restore_step(Path(args.checkpoint_dir).absolute(), args.step, trainer,
-                                    info)
+    trainer, params, info = load(args.checkpoint_dir, "data=1", 1, jax.devices()[:1],
+                                 step=args.step)
     hf.export(trainer.cfg, params, args.out)
     print(f"step {info['step']} of {args.checkpoint_dir} written to {args.out} "
           f"({trainer.cfg.style}, {trainer.cfg.n_layers} layers)")

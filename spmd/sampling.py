@@ -47,8 +47,10 @@ def _check_no_stage(mesh_spec: str) -> None:
                           f"(got {mesh_spec})")
 
 
-def load(directory: str | Path, mesh_spec: str, seq_len: int, devices=None):
-    """(trainer, params, run record) of the latest checkpoint in `directory`, on `mesh_spec`.
+def load(directory: str | Path, mesh_spec: str, seq_len: int, devices=None,
+         step: int | None = None):
+    """(trainer, params, run record) of checkpoint `step` (default the latest) in `directory`,
+    on `mesh_spec`.
 
     The trainer is built from the saved model and train config; the checkpoint is opened read
     only (a training run may still be writing there). Params are mesh-independent, so a run
@@ -68,9 +70,12 @@ def load(directory: str | Path, mesh_spec: str, seq_len: int, devices=None):
         absl.setLevel(level)
     try:
         probe = CheckpointManager(directory, raw, {})
-        step = probe.latest_step()
+        step = probe.latest_step() if step is None else step
         if step is None:
             raise ConfigError(f"no checkpoint in {directory}; train with --checkpoint-dir first")
+        if step not in probe.all_steps():
+            raise ConfigError(f"--step {step}: no checkpoint of that step in {directory}; saved "
+                              f"steps: {probe.all_steps()}")
         info = probe.read_info(step)
         cfg = ModelConfig(**_known(ModelConfig, info["model"]))
         _check_length(seq_len, cfg)

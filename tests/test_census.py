@@ -74,7 +74,7 @@ def test_census_equals_closed_form(case):
     kind and mesh axes, bytes within 1%: XLA combines the once-per-step sums as it likes, and
     the optimizer's gradient-norm partial sums (a few floats) are not in the closed forms, nor
     (FSDP with tensor) the token ids that the partitioner moves for the embedding lookup."""
-    tr, got, want, _ = executed(case)
+    _, got, want, _ = executed(case)
 
     def key(r):
         return r.source, r.phase, r.op, r.axes
@@ -97,7 +97,7 @@ def test_census_equals_closed_form(case):
 def test_executed_flops_are_the_model_plus_recompute(case):
     """Loop-aware matmul FLOPs of all devices: the model's 6N + 12Lhs per token, plus what
     rematerialisation re-runs, which the census names ("recompute")."""
-    mesh, _, cfg, kw = CASES[case]
+    cfg = CASES[case][2]
     tr, _, _, flops = executed(case)
     dots = flops["dot"]
     model = analysis.model_flops(cfg, BATCH, SEQ)
@@ -119,7 +119,7 @@ def test_pipeline_flops_equal_actions_alone_times_the_table(case):
     """A second way to the same figure: compile each action (F, B, W, the last stage's head
     and loss) alone on one device, for one micro-batch of one data shard, and weight it by the
     ticks of the schedule table that run it, on every stage and data shard."""
-    mesh, _, cfg, kw = CASES[case]
+    cfg = CASES[case][2]
     tr, _, _, flops = executed(case)
     tc, p, d = tr.tc, tr.stages, tr.mesh.shape["data"] * tr.mesh.shape["fsdp"]
     pl = plan(tc.schedule, p, tc.microbatches, tc.virtual_stages)
@@ -160,7 +160,7 @@ def test_no_sharded_weight_is_all_gathered():
 def test_pipeline_moves_activations_only():
     """Every send is one micro-batch's activation (or its gradient), over `stage`: GPipe sends
     activations on its first m + p − 2 ticks and gradients on its last m + p − 2."""
-    tr, got, _, _ = executed("gpipe")
+    _, got, _, _ = executed("gpipe")
     x_mb = BATCH // 2 // 2 * SEQ * TEST_MODEL.d_model * 4
     sends = [c for c in got if c.op == "collective-permute"]
     n = 2 + 2 - 2
