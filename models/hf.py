@@ -19,6 +19,7 @@ RoPE needs no permutation: HF's Llama applies it in the rotate-half form (its co
 permutes Meta's interleaved q/k rows into that form), as `models.transformer.rotary` does.
 """
 
+import abc
 import dataclasses
 import itertools
 import json
@@ -42,16 +43,18 @@ def _bounds(index: Index, shape: tuple[int, ...]) -> list[tuple[int, int]]:
     return [s.indices(n)[:2] for s, n in zip(index, shape, strict=True)]
 
 
-class Node:
+class Node(abc.ABC):
+    """One of our arrays as a tree over HF tensors: `Leaf`, `Zeros` or `Concat`."""
+
     shape: tuple[int, ...]
 
+    @abc.abstractmethod
     def read(self, folder: "Folder", index: Index) -> np.ndarray:
         """Our array's elements at `index` (unit-step slices), float32."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def write(self, array: np.ndarray, out: dict[str, np.ndarray]) -> None:
         """Scatter our full array into the HF tensors of `out` (allocated as `hf_shapes`)."""
-        raise NotImplementedError
 
     def leaves(self):
         yield from ()

@@ -151,14 +151,20 @@ def sends(pl: Plan) -> dict[str, np.ndarray]:
             "send_gradient": (pl.table[:, :, G_PUT] != pl.slots["g"]).any(1)}
 
 
+def _branches(pl: Plan) -> tuple[np.ndarray, list[int]]:
+    """([ticks, p] key of each (action, last) pair, the keys used, idle always among them):
+    key k is action code k % 5 of the last virtual stage's variant when k >= 5."""
+    keys = pl.table[:, :, CODE] + 5 * pl.table[:, :, LAST]
+    return keys, sorted({0, *np.unique(keys).tolist()})
+
+
 def action_counts(pl: Plan) -> dict[str, np.ndarray]:
     """Per action scope, the ticks each stage runs it: [p] counts, summing to the tick count;
     per send scope, the ticks it runs (the same on every stage)."""
-    keys = pl.table[:, :, CODE] + 5 * pl.table[:, :, LAST]
-    p = keys.shape[1]
-    counts = {action_scope(KINDS[k % 5], k >= 5): (keys == k).sum(0)
-              for k in np.unique(np.concatenate([keys.ravel(), [0]]))}
-    return counts | {name: np.full(p, ticks.sum()) for name, ticks in sends(pl).items()}
+    keys, used = _branches(pl)
+    counts = {action_scope(KINDS[k % 5], k >= 5): (keys == k).sum(0) for k in used}
+    return counts | {name: np.full(keys.shape[1], ticks.sum())
+                     for name, ticks in sends(pl).items()}
 
 
 def to_virtual_stages(stacked, p: int, v: int):
@@ -230,8 +236,7 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
         return run
 
     # Compile only the (action, last) pairs this table uses; CODE becomes a branch index.
-    keys = pl.table[:, :, CODE] + 5 * pl.table[:, :, LAST]
-    used = sorted({0, *np.unique(keys).tolist()})
+    keys, used = _branches(pl)
     branches = [branch(KINDS[k % 5], k >= 5) for k in used]
     makes_dw = jnp.asarray([k % 5 in (BWD, BWD_DX, BWD_DW) for k in used])
     table = pl.table.copy()

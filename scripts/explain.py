@@ -143,7 +143,7 @@ def explain(args: argparse.Namespace) -> dict:
         from pipeline.simulate import simulate
 
         sim = simulate(make_schedule(args.schedule, p, m, args.virtual_stages))
-        ticks, runs = census.action_ticks(*where[1:2], p, m, args.virtual_stages)
+        ticks, runs = census.action_ticks(args.schedule, p, m, args.virtual_stages)
         out["pipeline_schedule"] = {
             "schedule": args.schedule, "microbatches": m, "virtual_stages": args.virtual_stages,
             "bubble_fraction": sim.bubble_fraction, "timeline": ascii_timeline(sim),

@@ -75,14 +75,20 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
             "head_rep": 2 * h if gpt2 else h}
 
 
+def layer_bytes(cfg: ModelConfig, t: int) -> int:
+    """One layer's parameters on one device, float32 (split over tensor where they are)."""
+    c = param_counts(cfg)
+    return 4 * (c["layer_tp"] // t + c["layer_rep"])
+
+
 def grad_bytes_per_device(cfg: ModelConfig, mesh: dict[str, int], seq: int) -> int:
     """Gradient bytes one device all-reduces over data: its parameter shard, float32
     (≈ |θ|/(t·p); embedding, head and norms are not split over stage). Of gpt2's learned
     positions only the `seq` rows in use have a gradient that is not known to be zero."""
     c, t, p = param_counts(cfg), mesh["tensor"], mesh["stage"]
-    per = (c["layer_tp"] // t + c["layer_rep"]) * cfg.n_layers // p
     positions = min(seq, cfg.max_seq_len) * cfg.d_model if c["positions"] else 0
-    return 4 * (per + c["embedding"] // t + positions + c["head_tp"] // t + c["head_rep"])
+    return (layer_bytes(cfg, t) * cfg.n_layers // p
+            + 4 * (c["embedding"] // t + positions + c["head_tp"] // t + c["head_rep"]))
 
 
 def head_bytes_per_device(cfg: ModelConfig, t: int) -> int:
@@ -164,8 +170,7 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
             # gradients back. XLA's partitioner reshards [v, p, ...] to [p, v, ...] with one
             # all-to-all when p = v, and with an all-to-all then a collective-permute, each of
             # the stage's bytes, when p > v (measured for p, v = 2, 2; 4, 2; 8, 2).
-            c = param_counts(cfg)
-            stage_bytes = 4 * (c["layer_tp"] // t + c["layer_rep"]) * cfg.n_layers // p
+            stage_bytes = layer_bytes(cfg, t) * cfg.n_layers // p
             moves = [("all-to-all", stage_bytes)]
             if p > virtual_stages:
                 moves.append(("collective-permute", stage_bytes))
@@ -178,9 +183,8 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
         # its backward (still split over tensor), the head's before its forward (its norm again
         # in the backward); the embedding lookup trades rows for columns (all-to-all) instead.
         c, f = param_counts(cfg), ("fsdp",)
-        layer = 4 * (c["layer_tp"] // t + c["layer_rep"])
-        add("FSDP weight gather", ag, layer, (cfg.n_layers,), f, "F")
-        add("FSDP weight gather", ag, layer, (cfg.n_layers,), f, "B")
+        for phase in "FB":
+            add("FSDP weight gather", ag, layer_bytes(cfg, t), (cfg.n_layers,), f, phase)
         add("FSDP weight gather", ag, 4 * (c["head_tp"] // t + c["head_rep"]), once, f, "F")
         add("FSDP weight gather", ag, 4 * c["head_rep"], once, f, "B")
         add("embedding", "all-to-all", x_shard, once, f, "F")
@@ -191,21 +195,13 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
     if d > 1:
         axes = tuple(a for a in ("data", "fsdp") if mesh[a] > 1)
         extra = 0
-        if fsdp and p == 1:  # the embedding's gradient left with its all-to-all
-            extra -= 4 * param_counts(cfg)["embedding"] // t
         if p > 1:  # the loss; a tied embedding's head part is averaged in the loop's boundary
             extra = 4 + (param_counts(cfg)["embedding"] // t * 4 if cfg.tie_embeddings else 0)
+        elif fsdp:  # the embedding's gradient left with its all-to-all
+            extra = -4 * param_counts(cfg)["embedding"] // t
         add("gradient reduction", ar, grad_bytes_per_device(cfg, mesh, seq) + extra, once, axes,
             "step")
     return rows
-
-
-def by_kind(rows) -> dict[str, int]:
-    """Total bytes per op kind, for Expected or measured Collective rows alike."""
-    out: dict[str, int] = {}
-    for r in rows:
-        out[r.op] = out.get(r.op, 0) + r.total_bytes
-    return out
 
 
 def model_flops(cfg: ModelConfig, batch: int, seq: int) -> float:

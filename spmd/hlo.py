@@ -440,7 +440,8 @@ def _names(comps: dict[str, list[_Instr]]):
 
 
 def census(colls: list[Collective]) -> dict[str, dict]:
-    """Per op kind: {'count': executions per call, 'bytes': bytes moved per device per call}."""
+    """Per op kind: {'count': executions per call, 'bytes': bytes moved per device per call};
+    for `Collective` rows or `spmd.census.Executed` ones (counts per stage, averaged)."""
     out: dict[str, dict] = {}
     for c in colls:
         entry = out.setdefault(c.op, {"count": 0, "bytes": 0})

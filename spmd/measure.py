@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spmd import census
+from spmd import census, hlo
 from spmd.train_step import Trainer
 
 
@@ -50,13 +50,9 @@ def executed(trainer: Trainer, text: str) -> dict:
     bytes per device per step, the mean over stages) and FLOPs of all devices by phase."""
     tc = trainer.tc
     where = (trainer.mesh, tc.schedule, tc.microbatches, tc.virtual_stages)
-    colls: dict[str, dict] = {}
-    for c in census.collectives(text, *where):
-        entry = colls.setdefault(c.op, {"count": 0.0, "bytes": 0.0})
-        entry["count"] += c.count
-        entry["bytes"] += c.total_bytes
     flops = census.flops(text, *where)
-    return {"collectives": colls, "executed_flops": sum(flops["dot"].values()),
+    return {"collectives": hlo.census(census.collectives(text, *where)),
+            "executed_flops": sum(flops["dot"].values()),
             "executed_flops_by_phase": flops["dot"],
             "elementwise_flops": sum(flops["elementwise"].values())}
 
