@@ -190,7 +190,8 @@ def test_logits_cli_json():
 
 
 def test_fine_tune_from_hf_then_export(tmp_path, capfd):
-    """train.py --init-from-hf --tokenizer trains two steps; scripts/hf.py exports the saved
+    """train.py --init-from-hf --tokenizer trains two steps (also through zb-h1 in bfloat16,
+    from the same loss); scripts/hf.py exports the saved
     params (the latest, and --step 0) as folders that load back to the same arrays; --out is
     never overwritten."""
     llama, ckpt, out = str(FIXTURES / "llama"), tmp_path / "ckpt", tmp_path / "out"
@@ -198,11 +199,20 @@ def test_fine_tune_from_hf_then_export(tmp_path, capfd):
     one_line_error(capfd, code, "--heads 4 conflicts", "n_heads=16")
     text = tmp_path / "text.txt"
     text.write_text((ROOT / "README.md").read_text()[:20_000])
-    assert train_script.main([
-        "--init-from-hf", llama, "--tokenizer", llama, "--data", str(text), "--steps", "2",
-        "--batch-size", "4", "--seq-len", "16", "--eval-every", "0", "--mesh",
-        "data=2,tensor=4", "--lr", "1e-2", "--warmup", "1", "--checkpoint-dir", str(ckpt),
-        "--checkpoint-every", "1"]) == 0
+    run = ["--init-from-hf", llama, "--tokenizer", llama, "--data", str(text), "--steps", "2",
+           "--batch-size", "4", "--seq-len", "16", "--eval-every", "0", "--lr", "1e-2",
+           "--warmup", "1"]
+    assert train_script.main([*run, "--mesh", "data=2,tensor=4", "--checkpoint-dir", str(ckpt),
+                              "--checkpoint-every", "1", "--metrics",
+                              str(tmp_path / "f32.jsonl")]) == 0
+    # The same start through a pipeline schedule in bfloat16: step 1's loss is the loaded
+    # model's on the first batch, so it differs from float32's by bf16 rounding only.
+    assert train_script.main([*run, "--mesh", "data=2,stage=2,tensor=2", "--schedule", "zb-h1",
+                              "--microbatches", "2", "--dtype", "bfloat16", "--metrics",
+                              str(tmp_path / "bf16.jsonl")]) == 0
+    f32, bf16 = (json.loads((tmp_path / f"{n}.jsonl").read_text().splitlines()[0])["loss"]
+                 for n in ("f32", "bf16"))
+    assert 0 < abs(f32 - bf16) <= 0.02, (f32, bf16)
     capfd.readouterr()
     assert hf_script.main(["export", "--checkpoint-dir", str(ckpt), "--out", str(out)]) == 0
     from spmd.sampling import load

@@ -1,6 +1,7 @@
 """Generation with a KV cache: the same tokens as recomputing the whole sequence, on one device
 and on a data x tensor mesh, for both model styles; the cache sharded like the keys and values."""
 
+import dataclasses
 import functools
 import shutil
 from pathlib import Path
@@ -40,8 +41,8 @@ def model(request):
     return request.param, initial(request.param)[0]
 
 
-def on_mesh(style, params, mesh_spec):
-    tr = trainer(config(style), mesh_spec, shape=(2 if mesh_spec != "single" else 1, 16))
+def on_mesh(cfg, params, mesh_spec):
+    tr = trainer(cfg, mesh_spec, shape=(2 if mesh_spec != "single" else 1, 16))
     return tr, jax.device_put(params, tr.param_shardings)
 
 
@@ -49,21 +50,33 @@ def test_greedy_cached_matches_uncached(model):
     """Token-identical on every mesh: the uncached single-device output is the reference, and
     every data shard's row is the same (they share the prompt)."""
     style, host = model
+    assert_cached_matches_uncached(config(style), host)
+
+
+@pytest.mark.parametrize("style", ["llama", "gpt2"])
+def test_greedy_cached_matches_uncached_in_bfloat16(style):
+    """The same in bfloat16 compute (float32 weights): the cache holds bf16 keys and values."""
+    cfg = dataclasses.replace(config(style), compute_dtype="bfloat16")
+    assert_cached_matches_uncached(cfg, initial(style)[0])
+
+
+def assert_cached_matches_uncached(cfg, host):
     reference = None
     for mesh_spec in MESHES:
-        tr, params = on_mesh(style, host, mesh_spec)
+        tr, params = on_mesh(cfg, host, mesh_spec)
         uncached = generate(tr, params, PROMPT, NEW, cache=False)
         cached = generate(tr, params, PROMPT, NEW)
         reference = uncached[0] if reference is None else reference
         assert len(set(reference[PROMPT.size:])) > 3, reference  # varied: positions matter
         for row in (*uncached, *cached):
-            np.testing.assert_array_equal(row, reference, err_msg=f"{style} on {mesh_spec}")
+            np.testing.assert_array_equal(row, reference,
+                                          err_msg=f"{cfg.style} {cfg.compute_dtype} {mesh_spec}")
 
 
 def test_cache_is_sharded_over_batch_and_kv_heads(model):
     """After the prefill, each device holds 1/data of the rows and 1/tensor of the kv heads."""
     style, host = model
-    tr, params = on_mesh(style, host, "data=2,tensor=4")
+    tr, params = on_mesh(config(style), host, "data=2,tensor=4")
     from flax import nnx
     from flax.core import spmd as flax_spmd
 
@@ -82,7 +95,7 @@ def test_cache_is_sharded_over_batch_and_kv_heads(model):
 
 
 def test_generation_speed_reports_both_paths():
-    tr, params = on_mesh("llama", initial("llama")[0], "single")
+    tr, params = on_mesh(config("llama"), initial("llama")[0], "single")
     speed = generation_speed(tr, params, prompt_len=4, new_tokens=4, repeats=1)
     assert set(speed) == {"cached_tokens_per_s", "uncached_tokens_per_s"}
     assert all(v > 0 for v in speed.values())
