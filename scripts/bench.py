@@ -121,13 +121,20 @@ def main() -> int:
                 "predicted_step_s": predict_step_s(sched, costs),
                 "predicted_lockstep_s": predict_lockstep_s(schedule, p, m, v, costs)}
 
-    rows = []
-    for layout, m in runs:
+    def trainer(layout, m):
         spec, schedule, sp = parse_layout("data=1" if layout == "single" else layout)
         mesh = make_mesh(spec, jax.devices()[:1] if layout == "single" else None)
         v = 2 if schedule == "interleaved" else 1
         tc = TrainConfig(microbatches=m, schedule=schedule, virtual_stages=v, remat=args.remat)
-        result = measure(Trainer(cfg, tc, mesh, Rules(sp), shape), inputs, targets, args.steps)
+        return Trainer(cfg, tc, mesh, Rules(sp), shape)
+
+    # Every layout is checked (a Trainer compiles nothing) before the first one is measured.
+    trainers = [trainer(layout, m) for layout, m in runs]
+    rows = []
+    for (layout, m), tr in zip(runs, trainers, strict=True):
+        mesh, sp = tr.mesh, tr.rules.sequence_parallel
+        schedule, v = tr.tc.schedule, tr.tc.virtual_stages
+        result = measure(tr, inputs, targets, args.steps)
         p = mesh.shape["stage"]
         expected = analysis.expected(cfg, dict(mesh.shape), *shape, m, schedule, v, sp,
                                      args.remat)
@@ -207,5 +214,16 @@ def main() -> int:
     return 0
 
 
+def run() -> int:
+    """`main`, with a bad setting (a layout the model or batch does not fit) as one line."""
+    from models import ConfigError
+
+    try:
+        return main()
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run())
