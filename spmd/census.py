@@ -1,15 +1,15 @@
 """What one train step executes, per stage: every collective and every FLOP of the compiled
 program, weighted by how often it really runs.
 
-`spmd.hlo` multiplies loop trip counts but cannot know which branch of a `lax.switch` runs: it
+`spmd.hlo` multiplies loop trip counts but cannot know which branch of a `lax.cond` runs: it
 counts every branch on every trip. The pipeline executor (`pipeline.executor`) runs one action
 per tick on each stage, picked from its schedule table, and names each action's ops
-(`action_F`, `action_B_last`, ...). So an op in action a, counted c times by `spmd.hlo` (once
+(`action_F`, `action_head`, `action_B`, ...). So an op in action a, counted c times by `spmd.hlo` (once
 per tick of the loop, times any inner trip count), runs c · n_a(s) / ticks times on stage s,
 where n_a(s) is the number of ticks that stage s runs a: the table decides, not the design.
 The sends (`send_activation`, `send_gradient`) run only on the ticks where a stage receives.
 
-Each op gets a phase from the action that runs it (F, B, W, the head and loss of the last
+Each op gets a phase from the action that runs it (F, B, W, the head and loss after the last
 stage's F, a forward re-run inside a backward as "recompute") or, outside the executor, from
 its name (a transpose is backward); sends are forward activations or backward gradients by
 their scope; the once-per-step sums after the loop and the optimizer's are "step".
@@ -24,7 +24,7 @@ import numpy as np
 
 from spmd import analysis, hlo
 
-_ACTION = re.compile(r"(?:^|/)action_(idle|F|B|BX|BW)(_last)?(?=/|$)")
+_ACTION = re.compile(r"(?:^|/)action_(idle|F|head|B|BX|BW)(?=/|$)")
 _SEND = re.compile(r"(?:^|/)(send_activation|send_gradient)(?=/|$)")
 PHASES = ("F", "B", "W", "head/loss", "recompute", "step")
 
@@ -67,7 +67,7 @@ def _counts(name: str, count: int, ticks, p: int) -> tuple[float, ...]:
     if ticks is None or not (action or send):
         return (float(count),) * p
     n, per_stage = ticks
-    scope = send.group(1) if send else f"action_{action.group(1)}{action.group(2) or ''}"
+    scope = send.group(1) if send else f"action_{action.group(1)}"
     return tuple(float(count * r / n) for r in per_stage[scope])
 
 
@@ -84,8 +84,8 @@ def phase(name: str, source: str) -> str:
     action = _ACTION.search(name)
     if action:
         kind = action.group(1)
-        if kind == "F":
-            return "head/loss" if source in ("head", "loss") else "F"
+        if kind in ("F", "head"):
+            return "head/loss" if kind == "head" or source in ("head", "loss") else "F"
         if kind == "BW":
             return "W"
         # B rebuilds the pullback: anything of its own that is not a transpose is a re-run
