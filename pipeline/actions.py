@@ -50,10 +50,11 @@ class StageActions:
 
     # ---- F -----------------------------------------------------------------------------
     def forward(self, w, x):
-        """(y, stash): the stage output and what B (and W) need, as a tuple of arrays."""
+        """(y, stash, inputs): the stage output, what B needs and, split, what W needs from F
+        (each weight product's input; () unsplit), as tuples of arrays."""
         if not self.split:
             y, pull = jax.vjp(self.run_stage, w, x)
-            return y, self._pack(pull, w)
+            return y, self._pack(pull, w), ()
         leaves, _ = jax.tree.flatten(w)
         is_w = _is_weight(w)
         weights = tuple(a for a, k in zip(leaves, is_w, strict=True) if k)
@@ -62,7 +63,7 @@ class StageActions:
                            for s in self._product_shapes(w, x)))
         y, pull, inputs = jax.vjp(lambda o, x, p: self._tapped(w, weights, o, x, p),
                                   others, x, perts, has_aux=True)
-        return y, self._pack(pull, w) + inputs
+        return y, self._pack(pull, w), inputs
 
     def _tapped(self, w, weights, others, x, perts):
         """The stage forward with perts[i] added to the i-th weight product's output; returns
@@ -119,11 +120,10 @@ class StageActions:
 
     # ---- B -----------------------------------------------------------------------------
     def backward(self, w, stash, g):
-        """(dw, dx, w_stash) from F's stash and the output gradient g. Unsplit: dw is the whole
-        weight gradient and w_stash is (). Split: dw holds only the non-weight parameters' part,
-        and w_stash (each product's input, then its output gradient) is what W needs."""
-        n = len(stash) - (len(self.products) if self.split else 0)
-        it, params = iter(stash[:n]), jax.tree.leaves(w)
+        """(dw, dx, deltas) from F's stash and the output gradient g. Unsplit: dw is the whole
+        weight gradient and deltas is (). Split: dw holds only the non-weight parameters' part,
+        and deltas (each product's output gradient) is what W needs from B."""
+        it, params = iter(stash), jax.tree.leaves(w)
         pull = jax.tree.unflatten(self.treedef, [next(it) if i is None else params[i]
                                                   for i in self.sources])
         if not self.split:
@@ -133,15 +133,14 @@ class StageActions:
         it = iter(d_others)
         dw = jax.tree.unflatten(jax.tree.structure(w), [
             jnp.zeros_like(a) if k else next(it) for a, k in zip(params, _is_weight(w))])
-        return dw, dx, tuple(stash[n:]) + tuple(deltas)
+        return dw, dx, tuple(deltas)
 
     # ---- W -----------------------------------------------------------------------------
-    def weight_grads(self, w, w_stash):
+    def weight_grads(self, w, inputs, deltas):
         """The weights' gradient: for each product, its inputᵀ·δ, batched over the layers."""
         params = jax.tree.leaves(w)
-        k = len(self.products)
         grads = [jnp.zeros_like(a) for a in params]
-        for (spec, i), a, d in zip(self.products, w_stash[:k], w_stash[k:], strict=True):
+        for (spec, i), a, d in zip(self.products, inputs, deltas, strict=True):
             def one(a, d, wi, spec=spec):
                 def product(wi):
                     return jnp.einsum(spec, a, wi.astype(a.dtype))

@@ -19,8 +19,9 @@ the weight-gradient matmuls.
 
 Everything that waits between actions sits in a scan-carried ring buffer, in the slot `plan`
 assigned by interval colouring (write → last read), so the buffers hold only what is alive at
-once: stage inputs (arrival → F), output gradients (arrival → B), F's residuals (F → B) and
-W's inputs (B → W). For 1F1B that is at most p micro-batches each, whatever m.
+once: stage inputs (arrival → F), output gradients (arrival → B), F's residuals (F → B) and,
+split, each weight product's input (F → W) and output gradient (B → W). For 1F1B that is at
+most p micro-batches each, whatever m.
 
 `pipelined_loss` is a `jax.custom_vjp`: its forward does all of the above and keeps the
 gradients (blocks, head, inputs) as residuals; its backward scales them by the incoming
@@ -46,19 +47,20 @@ from pipeline.simulate import simulate
 IDLE, FWD, BWD_DX, BWD_DW, BWD = 0, 1, 2, 3, 4  # action codes; BWD: both input and weights
 KINDS = {IDLE: "idle", FWD: "F", BWD_DX: "BX", BWD_DW: "BW", BWD: "B"}
 # Table columns per (tick, stage): the action, then the ring-buffer slot of each read and write.
-(CODE, MB, CHUNK, FIRST, LAST, DXROW, X_GET, X_PUT, G_GET, G_PUT, G_OWN, R_GET, R_PUT, W_GET,
- W_PUT) = range(15)
+(CODE, MB, CHUNK, FIRST, LAST, DXROW, X_GET, X_PUT, G_GET, G_PUT, G_OWN, R_GET, R_PUT, I_GET,
+ I_PUT, W_GET, W_PUT) = range(17)
 BUFFERS = {  # buffer → its (read, write...) columns; a slot lives from its write to its read
     "x": (X_GET, X_PUT),  # stage inputs: arrival → F
     "g": (G_GET, G_PUT, G_OWN),  # output gradients: arrival (last stage: its own F) → B
     "r": (R_GET, R_PUT),  # F's residuals: F → B
-    "w": (W_GET, W_PUT),  # W's inputs (split backward): B → W
+    "i": (I_GET, I_PUT),  # split backward: each weight product's input, F → W
+    "w": (W_GET, W_PUT),  # split backward: each weight product's output gradient, B → W
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    table: np.ndarray  # [ticks, p, 15] int32
+    table: np.ndarray  # [ticks, p, 17] int32
     slots: dict[str, int]  # per buffer in BUFFERS: slots per stage (excluding the dummy slot)
     ring: bool  # interleaved: the last stage's F output goes to stage 0
     split: bool  # B is the input gradient only, W the weight gradient
@@ -91,7 +93,9 @@ def plan(name: str, p: int, m: int, v: int = 1) -> Plan:
         b = st[(s, Act("B", *key))]
         spans["r", s].append((t, b, key))
         if split:
-            spans["w", s].append((b, st[(s, Act("W", *key))], key))
+            w = st[(s, Act("W", *key))]
+            spans["i", s].append((t, w, key))
+            spans["w", s].append((b, w, key))
         if k > 0:  # the input arrives from virtual stage k-1 (stage 0 reads xs directly)
             ps, pc = sched.place(k - 1)
             spans["x", s].append((st[(ps, Act("F", a.microbatch, pc))], t, key))
@@ -105,7 +109,7 @@ def plan(name: str, p: int, m: int, v: int = 1) -> Plan:
         got, n = _colour(iv)
         slot.update({(buf, s, *key): sl for key, sl in got.items()})
         size[buf] = max(size[buf], n)
-    tab = np.zeros((ticks, p, 15), np.int32)
+    tab = np.zeros((ticks, p, len(BUFFERS) * 2 + 9), np.int32)
     for buf, cols in BUFFERS.items():
         tab[:, :, list(cols)] = size[buf]  # the dummy slot: reads and writes nobody needs
     tab[:, :, DXROW] = m
@@ -116,6 +120,8 @@ def plan(name: str, p: int, m: int, v: int = 1) -> Plan:
         row[MB], row[CHUNK], row[FIRST], row[LAST] = mb, c, k == 0, k == n_virtual - 1
         if a.kind == "F":
             row[CODE], row[R_PUT] = FWD, slot["r", s, mb, c]
+            if split:
+                row[I_PUT] = slot["i", s, mb, c]
             if k > 0:
                 row[X_GET] = slot["x", s, mb, c]
             if k == n_virtual - 1:
@@ -134,7 +140,7 @@ def plan(name: str, p: int, m: int, v: int = 1) -> Plan:
                 ps, pc = sched.place(k - 1)
                 tab[t, ps, G_PUT] = slot["g", ps, mb, pc]
         else:
-            row[CODE], row[W_GET] = BWD_DW, slot["w", s, mb, c]
+            row[CODE], row[I_GET], row[W_GET] = BWD_DW, slot["i", s, mb, c], slot["w", s, mb, c]
     return Plan(tab, size, ring=v > 1, split=split)
 
 
@@ -212,10 +218,10 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
         `action_scope`: the census weights them by the ticks that run the action."""
         return jax.lax.cond(flag, jax.named_scope(action_scope(kind))(action), unchanged, *args)
 
-    def forward(params, xs, xbuf, rbuf, r):
+    def forward(params, xs, xbuf, rbuf, ibuf, r):
         x = jnp.where(r[FIRST] == 1, xs[r[MB]], xbuf[r[X_GET]])
-        y, stash = act.forward(chunk_of(params, r[CHUNK]), x)
-        return vary((y, put(rbuf, r[R_PUT], stash)))
+        y, stash, inputs = act.forward(chunk_of(params, r[CHUNK]), x)
+        return vary((y, put(rbuf, r[R_PUT], stash), put(ibuf, r[I_PUT], inputs)))
 
     def head(hp, y, tgt, gbuf, acc_h, r):
         """The loss of this micro-batch, and its gradient for this stage's B."""
@@ -226,20 +232,21 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
 
     def backward(params, gbuf, rbuf, wbuf, acc_w, dxs, r):
         c = r[CHUNK]
-        dw, dx, w_stash = act.backward(chunk_of(params, c), tuple(b[r[R_GET]] for b in rbuf),
-                                       gbuf[r[G_GET]])
+        dw, dx, deltas = act.backward(chunk_of(params, c), tuple(b[r[R_GET]] for b in rbuf),
+                                      gbuf[r[G_GET]])
         acc_w = jax.tree.map(lambda A, d: A.at[c].add(d), acc_w, dw)
         if pl.split:
-            wbuf = put(wbuf, r[W_PUT], w_stash)
+            wbuf = put(wbuf, r[W_PUT], deltas)
         return vary((dx, acc_w, wbuf, dxs.at[r[DXROW]].set(dx)))
 
-    def weights(params, wbuf, acc_w, r):
+    def weights(params, ibuf, wbuf, acc_w, r):
         c = r[CHUNK]
-        dw = act.weight_grads(chunk_of(params, c), tuple(b[r[W_GET]] for b in wbuf))
+        dw = act.weight_grads(chunk_of(params, c), tuple(b[r[I_GET]] for b in ibuf),
+                              tuple(b[r[W_GET]] for b in wbuf))
         return vary(jax.tree.map(lambda A, d: A.at[c].add(d), acc_w, dw))
 
-    def no_forward(params, xs, xbuf, rbuf, r):
-        return vary((jnp.zeros_like(xbuf[0]), rbuf))
+    def no_forward(params, xs, xbuf, rbuf, ibuf, r):
+        return vary((jnp.zeros_like(xbuf[0]), rbuf, ibuf))
 
     def no_head(hp, y, tgt, gbuf, acc_h, r):
         return vary((jnp.zeros((), jnp.float32), gbuf, acc_h))
@@ -269,41 +276,43 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
         hp = vary(head_params)
         s = jax.lax.axis_index("stage")
         x0 = vary(xs[0])
-        # Trace F and B once to learn what F's stash and W's stash hold (and to fix the layout
-        # of the pullback that B rebuilds): the buffers are sized from these shapes.
+        # Trace F and B once to learn what F and B keep for later actions (and to fix the
+        # layout of the pullback that B rebuilds): the buffers are sized from these shapes.
         def probe(w, x):
-            stash = act.forward(w, x)[1]
-            return stash, act.backward(w, stash, x)[2]
+            _, stash, inputs = act.forward(w, x)
+            return stash, inputs, act.backward(w, stash, x)[2]
 
-        stash, w_stash = jax.eval_shape(probe, jax.tree.map(lambda a: a[0], params), x0)
+        stash, inputs, deltas = jax.eval_shape(probe, jax.tree.map(lambda a: a[0], params), x0)
         # Sends write every tick, into the extra dummy slot when nothing arrives; the actions
         # write only real slots.
         init = vary((
             _buffer(pl.slots["x"] + 1, x0), _buffer(pl.slots["g"] + 1, x0),
             tuple(_buffer(pl.slots["r"], a) for a in stash),
-            tuple(_buffer(pl.slots["w"], a) for a in w_stash),
+            tuple(_buffer(pl.slots["i"], a) for a in inputs),
+            tuple(_buffer(pl.slots["w"], a) for a in deltas),
             zeros(params), zeros(hp), jnp.zeros((m + 1, *x0.shape), x0.dtype),
             jnp.zeros((), jnp.float32),
         ))
 
         def tick(carry, per_tick):
-            xbuf, gbuf, rbuf, wbuf, acc_w, acc_h, dxs, loss = carry
+            xbuf, gbuf, rbuf, ibuf, wbuf, acc_w, acc_h, dxs, loss = carry
             rows, send_x, send_g = per_tick
             r = rows[s]
             code = r[CODE]
-            y, rbuf = when(code == FWD, "F", forward, no_forward, params, xs, xbuf, rbuf, r)
+            y, rbuf, ibuf = when(code == FWD, "F", forward, no_forward, params, xs, xbuf, rbuf,
+                                 ibuf, r)
             loss_mb, gbuf, acc_h = when((code == FWD) & (r[LAST] == 1), "head", head, no_head,
                                         hp, y, targets[r[MB]], gbuf, acc_h, r)
             dx, acc_w, wbuf, dxs = when(code == b_code, KINDS[b_code], backward, no_backward,
                                         params, gbuf, rbuf, wbuf, acc_w, dxs, r)
             if pl.split:
-                acc_w = when(code == BWD_DW, "BW", weights, lambda params, wbuf, acc_w, r: acc_w,
-                             params, wbuf, acc_w, r)
+                acc_w = when(code == BWD_DW, "BW", weights, lambda *args: args[-2],
+                             params, ibuf, wbuf, acc_w, r)
             with jax.named_scope("send_activation"):
                 xbuf = xbuf.at[r[X_PUT]].set(send(send_x, y, perm_f))
             with jax.named_scope("send_gradient"):
                 gbuf = gbuf.at[r[G_PUT]].set(send(send_g, dx, perm_b))
-            return (xbuf, gbuf, rbuf, wbuf, acc_w, acc_h, dxs, loss + loss_mb), None
+            return (xbuf, gbuf, rbuf, ibuf, wbuf, acc_w, acc_h, dxs, loss + loss_mb), None
 
         (*_, acc_w, acc_h, dxs, loss), _ = jax.lax.scan(tick, init, (tab, *sending))
         # Loss and gradients of the mean over data shards of each shard's mean loss.

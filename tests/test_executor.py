@@ -155,21 +155,22 @@ def temp_bytes(kind, m, dpt=(1, 4, 2), b_mb=4, seq=64, remat="none"):
 
 def w_keeps(dpt=(1, 4, 2), b_mb=4, seq=64, m=4):
     """Upper bound on what zb-h1 keeps for its deferred W's on one stage: every weight product's
-    input and output gradient (W's stash) in every slot of the buffers that hold them (F's
-    stash holds the inputs until B, W's stash both until W). Unsharded bytes, so at least what
-    one device holds."""
+    input (F → W) and output gradient (B → W) in every slot of the buffers that hold them.
+    Unsharded bytes, so at least what one device holds."""
     tr, params = mesh_trainer(dpt, (b_mb, seq))
     block_def, stacked = nnx.split(nnx.merge(tr.graphdef, params).blocks)
     act = StageActions(block_def, "none", split=True)
 
-    def w_stash(w, x):
-        return act.backward(w, act.forward(w, x)[1], x)[2]
+    def kept(w, x):
+        _, stash, inputs = act.forward(w, x)
+        return inputs, act.backward(w, stash, x)[2]
 
     w = jax.tree.map(lambda a: a[: PIPE_MODEL.n_layers // dpt[1]], stacked)
     x = jax.ShapeDtypeStruct((b_mb, seq, PIPE_MODEL.d_model), jnp.float32)
-    per_mb = sum(a.size * a.dtype.itemsize for a in jax.eval_shape(w_stash, w, x))
+    inputs, deltas = (sum(a.size * a.dtype.itemsize for a in part)
+                      for part in jax.eval_shape(kept, w, x))
     slots = plan("zb-h1", dpt[1], m).slots
-    return (slots["r"] + slots["w"] + 2) * per_mb  # + 2: each buffer's dummy slot
+    return slots["i"] * inputs + slots["w"] * deltas
 
 
 def test_1f1b_memory_flat_in_microbatches_gpipe_grows():
