@@ -3,8 +3,10 @@
     python scripts/bench.py --steps 2 --microbatches 4 8 --json bench.json --png bench.png
 
 A layout is a mesh spec, optionally `:schedule` and `+sp` (sequence parallelism), e.g.
-`data=2,stage=2,tensor=2:1f1b` or `data=2,tensor=4+sp`. Prints a markdown table of ratios
-(step time, communicated bytes against DESIGN section 2's closed forms, FLOPs against one
+`data=2,stage=2,tensor=2:1f1b` or `data=2,tensor=4+sp`. Every layout is compiled first, then
+their steps are timed in turns (`spmd.measure.measure`). Prints a markdown table of ratios
+(step time; CPU time, which is the emulated devices' total work without their waits at
+collectives; communicated bytes against DESIGN section 2's closed forms; FLOPs against one
 device) and the step time that p real devices would take (`predicted_step_s`: the simulator's
 makespan with each action's cost timed alone; `predicted_lockstep_s`: the same costs through
 this executor's lockstep ticks; see BENCHMARKS.md), and, with --json FILE, every
@@ -84,7 +86,7 @@ def main() -> int:
     from pipeline.simulate import simulate
     from spmd import analysis
     from spmd.data import Batches, stdlib_corpus
-    from spmd.measure import measure, predict_lockstep_s, predict_step_s, time_actions
+    from spmd.measure import Layout, measure, predict_lockstep_s, predict_step_s, time_actions
     from spmd.mesh import make_mesh
     from spmd.rules import Rules
     from spmd.train_step import TrainConfig, Trainer
@@ -130,11 +132,11 @@ def main() -> int:
 
     # Every layout is checked (a Trainer compiles nothing) before the first one is measured.
     trainers = [trainer(layout, m) for layout, m in runs]
+    results = measure([Layout(tr, inputs, targets) for tr in trainers], args.steps)
     rows = []
-    for (layout, m), tr in zip(runs, trainers, strict=True):
+    for (layout, m), tr, result in zip(runs, trainers, results, strict=True):
         mesh, sp = tr.mesh, tr.rules.sequence_parallel
         schedule, v = tr.tc.schedule, tr.tc.virtual_stages
-        result = measure(tr, inputs, targets, args.steps)
         p = mesh.shape["stage"]
         expected = analysis.expected(cfg, dict(mesh.shape), *shape, m, schedule, v, sp,
                                      args.remat)
@@ -154,6 +156,7 @@ def main() -> int:
     base = rows[0]
     for r in rows:
         r["step_time_ratio"] = r["step_s"] / base["step_s"]
+        r["cpu_time_ratio"] = r["cpu_s"] / base["cpu_s"]
         r["predicted_ratio"] = r["predicted_step_s"] / base["predicted_step_s"] \
             if r["predicted_step_s"] else None
         r["comm_bytes_ratio"] = r["comm_bytes"] / r["comm_bytes_analytical"] \
@@ -165,16 +168,17 @@ def main() -> int:
         # the model's 6N + 12Lhs per token; the excess is recomputation, by name.
         r["executed_flops_ratio"] = r["executed_flops"] / model_flops
         r["recompute_flops_ratio"] = r["executed_flops_by_phase"]["recompute"] / model_flops
-    print("| layout | schedule | m | step / 1 device | predicted / 1 device | comm / closed form "
+    print("| layout | schedule | m | step / 1 device | CPU time / 1 device | predicted / 1 device "
+          "| comm / closed form "
           "| executed FLOPs / model | recompute / model | peak MiB/device | compile s | tokens/s "
           "| bubble | loss |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         comm = f"{r['comm_bytes_ratio']:.2f}" if r["comm_bytes_ratio"] else "-"
         pred = f"{r['predicted_ratio']:.2f}" if r["predicted_ratio"] else "-"
         name = parse_layout(r["layout"])[0] + ("+sp" if r["sequence_parallel"] else "")
         print(f"| {name} | {r['schedule']} | {r['microbatches']} | "
-              f"{r['step_time_ratio']:.2f} | {pred} | {comm} | {r['executed_flops_ratio']:.3f} | "
+              f"{r['step_time_ratio']:.2f} | {r['cpu_time_ratio']:.2f} | {pred} | {comm} | {r['executed_flops_ratio']:.3f} | "
               f"{r['recompute_flops_ratio']:.3f} | {r['peak_bytes_per_device'] / 2**20:.1f} | "
               f"{r['compile_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['bubble_fraction']:.2f} | "
               f"{r['loss']:.5f} |")

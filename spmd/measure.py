@@ -1,5 +1,5 @@
-"""Measure one layout's compiled train step (compile time, step time, memory, collectives), and
-the time of each pipeline action alone, for the step time a schedule would take on real devices."""
+"""Measure layouts' compiled train steps (compile time, step time, memory, collectives), and the
+time of each pipeline action alone, for the step time a schedule would take on real devices."""
 
 import statistics
 import time
@@ -12,37 +12,64 @@ from spmd import census, hlo
 from spmd.train_step import Trainer
 
 
-def measure(trainer: Trainer, inputs: np.ndarray, targets: np.ndarray, steps: int = 5) -> dict:
-    """Compile the step once (timed), run `steps` more after one warm-up, read the program."""
-    params, opt_state = trainer.init(seed=0)
-    x, y = trainer.place((inputs, targets))
-    t0 = time.perf_counter()
-    compiled = trainer.lower_step(params, opt_state, x, y).compile()
-    compile_s = time.perf_counter() - t0
-    memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()  # jax 0.10.2 CPU: a dict (older jax: a list of one dict)
-    cost = (cost[0] if isinstance(cost, list | tuple) else cost) or {}
-    times = []
-    for _ in range(steps + 1):
+class Layout:
+    """One layout's compiled train step, ready to time: `compile` reads the program (compile
+    time, memory, collectives, FLOPs), `step` runs one more step and returns its seconds: wall
+    clock, and the CPU time of all of the process's threads (every emulated device's work,
+    without the time a device thread waits for the others at a collective)."""
+
+    def __init__(self, trainer: Trainer, inputs: np.ndarray, targets: np.ndarray):
+        self.trainer = trainer
+        self.params, self.opt_state = trainer.init(seed=0)
+        self.batch = trainer.place((inputs, targets))
+        self.tokens = inputs.size
+
+    def compile(self) -> dict:
         t0 = time.perf_counter()
-        params, opt_state, metrics = trainer.step(params, opt_state, x, y)
+        compiled = self.trainer.lower_step(self.params, self.opt_state, *self.batch).compile()
+        compile_s = time.perf_counter() - t0
+        memory = compiled.memory_analysis()
+        cost = compiled.cost_analysis()  # jax 0.10.2 CPU: a dict (older jax: a list of one dict)
+        cost = (cost[0] if isinstance(cost, list | tuple) else cost) or {}
+        self.step()  # warm-up: the jit cache's own compile, first-touch allocations
+        return {
+            "compile_s": compile_s,
+            "temp_bytes_per_device": int(memory.temp_size_in_bytes),
+            "argument_bytes_per_device": int(memory.argument_size_in_bytes),
+            # Arguments + outputs + temporaries, less what donation aliases: the live peak.
+            "peak_bytes_per_device": int(memory.argument_size_in_bytes
+                                         + memory.output_size_in_bytes
+                                         + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
+            # Per device; XLA's cost analysis counts a while-loop body once (not x trip count).
+            "flops_per_device": float(cost.get("flops", 0.0)),
+            **executed(self.trainer, compiled.as_text()),
+        }
+
+    def step(self) -> tuple[float, float]:
+        t0, c0 = time.perf_counter(), time.process_time()
+        self.params, self.opt_state, metrics = self.trainer.step(self.params, self.opt_state,
+                                                                 *self.batch)
         jax.block_until_ready(metrics)
-        times.append(time.perf_counter() - t0)
-    step_s = statistics.median(times[1:])
-    return {
-        "compile_s": compile_s,
-        "step_s": step_s,
-        "tokens_per_s": inputs.size / step_s,
-        "temp_bytes_per_device": int(memory.temp_size_in_bytes),
-        "argument_bytes_per_device": int(memory.argument_size_in_bytes),
-        # Arguments + outputs + temporaries, less what donation aliases: the live peak XLA plans.
-        "peak_bytes_per_device": int(memory.argument_size_in_bytes + memory.output_size_in_bytes
-                                     + memory.temp_size_in_bytes - memory.alias_size_in_bytes),
-        # Per device; XLA's cost analysis counts a while-loop body once (not x trip count).
-        "flops_per_device": float(cost.get("flops", 0.0)),
-        **executed(trainer, compiled.as_text()),
-        "loss": float(metrics["loss"]),
-    }
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        self.loss = float(metrics["loss"])
+        return wall, cpu
+
+
+def measure(layouts: list[Layout], steps: int = 5) -> list[dict]:
+    """Compile every layout, then time `steps` steps of each, taking turns: step k of every
+    layout runs before step k+1 of any. Measured: on a shared 2-core machine one layout timed
+    alone, then the next, drifts ±15% between back-to-back runs of the same layout; in turns,
+    every layout sees the same drift, so their ratios hold. Each layout's times are medians."""
+    results = [layout.compile() for layout in layouts]
+    times = [[] for _ in layouts]
+    for _ in range(steps):
+        for layout, seconds in zip(layouts, times, strict=True):
+            seconds.append(layout.step())
+    for layout, result, seconds in zip(layouts, results, times, strict=True):
+        step_s = statistics.median(wall for wall, _ in seconds)
+        result.update(step_s=step_s, cpu_s=statistics.median(cpu for _, cpu in seconds),
+                      tokens_per_s=layout.tokens / step_s, loss=layout.loss)
+    return results
 
 
 def executed(trainer: Trainer, text: str) -> dict:
