@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.schedules import Action
+from pipeline.schedules import Action, schedule_to_data
 from pipeline.simulate import Simulation, closed_form
 
 COLORS = {"F": "#4C72B0", "B": "#DD8452", "W": "#55A868"}  # one colour per kind
@@ -38,42 +38,40 @@ def ascii_timeline(sim: Simulation) -> str:
 
 
 def summary(sim: Simulation) -> str:
-    """Simulated figures, each next to its closed form (`simulate.closed_form`)."""
+    """Simulated figures, each next to its closed form (`simulate.closed_form`; "-" for a
+    schedule that has none)."""
     sch, cf = sim.schedule, closed_form(sim.schedule)
     costs = " ".join(f"{k}={c}" for k, c in sim.costs.items())
+
+    def formula(key: str, spec: str = "", s: int | None = None) -> str:
+        value = "-" if cf is None else cf[key] if s is None else cf[key][s]
+        return f"{value:>13{spec if cf else ''}}"
+
     lines = [
         f"{sch.name}: p={sch.stages} m={sch.microbatches} v={sch.virtual_stages} "
         f"(costs {costs} ticks per chunk action)",
         f"{'':22}{'simulated':>10}{'closed form':>13}",
-        f"{'ticks':22}{sim.ticks:>10}{cf['ticks']:>13}",
+        f"{'ticks':22}{sim.ticks:>10}{formula('ticks')}",
         f"{'ideal ticks':22}{sim.ideal_ticks:>10}",
-        f"{'bubble fraction':22}{sim.bubble_fraction:>10.4f}{cf['bubble_fraction']:>13.4f}",
-        f"{'bubble ratio':22}{sim.bubble_ratio:>10.4f}{cf['bubble_ratio']:>13.4f}",
+        f"{'bubble fraction':22}{sim.bubble_fraction:>10.4f}{formula('bubble_fraction', '.4f')}",
+        f"{'bubble ratio':22}{sim.bubble_ratio:>10.4f}{formula('bubble_ratio', '.4f')}",
         f"{'stage':<8}{'bubble':>8}{'peak in-flight':>16}{'closed form':>13}",
     ]
     for s in range(sch.stages):
         lines.append(f"{s:<8}{sim.stage_bubble[s]:>8.4f}{sim.peak_inflight[s]:>16}"
-                     f"{cf['peak_inflight'][s]:>13}")
+                     f"{formula('peak_inflight', s=s)}")
     return "\n".join(lines)
 
 
 def to_json(sim: Simulation) -> dict:
-    """Plain-data view of the simulation (start tick of every action, per stage, in order)."""
-    sch = sim.schedule
-    return {
-        "schedule": sch.name,
-        "stages": sch.stages,
-        "microbatches": sch.microbatches,
-        "virtual_stages": sch.virtual_stages,
-        "ticks": sim.ticks,
-        "bubble_fraction": sim.bubble_fraction,
-        "peak_inflight": list(sim.peak_inflight),
-        "actions": [
-            [{"kind": a.kind, "microbatch": a.microbatch, "chunk": a.chunk,
-              "tick": sim.starts[(s, a)]} for a in acts]
-            for s, acts in enumerate(sch.actions)
-        ],
-    }
+    """Plain-data view of the simulation: the schedule as a schedule file holds it
+    (`schedules.schedule_to_data`), plus the start tick of every action and the figures."""
+    data = schedule_to_data(sim.schedule)
+    for s, acts in enumerate(sim.schedule.actions):
+        for a, row in zip(acts, data["actions"][s], strict=True):
+            row["tick"] = sim.starts[(s, a)]
+    return {**data, "ticks": sim.ticks, "bubble_fraction": sim.bubble_fraction,
+            "peak_inflight": list(sim.peak_inflight)}
 
 
 def save_png(sim: Simulation, path: str | Path) -> None:

@@ -20,15 +20,23 @@ Generators (`make_schedule`):
 - zb-h1: 1F1B with the backward split into B and W; W's are deferred to fill the cool-down
   bubble (Qi et al. 2024, "Zero Bubble Pipeline Parallelism", ICLR, §3.1 ZB-H1).
   With F=B=W=1 its bubble is p-1 ticks against 1F1B's 3(p-1), at 1F1B's peak memory p.
+
+Schedules from a file (`load_schedule`, or a name ending in ".json" anywhere a schedule name
+goes): JSON in the format `scripts/schedule.py --json` prints (`schedule_to_data`), so any
+built-in schedule saved that way is a valid file and trains identically.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from models.config import ConfigError
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+# Chunk c of stage s is virtual stage c·p + s: micro-batches loop through the stages v times.
+PLACEMENTS = ("looped",)
 
 Kind = Literal["F", "B", "W"]
 
@@ -59,6 +67,7 @@ class Schedule:
     virtual_stages: int  # v: chunks per stage
     split_backward: bool  # True: B = input gradient, W = weight gradient (zero bubble)
     actions: tuple[tuple[Action, ...], ...]
+    placement: str = "looped"  # which virtual stage each (stage, chunk) holds; PLACEMENTS
 
     def virtual_stage(self, stage: int, chunk: int) -> int:
         """Position of (stage, chunk) along the model: chunk·p + stage."""
@@ -156,12 +165,15 @@ def _zb_h1(p: int, m: int) -> list[list[Action]]:
 
 
 def make_schedule(name: str, stages: int, microbatches: int, virtual_stages: int = 1) -> Schedule:
-    """Build a named schedule for p=`stages`, m=`microbatches`, v=`virtual_stages`."""
+    """Build a named schedule for p=`stages`, m=`microbatches`, v=`virtual_stages`; a name
+    ending in ".json" is a schedule file (`load_schedule`)."""
     p, m, v = stages, microbatches, virtual_stages
     for flag, value in (("stages", p), ("microbatches", m), ("virtual-stages", v)):
         if not isinstance(value, int) or value < 1:
             raise ScheduleError(
                 f"{flag} must be a positive integer (got {value!r}); use --{flag} 1 or more")
+    if name.endswith(".json"):
+        return load_schedule(name, p, m, v)
     if name not in SCHEDULES:
         raise ScheduleError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}")
     if name != "interleaved" and v != 1:
@@ -247,3 +259,94 @@ def validate(schedule: Schedule) -> None:
                     raise ScheduleError(f"stage {s} runs {a} (position {n}) before {dep} "
                                         f"(position {position[dep]}), which it needs; "
                                         f"move {a} after {dep}")
+
+
+# ------------------------------------------------------------------ files
+
+
+def schedule_to_data(schedule: Schedule) -> dict:
+    """The schedule as plain data (what a schedule file holds)."""
+    return {
+        "schedule": schedule.name, "stages": schedule.stages,
+        "microbatches": schedule.microbatches, "virtual_stages": schedule.virtual_stages,
+        "split_backward": schedule.split_backward, "placement": schedule.placement,
+        "actions": [[{"kind": a.kind, "microbatch": a.microbatch, "chunk": a.chunk}
+                     for a in acts] for acts in schedule.actions],
+    }
+
+
+def schedule_from_data(data: dict, source: str = "schedule") -> Schedule:
+    """Inverse of `schedule_to_data` (other keys, such as the ticks `--json` adds, are
+    ignored), validated: every action once, each stage's own order, and no deadlock between
+    stages in the executor's lockstep ticks. Errors are one line that names `source`."""
+    def need(where: dict, key: str, what: str, default=None):
+        if key not in where and default is None:
+            raise ScheduleError(f"{source}: {what} has no {key!r}; add it")
+        value = where.get(key, default)
+        if key != "kind" and (not isinstance(value, int) or isinstance(value, bool)):
+            raise ScheduleError(f"{source}: {what} has {key} {value!r}; it must be an integer")
+        return value
+
+    if not isinstance(data, dict) or not isinstance(data.get("actions"), list):
+        raise ScheduleError(f"{source}: expected a JSON object with per-stage 'actions' lists, "
+                            "as `scripts/schedule.py --json` prints")
+    placement = data.get("placement", "looped")
+    if placement not in PLACEMENTS:
+        raise ScheduleError(f"{source}: placement {placement!r} is not supported; use one of "
+                            f"{', '.join(PLACEMENTS)}")
+    actions = []
+    for s, acts in enumerate(data["actions"]):
+        if not isinstance(acts, list):
+            raise ScheduleError(f"{source}: actions of stage {s} must be a list")
+        row = []
+        for n, a in enumerate(acts):
+            what = f"stage {s} action {n}"
+            if not isinstance(a, dict):
+                raise ScheduleError(f"{source}: {what} is {a!r}; write it as "
+                                    '{"kind": "F", "microbatch": 0, "chunk": 0}')
+            kind = need(a, "kind", what)
+            if kind not in ("F", "B", "W"):
+                raise ScheduleError(f"{source}: {what} has kind {kind!r}; use F, B or W")
+            row.append(Action(kind, need(a, "microbatch", what), need(a, "chunk", what, 0)))
+        actions.append(tuple(row))
+    split = data.get("split_backward", any(a.kind == "W" for acts in actions for a in acts))
+    schedule = Schedule(
+        name=str(data.get("schedule", Path(source).stem)),
+        stages=need(data, "stages", "the file"), microbatches=need(data, "microbatches", "the file"),
+        virtual_stages=need(data, "virtual_stages", "the file", 1), split_backward=bool(split),
+        actions=tuple(actions), placement=placement)
+    try:
+        validate(schedule)
+        from pipeline.simulate import simulate  # simulate imports this module
+
+        simulate(schedule, dict.fromkeys("FBW", 1))  # raises on a deadlock
+    except ScheduleError as err:
+        raise ScheduleError(f"{source}: {err}") from None
+    return schedule
+
+
+def read_schedule_file(path: str) -> Schedule:
+    """The validated schedule in JSON file `path`."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise ScheduleError(f"cannot read schedule file {path}: {err.strerror}; "
+                            "check the path") from None
+    except json.JSONDecodeError as err:
+        raise ScheduleError(f"schedule file {path} is not JSON ({err}); write it as "
+                            "`scripts/schedule.py --json` prints") from None
+    return schedule_from_data(data, path)
+
+
+def load_schedule(path: str, stages: int, microbatches: int, virtual_stages: int = 1
+                  ) -> Schedule:
+    """The schedule in JSON file `path`, checked against the run's p, m and v."""
+    schedule = read_schedule_file(path)
+    for what, flag, mine, run in (
+            ("stages", "the mesh's stage axis", schedule.stages, stages),
+            ("micro-batches", "--microbatches", schedule.microbatches, microbatches),
+            ("virtual stages", "--virtual-stages", schedule.virtual_stages, virtual_stages)):
+        if mine != run:
+            raise ScheduleError(f"schedule file {path} has {mine} {what}, but this run has "
+                                f"{run}; set {flag} to {mine} or use another file")
+    return schedule

@@ -19,7 +19,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from pipeline.schedules import Action, Schedule, ScheduleError, dependencies, validate
+from pipeline.schedules import (
+    SCHEDULES, Action, Schedule, ScheduleError, dependencies, make_schedule, validate)
 
 
 def default_costs(schedule: Schedule) -> dict[str, int]:
@@ -150,9 +151,10 @@ def _assign_slots(schedule: Schedule, costs: Mapping[str, int],
     return tuple(peaks), slots
 
 
-def closed_form(schedule: Schedule) -> dict[str, object]:
+def closed_form(schedule: Schedule) -> dict[str, object] | None:
     """Ticks, bubble fraction and peak in-flight per stage predicted by formula, for the
     named generators at default costs (F=1, B=2; split: F=B=W=1). The simulator must agree.
+    None for any other schedule (one from a file that is not a generator's own output).
 
     gpipe, 1f1b: ticks 3(m+p-1), idle fraction (p-1)/(m+p-1); peak m (gpipe), min(p-s, m).
     interleaved: ticks 3(v·m+p-1) in chunk ticks: bubble ratio (p-1)/(v·m) (Narayanan et al.
@@ -163,18 +165,17 @@ def closed_form(schedule: Schedule) -> dict[str, object]:
     """
     p, m, v = schedule.stages, schedule.microbatches, schedule.virtual_stages
     name = schedule.name
+    if name not in SCHEDULES or make_schedule(name, p, m, v).actions != schedule.actions:
+        return None
     if name in ("gpipe", "1f1b"):
         ticks = 3 * (m + p - 1)
         peak = [m] * p if name == "gpipe" else [min(p - s, m) for s in range(p)]
     elif name == "interleaved":
         ticks = 3 * (v * m + p - 1)
         peak = [min(v * p - s, v * m) for s in range(p)]
-    elif name == "zb-h1":
+    else:  # zb-h1
         ticks = 2 * m + p - 1 + max(m, p)
         peak = [min(p, m)] * p
-    else:
-        raise ScheduleError(f"no closed form for schedule {name!r}; closed forms exist for "
-                            "gpipe, 1f1b, interleaved, zb-h1")
     ideal = 3 * v * m
     return {
         "ticks": ticks,

@@ -3,6 +3,10 @@
     python scripts/schedule.py --schedule zb-h1 --stages 4 --microbatches 8
     python scripts/schedule.py --schedule interleaved --stages 4 --microbatches 8 --virtual-stages 2
     python scripts/schedule.py --schedule 1f1b --stages 4 --microbatches 8 --png 1f1b.png
+    python scripts/schedule.py --schedule zb-h1 --stages 4 --microbatches 8 --json > my.json
+    python scripts/schedule.py --schedule-file my.json   # edit my.json, check it, draw it
+
+`--json` prints a schedule file: `scripts/train.py --schedule-file my.json` trains with it.
 """
 from __future__ import annotations
 
@@ -14,7 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.draw import ascii_timeline, save_png, summary, to_json  # noqa: E402
-from pipeline.schedules import SCHEDULES, ScheduleError, make_schedule  # noqa: E402
+from pipeline.schedules import (  # noqa: E402
+    SCHEDULES, ScheduleError, make_schedule, read_schedule_file)
 from pipeline.simulate import simulate  # noqa: E402
 
 
@@ -26,15 +31,23 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     parser = _Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--schedule", required=True, help=f"one of {', '.join(SCHEDULES)}")
-    parser.add_argument("--stages", type=int, required=True, help="p")
-    parser.add_argument("--microbatches", type=int, required=True, help="m")
+    parser.add_argument("--schedule", help=f"one of {', '.join(SCHEDULES)}")
+    parser.add_argument("--schedule-file", metavar="FILE",
+                        help="a schedule from a JSON file (what --json prints), instead")
+    parser.add_argument("--stages", type=int, help="p (not with --schedule-file)")
+    parser.add_argument("--microbatches", type=int, help="m (not with --schedule-file)")
     parser.add_argument("--virtual-stages", type=int, default=1, help="v (interleaved)")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--png", metavar="FILE", help="also draw the timeline to FILE")
     args = parser.parse_args(argv)
+    if bool(args.schedule) == bool(args.schedule_file):
+        parser.error("give --schedule NAME (with --stages and --microbatches) or "
+                     "--schedule-file FILE")
+    if args.schedule and (args.stages is None or args.microbatches is None):
+        parser.error(f"--schedule {args.schedule} needs --stages and --microbatches")
     try:
-        sim = simulate(make_schedule(args.schedule, args.stages, args.microbatches,
+        sim = simulate(read_schedule_file(args.schedule_file) if args.schedule_file else
+                       make_schedule(args.schedule, args.stages, args.microbatches,
                                      args.virtual_stages))
         if args.png:
             save_png(sim, args.png)

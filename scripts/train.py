@@ -79,8 +79,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=30)
     p.add_argument("--microbatches", type=int, default=None,
                    help="pipeline micro-batches per step (default: 2 x stages)")
-    p.add_argument("--schedule", default="gpipe", help="pipeline schedule (stage > 1)")
-    p.add_argument("--virtual-stages", type=int, default=1)
+    p.add_argument("--schedule", default=None, help="pipeline schedule (stage > 1; default gpipe)")
+    p.add_argument("--schedule-file", default=None, metavar="FILE",
+                   help="pipeline schedule from a JSON file, as `scripts/schedule.py --json` "
+                        "prints it; micro-batches and virtual stages default to the file's")
+    p.add_argument("--virtual-stages", type=int, default=None, help="chunks per stage (default 1)")
     p.add_argument("--remat", choices=["none", "layer", "stage"], default="none")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="split each step's batch into K sequential chunks, one update")
@@ -146,7 +149,7 @@ def hf_config(args: argparse.Namespace):
 
 
 def build(args: argparse.Namespace):
-    from models import build_config
+    from models import ConfigError, build_config
     from spmd.data import byte_tokens, check_split, check_vocab, load_tokens, split_heldout
     from spmd.mesh import make_mesh
     from spmd.rules import Rules
@@ -162,10 +165,19 @@ def build(args: argparse.Namespace):
         cfg = build_config(args.preset or "small", **overrides, compute_dtype=args.dtype)
     mesh = make_mesh(args.mesh)
     stages = mesh.shape["stage"]
+    schedule, m, v = args.schedule or "gpipe", 2 * stages if stages > 1 else 1, 1
+    if args.schedule_file:
+        from pipeline.schedules import read_schedule_file
+
+        if args.schedule:
+            raise ConfigError(f"--schedule {args.schedule} conflicts with --schedule-file "
+                              f"{args.schedule_file}; give one of them")
+        sched = read_schedule_file(args.schedule_file)
+        schedule, m, v = args.schedule_file, sched.microbatches, sched.virtual_stages
     tc = TrainConfig(
         steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup,
-        microbatches=args.microbatches or (2 * stages if stages > 1 else 1),
-        schedule=args.schedule, virtual_stages=args.virtual_stages, remat=args.remat,
+        microbatches=args.microbatches or m, schedule=schedule,
+        virtual_stages=args.virtual_stages or v, remat=args.remat,
         grad_accum=args.grad_accum,
     )
     encode = byte_tokens

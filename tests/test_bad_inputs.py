@@ -107,6 +107,10 @@ AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
      "--resume: checkpoint directory {d}/ckpt does not exist; check the path"),
     ([*OK, "--metrics", "{d}/no_dir/m.jsonl"], "--metrics {d}/no_dir/m.jsonl: its folder"),
     ([*OK, "--plot", "{d}/no_text"], "--plot {d}/no_text: is a folder"),
+    ([*OK, "--schedule-file", "{d}/a_file"], "schedule file {d}/a_file is not JSON"),
+    ([*OK, "--schedule-file", "{d}/nope.json"], "cannot read schedule file {d}/nope.json"),
+    ([*OK, "--schedule", "1f1b", "--schedule-file", "{d}/a_file"],
+     "--schedule 1f1b conflicts with --schedule-file {d}/a_file; give one of them"),
 ])
 def test_bad_file_is_one_line_and_exit_2_and_touches_nothing(args, expect, tmp_path):
     """A real process (about a second: imports jax, compiles nothing)."""

@@ -256,8 +256,9 @@ def test_make_schedule_errors(args, words):
 def test_to_json_shape():
     sim = simulate(make_schedule("interleaved", 2, 4, 2))
     out = json.loads(json.dumps(to_json(sim)))
-    assert list(out) == ["schedule", "stages", "microbatches", "virtual_stages", "ticks",
-                         "bubble_fraction", "peak_inflight", "actions"]
+    assert list(out) == ["schedule", "stages", "microbatches", "virtual_stages",
+                         "split_backward", "placement", "actions", "ticks", "bubble_fraction",
+                         "peak_inflight"]
     assert (out["schedule"], out["stages"], out["microbatches"], out["virtual_stages"]) == (
         "interleaved", 2, 4, 2)
     assert len(out["peak_inflight"]) == len(out["actions"]) == 2
