@@ -20,6 +20,10 @@ Generators (`make_schedule`):
 - zb-h1: 1F1B with the backward split into B and W; W's are deferred to fill the cool-down
   bubble (Qi et al. 2024, "Zero Bubble Pipeline Parallelism", ICLR, §3.1 ZB-H1).
   With F=B=W=1 its bubble is p-1 ticks against 1F1B's 3(p-1), at 1F1B's peak memory p.
+- zb-h2: ZB-H1 with 2(p-s)-1 warm-up forwards and W's reordered into the tail (Qi et al.
+  2024, §3.1 ZB-H2): with F=B=W=1 no stage idles between its first and last action (m >= 2p-1),
+  at peak memory 2p-1. One step takes as long as ZB-H1's (both are optimal); steps that
+  overlap (`Simulation.period`) lose ZB-H1's p-1 idle ticks.
 
 Schedules from a file (`load_schedule`, or a name ending in ".json" anywhere a schedule name
 goes): JSON in the format `scripts/schedule.py --json` prints (`schedule_to_data`), so any
@@ -34,7 +38,7 @@ from typing import Literal
 
 from models.config import ConfigError
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2")
 # Chunk c of stage s is virtual stage c·p + s: micro-batches loop through the stages v times.
 PLACEMENTS = ("looped",)
 
@@ -164,6 +168,41 @@ def _zb_h1(p: int, m: int) -> list[list[Action]]:
     return out
 
 
+def _zb_h2(p: int, m: int) -> list[list[Action]]:
+    """ZB-H2 (Qi et al. 2024, §3.1): more warm-up forwards than ZB-H1, and W's in the tail, so
+    that with F=B=W=1 each stage is busy without a gap from its first action to its last.
+
+    Warm-up: 2(p-s)-1 F's on stage s. Stage s starts at tick s and the first input gradient
+    reaches it at tick 2p-1-s (the last stage's B0 runs at tick p, then one tick per stage
+    back), so these F's fill exactly the gap where ZB-H1 idles. Then each B is followed by
+    the next F; a stage that already holds 2p-1 micro-batches (F run, W not) first runs its
+    oldest W: stage s defers 2s W's while it climbs from 2(p-s)-1 to 2p-1, then runs B W F,
+    one micro-batch per 3 ticks, in step with its neighbours. Once the F's are spent, B W,
+    and the 2s W's still pending close the step: 2s+1 W's after the last B mirror the
+    2(p-s)-1 F's before the first, so stage s ends at tick 3m+s and the timeline is a
+    parallelogram (for m >= 2p-1; with fewer, all m fit in stage 0's warm-up, which then idles
+    until the first gradient, as every schedule must).
+    Memory: a micro-batch is held from F to W, at most 2p-1 on every stage (the paper's
+    (2p-1) M_B), min(m, 2p-1) reached on each.
+    """
+    out = []
+    for s in range(p):
+        warm = min(2 * (p - s) - 1, m)
+        acts = [Action("F", i) for i in range(warm)]
+        n_f, n_w = warm, 0
+        for b in range(m):
+            acts.append(Action("B", b))
+            if n_f == m or n_f - n_w == 2 * p - 1:  # cool-down, or memory full: oldest W
+                acts.append(Action("W", n_w))
+                n_w += 1
+            if n_f < m:
+                acts.append(Action("F", n_f))
+                n_f += 1
+        acts += [Action("W", i) for i in range(n_w, m)]
+        out.append(acts)
+    return out
+
+
 def make_schedule(name: str, stages: int, microbatches: int, virtual_stages: int = 1) -> Schedule:
     """Build a named schedule for p=`stages`, m=`microbatches`, v=`virtual_stages`; a name
     ending in ".json" is a schedule file (`load_schedule`)."""
@@ -191,10 +230,11 @@ def make_schedule(name: str, stages: int, microbatches: int, virtual_stages: int
         "1f1b": lambda: _one_f_one_b(p, m),
         "interleaved": lambda: _interleaved(p, m, v),
         "zb-h1": lambda: _zb_h1(p, m),
+        "zb-h2": lambda: _zb_h2(p, m),
     }[name]
     schedule = Schedule(
         name=name, stages=p, microbatches=m, virtual_stages=v,
-        split_backward=name == "zb-h1",
+        split_backward=name in ("zb-h1", "zb-h2"),
         actions=tuple(tuple(a) for a in build()),
     )
     validate(schedule)

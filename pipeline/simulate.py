@@ -49,6 +49,19 @@ class Simulation:
         """(ticks - ideal) / ideal: the bubble relative to useful time, as Megatron states it."""
         return (self.ticks - self.ideal_ticks) / self.ideal_ticks
 
+    @property
+    def period(self) -> int:
+        """Ticks per step if steps ran back to back with no barrier between them, each stage
+        starting the next step once done with this one (Qi et al. 2024 replace the optimizer's
+        cross-stage sync by a check afterwards for this): the longest span from a stage's
+        first action to the end of its last. `ticks` where stage 0 starts first and ends last
+        (all but ZB-H2). The executor here runs one step per jitted call: its step is `ticks`."""
+        spans = []
+        for s in range(self.schedule.stages):
+            busy = [t for t, row in enumerate(self.table) if row[s] is not None]
+            spans.append(busy[-1] + 1 - busy[0])
+        return max(spans)
+
     def end(self, stage: int, action: Action) -> int:
         return self.starts[(stage, action)] + self.costs[action.kind]
 
@@ -162,6 +175,12 @@ def closed_form(schedule: Schedule) -> dict[str, object] | None:
     zb-h1: ticks 3m+p-1 for m >= p (bubble p-1 ticks, 1F1B's is 3(p-1); Qi et al. 2024);
       for m < p stage 0 waits 2p-1 ticks for the first gradient, then has 2m work: 2m+2p-1.
       Peak min(p, m) on every stage (held from F to W).
+    zb-h2: ticks 2m+p-1+max(m, p) as zb-h1: no schedule does better at F=B=W=1 (the last
+      stage starts at tick p-1 with 3m of work; stage 0 gets its first gradient at 2p-1, then
+      has 2m of B and W). ZB-H2 moves the idle ticks to before a stage's first action and
+      after its last: period 3m (zero bubble) for m >= 2p-1; below that stage 0 waits from
+      its m-th F to tick 2p-1: 2m+2p-1. Peak min(2p-1, m) on every stage.
+    period: ticks, except for zb-h2 (see `Simulation.period`).
     """
     p, m, v = schedule.stages, schedule.microbatches, schedule.virtual_stages
     name = schedule.name
@@ -173,12 +192,13 @@ def closed_form(schedule: Schedule) -> dict[str, object] | None:
     elif name == "interleaved":
         ticks = 3 * (v * m + p - 1)
         peak = [min(v * p - s, v * m) for s in range(p)]
-    else:  # zb-h1
+    else:  # zb-h1, zb-h2
         ticks = 2 * m + p - 1 + max(m, p)
-        peak = [min(p, m)] * p
+        peak = [min(p, m) if name == "zb-h1" else min(2 * p - 1, m)] * p
     ideal = 3 * v * m
     return {
         "ticks": ticks,
+        "period": max(3 * m, 2 * m + 2 * p - 1) if name == "zb-h2" else ticks,
         "bubble_fraction": (ticks - ideal) / ticks,
         "bubble_ratio": (ticks - ideal) / ideal,
         "peak_inflight": tuple(peak),

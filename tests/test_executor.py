@@ -46,6 +46,9 @@ CASES += [
     ("1f1b", (2, 2, 2), 4, 1, "none", True, "gpt2"),
     ("zb-h1", (1, 4, 2), 4, 1, "layer", False, "gpt2"),
     ("interleaved", (2, 2, 2), 2, 2, "none", False, "gpt2"),
+    # zb-h2: m = 8 = 2p on p = 4 (24 rows per shard), past the 2p-1 = 7 warm-up on stage 0.
+    ("zb-h2", (1, 4, 2), 8, 1, "none", False, "llama"),
+    ("zb-h2", (2, 2, 2), 4, 1, "layer", False, "llama"),
 ]
 
 

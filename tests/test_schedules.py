@@ -3,7 +3,8 @@
 Every expected number here comes from a formula written in this file, never from a run of
 the program: GPipe/1F1B (Huang et al. 2019; Narayanan et al. 2021), interleaved 1F1B
 (Narayanan et al. 2021, bubble ratio (p-1)/(v·m)), ZB-H1 (Qi et al. 2024, a third of
-1F1B's bubble at 1F1B's peak memory).
+1F1B's bubble at 1F1B's peak memory), ZB-H2 (Qi et al. 2024, no gap inside any stage's
+span at up to 2p-1 micro-batches).
 """
 from __future__ import annotations
 
@@ -145,6 +146,36 @@ def test_zb_h1_third_of_1f1b_bubble_same_peak():
             assert all(x <= min(p, m) for x in zb.peak_inflight)
 
 
+def test_zb_h2_zero_bubble_at_2p_minus_1():
+    """F=B=W=1. One step can take no fewer ticks than max(3m+p-1, 2m+2p-1): the last stage
+    starts at p-1 with 3m of work, stage 0 gets its first gradient at 2p-1 and then has 2m.
+    ZB-H1 already takes that; ZB-H2 takes the same, but moves every idle tick before a
+    stage's first action or after its last (a parallelogram), so with steps back to back its
+    period is 3m, no bubble, for m >= 2p-1 (ZB-H1's: 3m+p-1). Memory min(m, 2p-1) per stage."""
+    for p in PS:
+        for m in MS:
+            h2 = simulate(make_schedule("zb-h2", p, m))
+            h1 = simulate(make_schedule("zb-h1", p, m))
+            ob = simulate(make_schedule("1f1b", p, m))
+            assert h2.ideal_ticks == 3 * m
+            assert h2.ticks == h1.ticks == max(3 * m + p - 1, 2 * m + 2 * p - 1), (p, m)
+            assert h2.period == max(3 * m, 2 * m + 2 * p - 1), (p, m)
+            assert h1.period == h1.ticks and ob.period == ob.ticks, (p, m)
+            if m >= 2 * p - 1:  # zero bubble: every stage busy from its first tick to its last
+                spans = [[t for t, row in enumerate(h2.table) if row[s] is not None]
+                         for s in range(p)]
+                assert all(t == list(range(s, s + 3 * m)) for s, t in enumerate(spans)), (p, m)
+            if m > p > 1:  # a smaller bubble than ZB-H1's once steps overlap; equal at m <= p
+                assert h2.period < h1.period, (p, m)
+            else:
+                assert h2.period == h1.period, (p, m)
+            assert h2.peak_inflight == (min(m, 2 * p - 1),) * p, (p, m)
+            assert max(h2.peak_inflight) <= 2 * p - 1
+            assert max(h2.peak_inflight) >= max(ob.peak_inflight) == max(h1.peak_inflight)
+            if m > p > 1:
+                assert max(h2.peak_inflight) > max(ob.peak_inflight), (p, m)
+
+
 def test_closed_form_matches_simulation():
     for name in SCHEDULES:
         for p in (1, 2, 3, 4, 7):
@@ -153,6 +184,7 @@ def test_closed_form_matches_simulation():
                     sim = simulate(make_schedule(name, p, m, v))
                     cf = closed_form(sim.schedule)
                     assert cf["ticks"] == sim.ticks, (name, p, m, v)
+                    assert cf["period"] == sim.period, (name, p, m, v)
                     assert cf["peak_inflight"] == sim.peak_inflight, (name, p, m, v)
                     assert cf["bubble_fraction"] == pytest.approx(sim.bubble_fraction)
 
@@ -238,7 +270,8 @@ def test_simulator_reports_deadlock():
 
 
 @pytest.mark.parametrize("args, words", [
-    (("nope", 4, 8), "gpipe, 1f1b, interleaved, zb-h1"),
+    (("nope", 4, 8), "gpipe, 1f1b, interleaved, zb-h1, zb-h2"),
+    (("zb-h2", 4, 8, 2), "virtual stages 2"),
     (("1f1b", 0, 8), "stages"),
     (("1f1b", 4, -1), "microbatches"),
     (("interleaved", 4, 6, 2), r"multiple of stages \(4\); use --microbatches 8"),
