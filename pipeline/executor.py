@@ -39,9 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from models.config import ConfigError
 from pipeline.actions import StageActions
 from pipeline.gpipe import DP, vary, widen
-from pipeline.schedules import Action as Act, make_schedule
+from pipeline.gpipe import to_stages
+from pipeline.schedules import Action as Act, Schedule, make_schedule
 from pipeline.simulate import simulate
 
 IDLE, FWD, BWD_DX, BWD_DW, BWD = 0, 1, 2, 3, 4  # action codes; BWD: both input and weights
@@ -82,7 +84,12 @@ def _colour(intervals):
 
 def plan(name: str, p: int, m: int, v: int = 1) -> Plan:
     """The per-tick table and buffer sizes for schedule `name` on p stages, m micro-batches."""
-    sched = make_schedule(name, p, m, v)
+    return plan_of(make_schedule(name, p, m, v))
+
+
+def plan_of(sched: Schedule) -> Plan:
+    """The per-tick table and buffer sizes of a schedule."""
+    p, m, v = sched.stages, sched.microbatches, sched.virtual_stages
     st = simulate(sched, {"F": 1, "B": 1, "W": 1}).starts
     ticks, split, n_virtual = max(st.values()) + 1, sched.split_backward, p * v
     spans = {(b, s): [] for b in BUFFERS for s in range(p)}  # (write tick, read tick, key)
@@ -189,11 +196,10 @@ def _buffer(n: int, like) -> jax.Array:
     return jnp.full((n, *like.shape), fill, like.dtype)
 
 
-def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
+def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat):
     """Loss and gradients (blocks, head, inputs) of the whole pipelined step."""
-    p = jax.tree.leaves(staged)[0].shape[0]
-    m = xs.shape[0]
-    pl = plan(name, p, m, v)
+    p, m = schedule.stages, schedule.microbatches
+    pl = plan_of(schedule)
     act = StageActions(block_def, remat, pl.split)
     perm_f = [(i, (i + 1) % p) for i in range(p if pl.ring else p - 1)]
     perm_b = [((i + 1) % p, i) for i in range(p if pl.ring else p - 1)]
@@ -325,29 +331,49 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, name, remat, v):
     return loop(staged, head_params, xs, targets)
 
 
-def pipelined_loss(block_def, staged, head_fn, head_params, xs, targets_mb,
-                   schedule_name: str = "1f1b", remat: str = "none", virtual_stages: int = 1):
-    """Mean over micro-batches of head_fn(head_params, blocks(xs[i]), targets_mb[i]).
+def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: Schedule,
+                   remat: str = "none"):
+    """Pipeline any stack of layers: the mean over micro-batches i of
+    loss_fn(loss_params, layers applied in order to xs[i], targets[i]), run by `schedule`.
 
-    staged: block params [p, L/p, ...] (`gpipe.to_stages`), or [p, v, L/(v·p), ...]
-    (`to_virtual_stages`) when virtual_stages > 1. xs: (m, b_mb, T, D); targets_mb: (m, b_mb, T).
-    head_fn(head_params, y, targets) → that micro-batch's mean loss (a scalar).
-    Differentiable in staged, head_params and xs (custom_vjp; the schedule runs in the forward).
+    layer: the `nnx.GraphDef` of one layer, an NNX module mapping x to a y of x's shape;
+    layers: its state stacked on a leading axis [L, ...] (`nnx.split` of a module built with
+    `nnx.vmap`, or of the Transformer's `blocks`), L divisible by stages x virtual stages.
+    xs: (m, micro-batch rows, ...); targets: (m, ...). loss_fn(loss_params, y, targets[i]) →
+    that micro-batch's mean loss, a scalar: the head goes here (`loss_params` may be ()).
+    schedule: a value (`make_schedule`, `read_schedule_file`); its stages must be the mesh's
+    `stage` axis. Call it under `jax.set_mesh` of a `spmd.mesh.make_mesh` mesh: layers are split
+    over `stage`, micro-batch rows over the data axes, `tensor` stays automatic inside a layer.
+    Zero-bubble schedules split each layer's backward exactly where its weight products go
+    through `models.transformer.project` on a `role="weight"` parameter (the Transformer's
+    all do); any other parameter's gradient is computed whole in B, which is still correct.
+    Differentiable in layers, loss_params and xs (custom_vjp; the schedule runs in the
+    forward, and the backward scales the gradients it kept).
     """
-    v = virtual_stages
+    p, m, v = schedule.stages, schedule.microbatches, schedule.virtual_stages
+    n_layers = jax.tree.leaves(layers)[0].shape[0]
+    mesh_p = dict(jax.sharding.get_abstract_mesh().shape).get("stage")
+    for bad, message in (
+            (xs.shape[0] != m, f"xs holds {xs.shape[0]} micro-batches but the schedule "
+                               f"{schedule.name} runs {m}; micro-batch the inputs into {m}"),
+            (mesh_p != p, f"the schedule {schedule.name} has {p} stages but the mesh's stage "
+                          f"axis is {mesh_p}; make them equal"),
+            (n_layers % (p * v), f"{n_layers} layers do not split into {p} stages x {v} "
+                                 "virtual stages; change the layers or the schedule")):
+        if bad:
+            raise ConfigError(message)
     if v == 1:
-        staged_v = jax.tree.map(lambda a: a[:, None], staged)
+        staged = jax.tree.map(lambda a: a[:, None], to_stages(layers, p))
     else:
-        staged_v = staged
+        staged = to_virtual_stages(layers, p, v)
 
     @jax.custom_vjp
-    def f(staged_v, head_params, xs, targets):
-        return _run(block_def, staged_v, head_fn, head_params, xs, targets,
-                    schedule_name, remat, v)[3]
+    def f(staged, loss_params, xs, targets):
+        return _run(layer, staged, loss_fn, loss_params, xs, targets, schedule, remat)[3]
 
-    def fwd(staged_v, head_params, xs, targets):
-        gw, gh, gx, loss = _run(block_def, staged_v, head_fn, head_params, xs, targets,
-                                schedule_name, remat, v)
+    def fwd(staged, loss_params, xs, targets):
+        gw, gh, gx, loss = _run(layer, staged, loss_fn, loss_params, xs, targets, schedule,
+                                remat)
         return loss, (gw, gh, gx)
 
     def bwd(res, ct):
@@ -356,4 +382,4 @@ def pipelined_loss(block_def, staged, head_fn, head_params, xs, targets_mb,
         return (jax.tree.map(scale, gw), jax.tree.map(scale, gh), scale(gx), None)
 
     f.defvjp(fwd, bwd)
-    return f(staged_v, head_params, xs, targets_mb)
+    return f(staged, loss_params, xs, targets)

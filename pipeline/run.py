@@ -19,7 +19,7 @@ import jax
 from flax import nnx
 
 from models import ConfigError, ModelConfig, Transformer, cross_entropy
-from pipeline.executor import pipelined_loss, to_virtual_stages
+from pipeline.executor import pipelined_loss
 from pipeline.gpipe import gpipe, to_microbatches, to_stages
 from pipeline.schedules import make_schedule, validate
 from pipeline.simulate import simulate
@@ -64,10 +64,9 @@ def pipeline_loss(model: Transformer, inputs, targets, tc, stages: int,
     xs = to_microbatches(model.embed(inputs), m)  # (m, b_mb, T, D)
     block_def, stacked = nnx.split(model.blocks)
     if not forward_only:
-        staged = to_stages(stacked, stages) if v == 1 else to_virtual_stages(stacked, stages, v)
         head_params, head_fn = head_parts(model)
-        return pipelined_loss(block_def, staged, head_fn, head_params, xs,
-                              to_microbatches(targets, m), tc.schedule, tc.remat, v)
+        return pipelined_loss(block_def, stacked, xs, to_microbatches(targets, m), head_fn,
+                              head_params, make_schedule(tc.schedule, stages, m, v), tc.remat)
     ys = gpipe(block_def, to_stages(stacked, stages), xs, tc.remat)  # (m, b_mb, T, D)
     # The head runs per micro-batch (vmap over m). When p divides m, ys comes back split over
     # `stage` along m, and `spmd_axis_name` keeps it so: each stage runs the head on m/p

@@ -15,6 +15,7 @@ from pipeline.actions import StageActions
 from pipeline.executor import pipelined_loss, plan
 from pipeline.gpipe import gpipe, to_microbatches, to_stages
 from pipeline.run import head_parts
+from pipeline.schedules import make_schedule
 from tests.helpers import TEST_MODEL, assert_matches_reference, batch, loss_and_grads, trainer
 
 PIPE_MODEL = dataclasses.replace(TEST_MODEL, n_layers=8)
@@ -139,20 +140,20 @@ def temp_bytes(kind, m, dpt=(1, 4, 2), b_mb=4, seq=64, remat="none"):
     model = nnx.merge(tr.graphdef, params)
     block_def, stacked = nnx.split(model.blocks)
     hp, head_fn = head_parts(model)
-    staged = to_stages(stacked, dpt[1])
     xs = jnp.zeros((m, b_mb, seq, PIPE_MODEL.d_model), jnp.float32)
     tg = jnp.zeros((m, b_mb, seq), jnp.int32)
 
-    def f(staged, hp, xs, tg):
+    def f(stacked, hp, xs, tg):
         with flax_spmd.logical_axis_rules(tr.rules.activations):
             if kind != "autodiff-gpipe":
-                return pipelined_loss(block_def, staged, head_fn, hp, xs, tg, kind, remat)
-            ys = gpipe(block_def, staged, xs)
+                return pipelined_loss(block_def, stacked, xs, tg, head_fn, hp,
+                                      make_schedule(kind, dpt[1], m), remat)
+            ys = gpipe(block_def, to_stages(stacked, dpt[1]), xs)
             return head_fn(hp, ys.reshape(-1, *ys.shape[2:]), tg.reshape(-1, seq))
 
     with jax.set_mesh(tr.mesh):
         compiled = jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2))).lower(
-            staged, hp, xs, tg).compile()
+            stacked, hp, xs, tg).compile()
     return compiled.memory_analysis().temp_size_in_bytes
 
 
