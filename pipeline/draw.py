@@ -1,9 +1,10 @@
 """Show a simulated schedule: ASCII timeline, JSON, PNG.
 
 Cell notation: `F3` is the forward of micro-batch 3, `B3` its backward (input gradient only
-when the backward is split), `W3` its weight gradient, `.` an idle tick. With interleaving
-(v > 1) the chunk follows a dot: `F3.1` is micro-batch 3 through chunk 1, i.e. virtual
-stage 1·p + s. An action that lasts c ticks shows its label in each of its c columns.
+when the backward is split), `W3` its weight gradient, `.` an idle tick. With more than one
+chunk per stage (v > 1) the chunk follows a dot: `F3.1` is micro-batch 3 through chunk 1 of
+the stage, i.e. virtual stage 1·p + s (looped placement) or 2p-1-s (V placement). An action
+that lasts c ticks shows its label in each of its c columns.
 The PNG uses one colour per kind, lighter for later chunks, with `3` / `3.1` in the box.
 """
 from __future__ import annotations
@@ -48,10 +49,12 @@ def summary(sim: Simulation) -> str:
         return f"{value:>13{spec if cf else ''}}"
 
     lines = [
-        f"{sch.name}: p={sch.stages} m={sch.microbatches} v={sch.virtual_stages} "
-        f"(costs {costs} ticks per chunk action)",
+        (f"{sch.name}: p={sch.stages} m={sch.microbatches} v={sch.virtual_stages}"
+         f"{'' if sch.placement == 'looped' else ' placement ' + sch.placement} "
+         f"(costs {costs} ticks per chunk action)"),
         f"{'':22}{'simulated':>10}{'closed form':>13}",
         f"{'ticks':22}{sim.ticks:>10}{formula('ticks')}",
+        f"{'period':22}{sim.period:>10}{formula('period')}",
         f"{'ideal ticks':22}{sim.ideal_ticks:>10}",
         f"{'bubble fraction':22}{sim.bubble_fraction:>10.4f}{formula('bubble_fraction', '.4f')}",
         f"{'bubble ratio':22}{sim.bubble_ratio:>10.4f}{formula('bubble_ratio', '.4f')}",

@@ -1,8 +1,13 @@
 """Pipeline schedules as data: per-stage ordered action lists, no JAX.
 
-Symbols: p stages, m micro-batches, v virtual chunks per stage. Chunk c of stage s holds
-the layers of virtual stage k = c·p + s (the interleaved layer map of DESIGN §3), so a
-micro-batch visits stages 0..p-1 with chunk 0, then again with chunk 1, and so on.
+Symbols: p stages, m micro-batches, v virtual chunks per stage. Where the chunks sit
+(`Schedule.placement`, one of PLACEMENTS):
+- looped (default): chunk c of stage s holds the layers of virtual stage k = c·p + s (the
+  interleaved layer map of DESIGN §3), so a micro-batch visits stages 0..p-1 with chunk 0,
+  then again with chunk 1, and so on.
+- v (v = 2 only): chunk 0 of stage s is virtual stage s, chunk 1 is 2p-1-s, so a micro-batch
+  goes down the stages with chunk 0 and back up with chunk 1: virtual stages p-1 and p are
+  both on stage p-1, and the loss (virtual stage 2p-1) is on stage 0.
 
 An action is F (forward), B (backward) or, for zero-bubble schedules only, W: there B is
 the input gradient (sent upstream at once) and W the weight gradient (can wait).
@@ -24,6 +29,12 @@ Generators (`make_schedule`):
   2024, §3.1 ZB-H2): with F=B=W=1 no stage idles between its first and last action (m >= 2p-1),
   at peak memory 2p-1. One step takes as long as ZB-H1's (both are optimal); steps that
   overlap (`Simulation.period`) lose ZB-H1's p-1 idle ticks.
+- zb-v: two chunks per stage in the V placement, split backward (Qi et al. 2024, "Zero
+  Bubble Pipeline Parallelism", §6 ZB-V; Qi et al. 2024, "Pipeline Parallelism with
+  Controllable Memory", V-ZB). Needs v = 2 and m >= p. With F=B=W=1 per chunk and m >= 2p-1
+  no stage idles between its first and last action, at 2p chunk activations per stage (p
+  micro-batches of a whole stage: 1F1B's peak); one step takes 6m+p-1 chunk ticks, half of
+  ZB-H1's bubble.
 
 Schedules from a file (`load_schedule`, or a name ending in ".json" anywhere a schedule name
 goes): JSON in the format `scripts/schedule.py --json` prints (`schedule_to_data`), so any
@@ -38,9 +49,10 @@ from typing import Literal
 
 from models.config import ConfigError
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2")
-# Chunk c of stage s is virtual stage c·p + s: micro-batches loop through the stages v times.
-PLACEMENTS = ("looped",)
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v")
+# looped: chunk c of stage s is virtual stage c·p + s (micro-batches loop through the stages
+# v times); v: two chunks, stage s holds virtual stages s and 2p-1-s (down, then back up).
+PLACEMENTS = ("looped", "v")
 
 Kind = Literal["F", "B", "W"]
 
@@ -74,12 +86,18 @@ class Schedule:
     placement: str = "looped"  # which virtual stage each (stage, chunk) holds; PLACEMENTS
 
     def virtual_stage(self, stage: int, chunk: int) -> int:
-        """Position of (stage, chunk) along the model: chunk·p + stage."""
+        """Position of (stage, chunk) along the model: chunk·p + stage (looped); stage for
+        chunk 0 and 2p-1-stage for chunk 1 (v)."""
+        if self.placement == "v" and chunk == 1:
+            return 2 * self.stages - 1 - stage
         return chunk * self.stages + stage
 
     def place(self, virtual_stage: int) -> tuple[int, int]:
         """Inverse of `virtual_stage`: (stage, chunk) that holds a virtual stage."""
-        return virtual_stage % self.stages, virtual_stage // self.stages
+        stage, chunk = virtual_stage % self.stages, virtual_stage // self.stages
+        if self.placement == "v" and chunk == 1:
+            return self.stages - 1 - stage, 1
+        return stage, chunk
 
 
 # ------------------------------------------------------------------ generators
@@ -203,6 +221,61 @@ def _zb_h2(p: int, m: int) -> list[list[Action]]:
     return out
 
 
+def _zb_v(p: int, m: int) -> list[list[Action]]:
+    """ZB-V (Qi et al. 2024, "Zero Bubble Pipeline Parallelism" §6; V-ZB in "Pipeline
+    Parallelism with Controllable Memory"): V placement, split backward, m >= p. Ticks below
+    are chunk ticks, F=B=W=1: stage s could start at s and, for m >= 2p-1, it never idles
+    until it ends at 6m+s (a parallelogram), holding at most 2p chunk activations.
+
+    Warm-up: 2(p-s)-1 F's of chunk 0. Micro-batch 0 reaches virtual stage k at tick k at the
+    earliest, so its chunk-1 input (virtual stage 2p-1-s) arrives at tick 2p-1-s; these F's
+    fill [s, 2p-1-s), as in ZB-H2. Then s pairs (chunk-1 F, chunk-0 F): stage s+1 alternates
+    too, so chunk-1 inputs come every other tick and chunk-0 F's fill the ticks between; one
+    more chunk-1 F at 2p+s-1, and the first gradient is there: the loss is on stage 0 (B at
+    tick 2p), and it goes down chunk 1 one stage per tick.
+    Then units: F, B, W of one chunk (the F of the next micro-batch, the B and W of the
+    oldest), so each unit frees the activation it takes. First p-s units of chunk 1: the
+    first chunk-0 B runs on stage p-1 at tick 3p+2 (after its chunk-1 unit and a chunk-0 F)
+    and climbs one stage per 2 ticks (each stage runs a chunk-0 F before its B), reaching
+    stage s at 5p-2s: just when those p-s units (3 ticks each from 2p+s-1) and a chunk-0 F
+    are done. Then chunk-0 and chunk-1 units alternate: 6 ticks per micro-batch,
+    all of a stage's work, in step with its neighbours.
+    Cool-down (F's spent): a unit is B, then the oldest W's while more than 2s are pending.
+    Why 2s: stage 0's last B (chunk 0) runs at 6m-2, so stage s must run its last B by
+    6m-2-s, and 2s+1 W's fill the ticks from there to 6m+s, mirroring the warm-up F's.
+    Memory (F to W): before its first W, stage s has run min(2p-1-s, m) chunk-0 F's and s+1
+    chunk-1 F's; each later F is in a unit whose W frees one, and the cool-down runs none:
+    peak min(2p, m+s+1) chunk activations, 2p for m >= 2p-1: p micro-batches of a whole
+    stage, 1F1B's peak (its stage 0).
+    With p <= m < 2p-1, stage 0 runs out of F's before tick 2p-1 and waits 2p-1-m ticks for
+    its first chunk-1 input; every stage waits as long and the timeline is still a
+    parallelogram. With m < p micro-batches' gradients collide on their way (no simple form,
+    and most of each stage's time would be bubble whatever the order): refused.
+    """
+    out = []
+    for s in range(p):
+        # (chunk, whole unit?): warm-up F's, then chunk-1/chunk-0 F pairs, then F-B-W units;
+        # the last units find nothing left to do
+        steps = ([(0, False)] * (2 * (p - s) - 1) + [(1, False), (0, False)] * s
+                 + [(1, True)] * (p - s) + [(0, True), (1, True)] * m)
+        acts: list[Action] = []
+        n_f, n_b = [0, 0], [0, 0]  # F's and B's run so far, per chunk
+        owed: list[Action] = []  # W's not run yet, oldest first
+        for c, unit in steps:
+            if n_f[c] < m:  # none left: a warm-up with m < 2p-1, or the cool-down
+                acts.append(Action("F", n_f[c], c))
+                n_f[c] += 1
+            if unit and n_b[c] < m:
+                acts.append(Action("B", n_b[c], c))
+                owed.append(Action("W", n_b[c], c))
+                n_b[c] += 1
+            keep = 2 * s if n_f == [m, m] else 0  # cool-down: defer up to 2s W's
+            while len(owed) > keep:
+                acts.append(owed.pop(0))
+        out.append(acts + owed)
+    return out
+
+
 def make_schedule(name: str, stages: int, microbatches: int, virtual_stages: int = 1) -> Schedule:
     """Build a named schedule for p=`stages`, m=`microbatches`, v=`virtual_stages`; a name
     ending in ".json" is a schedule file (`load_schedule`)."""
@@ -215,7 +288,10 @@ def make_schedule(name: str, stages: int, microbatches: int, virtual_stages: int
         return load_schedule(name, p, m, v)
     if name not in SCHEDULES:
         raise ScheduleError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}")
-    if name != "interleaved" and v != 1:
+    if name == "zb-v" and v != 2:
+        raise ScheduleError(f"zb-v runs two chunks per stage in a V (got virtual stages {v}); "
+                            "use --virtual-stages 2")
+    if name not in ("interleaved", "zb-v") and v != 1:
         raise ScheduleError(
             f"{name} runs one chunk per stage (got virtual stages {v}); "
             "use --virtual-stages 1, or --schedule interleaved"
@@ -225,17 +301,22 @@ def make_schedule(name: str, stages: int, microbatches: int, virtual_stages: int
             f"interleaved needs microbatches ({m}) to be a multiple of stages ({p}); "
             f"use --microbatches {-(-m // p) * p}"
         )
+    if name == "zb-v" and m < p:
+        raise ScheduleError(f"zb-v needs at least as many microbatches as stages (got {m} "
+                            f"for {p}); use --microbatches {p} or more")
     build = {
         "gpipe": lambda: _gpipe(p, m),
         "1f1b": lambda: _one_f_one_b(p, m),
         "interleaved": lambda: _interleaved(p, m, v),
         "zb-h1": lambda: _zb_h1(p, m),
         "zb-h2": lambda: _zb_h2(p, m),
+        "zb-v": lambda: _zb_v(p, m),
     }[name]
     schedule = Schedule(
         name=name, stages=p, microbatches=m, virtual_stages=v,
-        split_backward=name in ("zb-h1", "zb-h2"),
+        split_backward=name in ("zb-h1", "zb-h2", "zb-v"),
         actions=tuple(tuple(a) for a in build()),
+        placement="v" if name == "zb-v" else "looped",
     )
     validate(schedule)
     return schedule
@@ -270,6 +351,12 @@ def validate(schedule: Schedule) -> None:
     """Raise ScheduleError unless every action runs exactly once and each stage's own order
     can be satisfied. Cross-stage order (deadlock) is checked by `pipeline.simulate`."""
     p, m, v = schedule.stages, schedule.microbatches, schedule.virtual_stages
+    if schedule.placement not in PLACEMENTS:
+        raise ScheduleError(f"placement {schedule.placement!r} is not supported; use one of "
+                            f"{', '.join(PLACEMENTS)}")
+    if schedule.placement == "v" and v != 2:
+        raise ScheduleError(f"placement 'v' holds two chunks per stage, but virtual_stages is "
+                            f"{v}; set virtual_stages to 2, or use placement 'looped'")
     if len(schedule.actions) != p:
         raise ScheduleError(f"schedule has {len(schedule.actions)} action lists for {p} stages; "
                             "give one list per stage")
@@ -330,9 +417,9 @@ def schedule_from_data(data: dict, source: str = "schedule") -> Schedule:
     if not isinstance(data, dict) or not isinstance(data.get("actions"), list):
         raise ScheduleError(f"{source}: expected a JSON object with per-stage 'actions' lists, "
                             "as `scripts/schedule.py --json` prints")
-    placement = data.get("placement", "looped")
-    if placement not in PLACEMENTS:
-        raise ScheduleError(f"{source}: placement {placement!r} is not supported; use one of "
+    placement = data.get("placement", "looped")  # checked by `validate`, with v
+    if not isinstance(placement, str):
+        raise ScheduleError(f"{source}: placement {placement!r} must be a string; use one of "
                             f"{', '.join(PLACEMENTS)}")
     actions = []
     for s, acts in enumerate(data["actions"]):

@@ -55,7 +55,9 @@ class Simulation:
         starting the next step once done with this one (Qi et al. 2024 replace the optimizer's
         cross-stage sync by a check afterwards for this): the longest span from a stage's
         first action to the end of its last. `ticks` where stage 0 starts first and ends last
-        (all but ZB-H2). The executor here runs one step per jitted call: its step is `ticks`."""
+        (all but ZB-H2 and ZB-V, whose stage s starts s ticks after stage 0 and ends s ticks
+        after it: a parallelogram). The executor here runs one step per jitted call: its step
+        is `ticks`."""
         spans = []
         for s in range(self.schedule.stages):
             busy = [t for t, row in enumerate(self.table) if row[s] is not None]
@@ -165,9 +167,10 @@ def _assign_slots(schedule: Schedule, costs: Mapping[str, int],
 
 
 def closed_form(schedule: Schedule) -> dict[str, object] | None:
-    """Ticks, bubble fraction and peak in-flight per stage predicted by formula, for the
-    named generators at default costs (F=1, B=2; split: F=B=W=1). The simulator must agree.
-    None for any other schedule (one from a file that is not a generator's own output).
+    """Ticks, period, bubble fraction and peak in-flight per stage predicted by formula, for
+    the named generators at default costs (F=1, B=2; split: F=B=W=1, per chunk). The
+    simulator must agree. None for any other schedule (one from a file that is not a
+    generator's own output and placement).
 
     gpipe, 1f1b: ticks 3(m+p-1), idle fraction (p-1)/(m+p-1); peak m (gpipe), min(p-s, m).
     interleaved: ticks 3(v·m+p-1) in chunk ticks: bubble ratio (p-1)/(v·m) (Narayanan et al.
@@ -180,25 +183,43 @@ def closed_form(schedule: Schedule) -> dict[str, object] | None:
       has 2m of B and W). ZB-H2 moves the idle ticks to before a stage's first action and
       after its last: period 3m (zero bubble) for m >= 2p-1; below that stage 0 waits from
       its m-th F to tick 2p-1: 2m+2p-1. Peak min(2p-1, m) on every stage.
-    period: ticks, except for zb-h2 (see `Simulation.period`).
+    zb-v (v = 2, m >= p; ticks of one chunk action, a stage's work is 6m): no step can take
+      fewer than 6m+p-1 ticks (stage p-1 gets its first input at tick p-1), and no stage's
+      span can be shorter than 6m, nor than 5m+2p-1 (stage 0's first chunk-1 input comes 2p-1
+      ticks after its first F; 5m ticks of work are left then). ZB-V's stage 0 spans the
+      larger, and stage s spans as long, s ticks later (a parallelogram): period
+      max(6m, 5m+2p-1), ticks period+p-1, so 6m+p-1 for m >= 2p-1 (bubble p-1 chunk ticks,
+      (p-1)/2 of a whole stage: half of ZB-H1's) and 5m+3p-2 below. Peak min(2p, m+s+1)
+      chunk activations (`schedules._zb_v`): 2p for m >= 2p-1, i.e. p micro-batches of a
+      whole stage, 1F1B's peak.
+    period: ticks, except for zb-h2 and zb-v (see `Simulation.period`).
     """
     p, m, v = schedule.stages, schedule.microbatches, schedule.virtual_stages
     name = schedule.name
-    if name not in SCHEDULES or make_schedule(name, p, m, v).actions != schedule.actions:
+    try:
+        own = make_schedule(name, p, m, v) if name in SCHEDULES else None
+    except ScheduleError:  # a file named after a generator, with sizes it refuses
+        own = None
+    if own is None or (own.actions, own.placement) != (schedule.actions, schedule.placement):
         return None
     if name in ("gpipe", "1f1b"):
-        ticks = 3 * (m + p - 1)
+        ticks = period = 3 * (m + p - 1)
         peak = [m] * p if name == "gpipe" else [min(p - s, m) for s in range(p)]
     elif name == "interleaved":
-        ticks = 3 * (v * m + p - 1)
+        ticks = period = 3 * (v * m + p - 1)
         peak = [min(v * p - s, v * m) for s in range(p)]
+    elif name == "zb-v":
+        period = max(6 * m, 5 * m + 2 * p - 1)
+        ticks = period + p - 1
+        peak = [min(2 * p, m + s + 1) for s in range(p)]
     else:  # zb-h1, zb-h2
         ticks = 2 * m + p - 1 + max(m, p)
+        period = max(3 * m, 2 * m + 2 * p - 1) if name == "zb-h2" else ticks
         peak = [min(p, m) if name == "zb-h1" else min(2 * p - 1, m)] * p
     ideal = 3 * v * m
     return {
         "ticks": ticks,
-        "period": max(3 * m, 2 * m + 2 * p - 1) if name == "zb-h2" else ticks,
+        "period": period,
         "bubble_fraction": (ticks - ideal) / ticks,
         "bubble_ratio": (ticks - ideal) / ideal,
         "peak_inflight": tuple(peak),

@@ -13,14 +13,15 @@ import numpy as np
 import pytest
 
 from pipeline.draw import to_json
-from pipeline.schedules import (ScheduleError, load_schedule, make_schedule,
+from pipeline.schedules import (SCHEDULES, ScheduleError, load_schedule, make_schedule,
                                 read_schedule_file, schedule_from_data)
 from pipeline.simulate import closed_form, simulate
 from tests.helpers import TEST_MODEL, assert_matches_reference, loss_and_grads
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = dataclasses.replace(TEST_MODEL, n_layers=4)
-BUILT_IN = [("gpipe", 1), ("1f1b", 1), ("interleaved", 2), ("zb-h1", 1)]
+# every generator, with the chunks it runs: interleaved any v (2 here), zb-v exactly 2
+BUILT_IN = [(name, 2 if name in ("interleaved", "zb-v") else 1) for name in SCHEDULES]
 
 
 def write(tmp_path, data, name="schedule.json") -> str:
@@ -37,7 +38,7 @@ def test_built_in_schedules_round_trip(tmp_path, name, v):
                           "--json"], capture_output=True, text=True, check=True).stdout
     loaded = read_schedule_file(write(tmp_path, json.loads(out)))
     built = make_schedule(name, 4, 8, v)
-    assert loaded == built
+    assert loaded == built  # placement included: zb-v's file says "v"
     assert closed_form(loaded) == closed_form(built) is not None
     assert make_schedule(write(tmp_path, json.loads(out), "again.json"), 4, 8, v) == built
 
@@ -86,7 +87,11 @@ BAD = {  # what is wrong → (edit, words the one-line error must contain)
         "deadlock"),
     "bad kind": (lambda d: d["actions"][0][0].__setitem__("kind", "X"), "kind 'X'"),
     "no microbatch": (lambda d: d["actions"][0][0].pop("microbatch"), "no 'microbatch'"),
-    "placement": (lambda d: d.__setitem__("placement", "v"), "placement 'v'"),
+    "placement": (lambda d: d.__setitem__("placement", "zigzag"),
+                  "placement 'zigzag' is not supported; use one of looped, v"),
+    # the V placement holds two chunks per stage; this file has one
+    "v placement": (lambda d: d.__setitem__("placement", "v"),
+                    "placement 'v' holds two chunks per stage, but virtual_stages is 1"),
 }
 
 
@@ -97,6 +102,22 @@ def test_bad_files_are_refused_in_one_line(tmp_path, what):
         read_schedule_file(write(tmp_path, edit(change)))
     message = str(err.value)
     assert words in message and "\n" not in message and "schedule.json" in message, message
+
+
+def test_v_placement_needs_two_chunks(tmp_path):
+    """A ZB-V file edited to another v is refused in one line; edited to the looped placement
+    it is another layout, where ZB-V's order deadlocks (stage 0's chunk 1 is then virtual
+    stage p, which needs gradients from stage 1, no longer the loss)."""
+    data = to_json(simulate(make_schedule("zb-v", 2, 3, 2)))
+    for v in (1, 3):
+        with pytest.raises(ScheduleError) as err:
+            read_schedule_file(write(tmp_path, {**data, "virtual_stages": v}))
+        message = str(err.value)
+        assert f"placement 'v' holds two chunks per stage, but virtual_stages is {v}" in message
+        assert "\n" not in message and "schedule.json" in message, message
+    with pytest.raises(ScheduleError, match="deadlock"):
+        schedule_from_data({**data, "placement": "looped"})
+    assert closed_form(schedule_from_data(data)) is not None
 
 
 def test_a_file_must_fit_the_run(tmp_path):

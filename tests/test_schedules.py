@@ -4,7 +4,8 @@ Every expected number here comes from a formula written in this file, never from
 the program: GPipe/1F1B (Huang et al. 2019; Narayanan et al. 2021), interleaved 1F1B
 (Narayanan et al. 2021, bubble ratio (p-1)/(v·m)), ZB-H1 (Qi et al. 2024, a third of
 1F1B's bubble at 1F1B's peak memory), ZB-H2 (Qi et al. 2024, no gap inside any stage's
-span at up to 2p-1 micro-batches).
+span at up to 2p-1 micro-batches), ZB-V (Qi et al. 2024, V placement: no gap inside any
+stage's span at 2p chunk activations, 1F1B's peak memory).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.draw import ascii_timeline, save_png, to_json
+from pipeline.draw import ascii_timeline, save_png, summary, to_json
 from pipeline.schedules import SCHEDULES, Action, Schedule, ScheduleError, make_schedule
 from pipeline.simulate import closed_form, simulate
 
@@ -54,24 +55,36 @@ def overlap_peak(spans: list[tuple[int, int]]) -> int:
     return peak
 
 
+def layer_map(sch) -> dict[tuple[int, int], int]:
+    """(stage, chunk) -> virtual stage, written out here from the placement's definition."""
+    p, v = sch.stages, sch.virtual_stages
+    if sch.placement == "v":  # down the stages with chunk 0, back up with chunk 1
+        return {**{(s, 0): s for s in range(p)}, **{(s, 1): 2 * p - 1 - s for s in range(p)}}
+    return {(s, c): c * p + s for s in range(p) for c in range(v)}
+
+
 def check_timing(sim) -> None:
     """Independent check of the tick model: stage order kept, no overlap on a stage, and
     every action starts after the actions it needs have ended."""
     sch = sim.schedule
     p, v = sch.stages, sch.virtual_stages
+    where = layer_map(sch)
+    holder = {k: key for key, k in where.items()}
     end = {key: t + sim.costs[key[1].kind] for key, t in sim.starts.items()}
     for s, acts in enumerate(sch.actions):
         for prev, cur in zip(acts, acts[1:]):
             assert sim.starts[(s, cur)] >= end[(s, prev)], (s, prev, cur)
         for a in acts:
-            k, mb = a.chunk * p + s, a.microbatch
+            k, mb = where[(s, a.chunk)], a.microbatch
             needs = []
             if a.kind == "F" and k > 0:
-                needs.append(((k - 1) % p, Action("F", mb, (k - 1) // p)))
+                ps, pc = holder[k - 1]
+                needs.append((ps, Action("F", mb, pc)))
             if a.kind == "B":
                 needs.append((s, Action("F", mb, a.chunk)))
                 if k < p * v - 1:
-                    needs.append(((k + 1) % p, Action("B", mb, (k + 1) // p)))
+                    ns, nc = holder[k + 1]
+                    needs.append((ns, Action("B", mb, nc)))
             if a.kind == "W":
                 needs.append((s, Action("B", mb, a.chunk)))
             for d in needs:
@@ -176,11 +189,60 @@ def test_zb_h2_zero_bubble_at_2p_minus_1():
                 assert max(h2.peak_inflight) > max(ob.peak_inflight), (p, m)
 
 
+def test_zb_v_zero_bubble_at_1f1b_memory():
+    """V placement, F=B=W=1 per chunk action, so a stage's work is 6m chunk ticks and a
+    whole-stage action (ZB-H1's tick) is 2 of them. Lower bounds for any schedule: a step
+    takes >= 6m+p-1 (stage p-1 starts at p-1); a stage's span is >= 6m, and >= 5m+2p-1 on
+    stage 0 (its first chunk-1 input comes 2p-1 ticks after its first F, 5m of work left).
+    ZB-V meets them: stage s spans [s, s+period), period max(6m, 5m+2p-1), every tick busy
+    for m >= 2p-1 (zero bubble when steps run back to back); its step bubble p-1 chunk
+    ticks is half of ZB-H1's p-1 whole-stage ticks. Memory min(2p, m+s+1) chunk
+    activations: 2p, i.e. p micro-batches of a whole stage, 1F1B's peak, for m >= 2p-1."""
+    for p in PS:
+        for m in range(p, 33):  # any m >= p, multiples of p or not
+            zv = simulate(make_schedule("zb-v", p, m, 2))
+            h1 = simulate(make_schedule("zb-h1", p, m))
+            ob = simulate(make_schedule("1f1b", p, m))
+            period = max(6 * m, 5 * m + 2 * p - 1)
+            assert zv.ideal_ticks == 6 * m == 2 * h1.ideal_ticks
+            assert (zv.ticks, zv.period) == (period + p - 1, period), (p, m)
+            spans = [[t for t, row in enumerate(zv.table) if row[s] is not None]
+                     for s in range(p)]
+            assert [(t[0], t[-1] + 1) for t in spans] == [
+                (s, s + period) for s in range(p)], (p, m)
+            if m >= 2 * p - 1:
+                assert all(t == list(range(s, s + 6 * m)) for s, t in enumerate(spans)), (p, m)
+                assert zv.ticks - 6 * m == p - 1 == (2 * h1.ticks - 6 * m) // 2, (p, m)
+                assert zv.period < 2 * h1.period or p == 1, (p, m)
+            assert zv.peak_inflight == tuple(min(2 * p, m + s + 1) for s in range(p)), (p, m)
+            # a chunk activation is half a stage's: within 1F1B's (and ZB-H1's) peak, p
+            assert max(zv.peak_inflight) <= 2 * max(ob.peak_inflight) == 2 * p, (p, m)
+            assert max(zv.peak_inflight) == 2 * max(h1.peak_inflight) or m < 2 * p - 1, (p, m)
+
+
+def test_v_placement_maps_the_chunks():
+    """Chunk 0 down the stages, chunk 1 back up: virtual stages p-1 and p on stage p-1, the
+    loss (2p-1) on stage 0; `place` inverts `virtual_stage`; looped is unchanged."""
+    for p in PS:
+        for name, v in (("zb-v", 2), ("interleaved", 3), ("1f1b", 1)):
+            sch = make_schedule(name, p, 3 * p, v)
+            where = layer_map(sch)
+            assert sorted(where.values()) == list(range(p * v))
+            for (s, c), k in where.items():
+                assert sch.virtual_stage(s, c) == k and sch.place(k) == (s, c), (name, p, s, c)
+        zv = make_schedule("zb-v", p, p, 2)
+        assert zv.placement == "v" and zv.split_backward
+        assert zv.place(p - 1) == (p - 1, 0) and zv.place(p) == (p - 1, 1)
+        assert zv.place(2 * p - 1) == (0, 1)
+
+
 def test_closed_form_matches_simulation():
     for name in SCHEDULES:
         for p in (1, 2, 3, 4, 7):
-            for v in ((1, 2, 3) if name == "interleaved" else (1,)):
-                for m in (range(p, 25, p) if name == "interleaved" else range(1, 20)):
+            vs = {"interleaved": (1, 2, 3), "zb-v": (2,)}.get(name, (1,))
+            for v in vs:
+                ms = {"interleaved": range(p, 25, p), "zb-v": range(p, 25)}.get(name, range(1, 20))
+                for m in ms:
                     sim = simulate(make_schedule(name, p, m, v))
                     cf = closed_form(sim.schedule)
                     assert cf["ticks"] == sim.ticks, (name, p, m, v)
@@ -200,6 +262,9 @@ def all_small_schedules():
                     if m % p == 0:
                         for v in (1, 2, 3):
                             yield make_schedule(name, p, m, v)
+                elif name == "zb-v":
+                    if m >= p:
+                        yield make_schedule(name, p, m, 2)
                 else:
                     yield make_schedule(name, p, m)
 
@@ -257,6 +322,15 @@ def test_validator_rejects_broken_schedules():
     w_first = [Action("W", 0)] + [a for a in zb.actions[1] if a != Action("W", 0)]
     with pytest.raises(ScheduleError, match="before"):
         simulate(with_actions(zb, 1, w_first))
+    for placement, v, words in (("v", 1, ("placement 'v' holds two chunks per stage, but "
+                                  "virtual_stages is 1; set virtual_stages to 2")),
+                                ("v", 3, "virtual_stages is 3"),
+                                ("zigzag", 1, "placement 'zigzag' is not supported")):
+        odd = make_schedule("interleaved", 2, 4, v) if v > 1 else base
+        with pytest.raises(ScheduleError, match=words) as err:
+            simulate(Schedule(odd.name, odd.stages, odd.microbatches, v, odd.split_backward,
+                              odd.actions, placement))
+        assert "\n" not in str(err.value)
 
 
 def test_simulator_reports_deadlock():
@@ -270,7 +344,12 @@ def test_simulator_reports_deadlock():
 
 
 @pytest.mark.parametrize("args, words", [
-    (("nope", 4, 8), "gpipe, 1f1b, interleaved, zb-h1, zb-h2"),
+    (("nope", 4, 8), "gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v"),
+    (("zb-v", 4, 8), (r"zb-v runs two chunks per stage in a V \(got virtual stages 1\); "
+                      "use --virtual-stages 2")),
+    (("zb-v", 4, 8, 3), "use --virtual-stages 2"),
+    (("zb-v", 4, 3, 2), (r"at least as many microbatches as stages \(got 3 for 4\); "
+                         "use --microbatches 4")),
     (("zb-h2", 4, 8, 2), "virtual stages 2"),
     (("1f1b", 0, 8), "stages"),
     (("1f1b", 4, -1), "microbatches"),
@@ -313,6 +392,22 @@ def test_ascii_timeline_aligned():
     assert {"F0", "B0", "W0"} <= set(cells)
     il = ascii_timeline(simulate(make_schedule("interleaved", 2, 2, 2)))
     assert "F1.1" in il
+    zv = simulate(make_schedule("zb-v", 3, 5, 2))
+    lines = ascii_timeline(zv).splitlines()
+    assert len({len(line) for line in lines}) == 1
+    cells = lines[1].split()[2:]  # stage 0: both chunks, each action labelled with its chunk
+    assert len(cells) == zv.ticks
+    assert {f"{k}{i}.{c}" for k in "FBW" for i in range(5) for c in (0, 1)} <= set(cells)
+
+
+def test_summary_shows_period_beside_its_closed_form():
+    for sch in (make_schedule("zb-v", 4, 8, 2), make_schedule("zb-h2", 4, 8),
+                make_schedule("1f1b", 4, 8)):
+        sim = simulate(sch)
+        rows = {line[:22].strip(): line[22:].split() for line in summary(sim).splitlines()}
+        want = str(closed_form(sch)["period"])
+        assert rows["period"] == [str(sim.period), want], rows["period"]
+    assert "placement v" in summary(simulate(make_schedule("zb-v", 2, 3, 2))).splitlines()[0]
 
 
 def test_save_png(tmp_path):
