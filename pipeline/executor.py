@@ -1,12 +1,16 @@
-"""One executor for any schedule table (gpipe, 1f1b, interleaved, zb-h1), backward by hand.
+"""One executor for any schedule table (gpipe, 1f1b, interleaved, zb-h1, ...), backward by hand.
 
 `pipelined_loss` runs the whole schedule, forward AND backward actions, inside one
 `jax.shard_map` that is manual over `stage` and the data axes (as `pipeline.gpipe`; `tensor`
 stays automatic, so TP works inside each action): a `lax.scan` over the ticks of
 `simulate(schedule, F=B=W=1)`. Each tick every stage reads its row of a small int32 table
-(built here in numpy), runs idle / F / B / W with `lax.switch`, then sends one activation
-forward and one gradient backward (`ppermute`), each only on ticks where some stage receives
-one (GPipe sends no gradient while it runs forwards, nor activations while it runs backwards).
+(built here in numpy), runs its F, B or W (each a `lax.cond`; idle runs none), then hands
+on what it made: activations to the stage that holds the next virtual stage, gradients to the
+one that holds the previous, by `ppermute` to the next or the previous stage (looped
+placement: activations down and around the ring, gradients up; V placement's second chunk:
+the other way round) or, where both virtual stages are on one stage, by a write into its own
+buffer. Each `ppermute` runs only on ticks where some stage receives one (GPipe sends no
+gradient while it runs forwards, nor activations while it runs backwards).
 
 Each action does only its own work (`pipeline.actions`): F runs the stage forward once under
 `jax.vjp` and keeps the pullback's residuals (less the weights); B rebuilds the pullback from
@@ -49,11 +53,13 @@ from pipeline.simulate import simulate
 IDLE, FWD, BWD_DX, BWD_DW, BWD = 0, 1, 2, 3, 4  # action codes; BWD: both input and weights
 KINDS = {IDLE: "idle", FWD: "F", BWD_DX: "BX", BWD_DW: "BW", BWD: "B"}
 # Table columns per (tick, stage): the action, then the ring-buffer slot of each read and write.
-(CODE, MB, CHUNK, FIRST, LAST, DXROW, X_GET, X_PUT, G_GET, G_PUT, G_OWN, R_GET, R_PUT, I_GET,
- I_PUT, W_GET, W_PUT) = range(17)
+# An arrival comes from the next stage, the previous one, or the stage itself (V placement's
+# turn, where virtual stages p-1 and p share a stage; the last virtual stage's own dLoss/dy).
+(CODE, MB, CHUNK, FIRST, LAST, DXROW, X_GET, X_NEXT, X_PREV, X_SELF, G_GET, G_NEXT, G_PREV,
+ G_SELF, R_GET, R_PUT, I_GET, I_PUT, W_GET, W_PUT) = range(20)
 BUFFERS = {  # buffer → its (read, write...) columns; a slot lives from its write to its read
-    "x": (X_GET, X_PUT),  # stage inputs: arrival → F
-    "g": (G_GET, G_PUT, G_OWN),  # output gradients: arrival (last stage: its own F) → B
+    "x": (X_GET, X_NEXT, X_PREV, X_SELF),  # stage inputs: arrival → F
+    "g": (G_GET, G_NEXT, G_PREV, G_SELF),  # output gradients: arrival → B
     "r": (R_GET, R_PUT),  # F's residuals: F → B
     "i": (I_GET, I_PUT),  # split backward: each weight product's input, F → W
     "w": (W_GET, W_PUT),  # split backward: each weight product's output gradient, B → W
@@ -62,9 +68,10 @@ BUFFERS = {  # buffer → its (read, write...) columns; a slot lives from its wr
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    table: np.ndarray  # [ticks, p, 17] int32
+    table: np.ndarray  # [ticks, p, 20] int32
     slots: dict[str, int]  # per buffer in BUFFERS: slots per stage (excluding the dummy slot)
-    ring: bool  # interleaved: the last stage's F output goes to stage 0
+    chunks: int  # v: chunks per stage
+    ring: bool  # looped placement with v > 1: stage p-1 sends to stage 0 and back
     split: bool  # B is the input gradient only, W the weight gradient
 
 
@@ -116,7 +123,17 @@ def plan_of(sched: Schedule) -> Plan:
         got, n = _colour(iv)
         slot.update({(buf, s, *key): sl for key, sl in got.items()})
         size[buf] = max(size[buf], n)
-    tab = np.zeros((ticks, p, len(BUFFERS) * 2 + 9), np.int32)
+    ring = sched.placement == "looped" and v > 1
+
+    def arrival(sender: int, receiver: int, columns: tuple[int, int, int]) -> int:
+        """The column, among (sent to the next stage, sent to the previous, handed to itself),
+        in which `receiver` records what `sender` hands it."""
+        if receiver == sender:
+            return columns[2]
+        down = receiver == sender + 1 or ring and (sender, receiver) == (p - 1, 0)
+        return columns[0] if down else columns[1]
+
+    tab = np.zeros((ticks, p, 20), np.int32)
     for buf, cols in BUFFERS.items():
         tab[:, :, list(cols)] = size[buf]  # the dummy slot: reads and writes nobody needs
     tab[:, :, DXROW] = m
@@ -131,11 +148,11 @@ def plan_of(sched: Schedule) -> Plan:
                 row[I_PUT] = slot["i", s, mb, c]
             if k > 0:
                 row[X_GET] = slot["x", s, mb, c]
-            if k == n_virtual - 1:
-                row[G_OWN] = slot["g", s, mb, c]
+            if k == n_virtual - 1:  # the head's dLoss/dy, for its own B
+                row[G_SELF] = slot["g", s, mb, c]
             else:  # the next virtual stage receives the output at the end of tick t
                 ns, nc = sched.place(k + 1)
-                tab[t, ns, X_PUT] = slot["x", ns, mb, nc]
+                tab[t, ns, arrival(s, ns, (X_NEXT, X_PREV, X_SELF))] = slot["x", ns, mb, nc]
         elif a.kind == "B":
             row[CODE] = BWD_DX if split else BWD
             row[R_GET], row[G_GET] = slot["r", s, mb, c], slot["g", s, mb, c]
@@ -145,10 +162,10 @@ def plan_of(sched: Schedule) -> Plan:
                 row[DXROW] = mb
             else:
                 ps, pc = sched.place(k - 1)
-                tab[t, ps, G_PUT] = slot["g", ps, mb, pc]
+                tab[t, ps, arrival(s, ps, (G_NEXT, G_PREV, G_SELF))] = slot["g", ps, mb, pc]
         else:
             row[CODE], row[I_GET], row[W_GET] = BWD_DW, slot["i", s, mb, c], slot["w", s, mb, c]
-    return Plan(tab, size, ring=v > 1, split=split)
+    return Plan(tab, size, chunks=v, ring=ring, split=split)
 
 
 def action_scope(kind: str) -> str:
@@ -157,11 +174,22 @@ def action_scope(kind: str) -> str:
     return f"action_{kind}"
 
 
+SENDS = {  # scope → (column of the receiving stage, buffer, to the next stage?)
+    "send_activation": (X_NEXT, "x", True),  # down the stages (looped: around the ring)
+    "send_activation_back": (X_PREV, "x", False),  # up the stages: V placement's second chunk
+    "send_gradient": (G_PREV, "g", False),  # up the stages
+    "send_gradient_back": (G_NEXT, "g", True),  # down: V placement's second chunk
+}
+
+
 def sends(pl: Plan) -> dict[str, np.ndarray]:
-    """Per send ("send_activation", "send_gradient"), [ticks] bools: does any stage receive one
-    at this tick? All stages take part in a `ppermute`, so on the other ticks it is skipped."""
-    return {"send_activation": (pl.table[:, :, X_PUT] != pl.slots["x"]).any(1),
-            "send_gradient": (pl.table[:, :, G_PUT] != pl.slots["g"]).any(1)}
+    """Per send scope (`SENDS`) that the schedule uses, [ticks] bools: does any stage receive
+    one at this tick? All stages take part in a `ppermute`, so on the other ticks it is
+    skipped."""
+    out = {name: (pl.table[:, :, col] != pl.slots[buf]).any(1)
+           for name, (col, buf, _) in SENDS.items()}
+    return {name: ticks for name, ticks in out.items()
+            if ticks.any() or name in ("send_activation", "send_gradient")}
 
 
 def action_counts(pl: Plan) -> dict[str, np.ndarray]:
@@ -176,17 +204,18 @@ def action_counts(pl: Plan) -> dict[str, np.ndarray]:
                      for name, ticks in sends(pl).items()}
 
 
-def to_virtual_stages(stacked, p: int, v: int):
-    """[L, ...] → [p, v, L/(v·p), ...]: chunk c of stage s holds virtual stage c·p + s."""
+def to_virtual_stages(stacked, schedule: Schedule):
+    """[L, ...] → [p, v, L/(v·p), ...]: chunk c of stage s holds the layers of virtual stage
+    `schedule.virtual_stage(s, c)` (looped: c·p + s; V: s, then 2p − 1 − s)."""
+    p, v = schedule.stages, schedule.virtual_stages
+
     def one(a):
         a = a.reshape(v, p, a.shape[0] // (v * p), *a.shape[1:])
+        if schedule.placement == "v":  # the second chunk runs back up the stages
+            a = jnp.stack([a[0], a[1, ::-1]])
         return jnp.swapaxes(a, 0, 1)
+
     return jax.tree.map(one, stacked)
-
-
-def from_virtual_stages(staged):
-    """Inverse of `to_virtual_stages`."""
-    return jax.tree.map(lambda a: jnp.swapaxes(a, 0, 1).reshape(-1, *a.shape[3:]), staged)
 
 
 def _buffer(n: int, like) -> jax.Array:
@@ -201,13 +230,13 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat):
     p, m = schedule.stages, schedule.microbatches
     pl = plan_of(schedule)
     act = StageActions(block_def, remat, pl.split)
-    perm_f = [(i, (i + 1) % p) for i in range(p if pl.ring else p - 1)]
-    perm_b = [((i + 1) % p, i) for i in range(p if pl.ring else p - 1)]
+    to_next = [(i, (i + 1) % p) for i in range(p if pl.ring else p - 1)]
+    perms = {True: to_next, False: [(j, i) for i, j in to_next]}  # to the next stage?
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
 
     def chunk_of(tree, c):
         # One chunk (v = 1): a static index, so no copy of the stage's weights per tick.
-        return jax.tree.map(lambda a: a[c] if pl.ring else a[0], tree)
+        return jax.tree.map(lambda a: a[c] if pl.chunks > 1 else a[0], tree)
 
     def put(bufs, i, values):
         return tuple(b.at[i].set(a) for b, a in zip(bufs, values, strict=True))
@@ -229,12 +258,11 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat):
         y, stash, inputs = act.forward(chunk_of(params, r[CHUNK]), x)
         return vary((y, put(rbuf, r[R_PUT], stash), put(ibuf, r[I_PUT], inputs)))
 
-    def head(hp, y, tgt, gbuf, acc_h, r):
+    def head(hp, y, tgt, acc_h):
         """The loss of this micro-batch, and its gradient for this stage's B."""
         loss, hpull = jax.vjp(lambda hp, y: head_fn(hp, y, tgt), hp, y)
         dh, g_own = hpull(vary(jnp.asarray(1.0 / m, loss.dtype)))
-        return vary((loss.astype(jnp.float32) / m, gbuf.at[r[G_OWN]].set(g_own),
-                     jax.tree.map(jnp.add, acc_h, dh)))
+        return vary((loss.astype(jnp.float32) / m, g_own, jax.tree.map(jnp.add, acc_h, dh)))
 
     def backward(params, gbuf, rbuf, wbuf, acc_w, dxs, r):
         c = r[CHUNK]
@@ -254,15 +282,16 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat):
     def no_forward(params, xs, xbuf, rbuf, ibuf, r):
         return vary((jnp.zeros_like(xbuf[0]), rbuf, ibuf))
 
-    def no_head(hp, y, tgt, gbuf, acc_h, r):
-        return vary((jnp.zeros((), jnp.float32), gbuf, acc_h))
+    def no_head(hp, y, tgt, acc_h):
+        return vary((jnp.zeros((), jnp.float32), jnp.zeros_like(y), acc_h))
 
     def no_backward(params, gbuf, rbuf, wbuf, acc_w, dxs, r):
         return vary((jnp.zeros_like(gbuf[0]), acc_w, wbuf, dxs))
 
     b_code = BWD_DX if pl.split else BWD
     tab = jnp.asarray(pl.table)
-    sending = tuple(jnp.asarray(ticks) for ticks in sends(pl).values())
+    sending = sends(pl)  # the send scopes this schedule uses, and their ticks
+    turn = (pl.table[:, :, X_SELF] != pl.slots["x"]).any()
 
     def send(flag, value, perm):
         """`ppermute`, or zeros where no stage receives (the same on every stage: a tick
@@ -302,25 +331,35 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat):
 
         def tick(carry, per_tick):
             xbuf, gbuf, rbuf, ibuf, wbuf, acc_w, acc_h, dxs, loss = carry
-            rows, send_x, send_g = per_tick
+            rows, *send_now = per_tick
             r = rows[s]
             code = r[CODE]
             y, rbuf, ibuf = when(code == FWD, "F", forward, no_forward, params, xs, xbuf, rbuf,
                                  ibuf, r)
-            loss_mb, gbuf, acc_h = when((code == FWD) & (r[LAST] == 1), "head", head, no_head,
-                                        hp, y, targets[r[MB]], gbuf, acc_h, r)
+            loss_mb, g_own, acc_h = when((code == FWD) & (r[LAST] == 1), "head", head,
+                                         no_head, hp, y, targets[r[MB]], acc_h)
             dx, acc_w, wbuf, dxs = when(code == b_code, KINDS[b_code], backward, no_backward,
                                         params, gbuf, rbuf, wbuf, acc_w, dxs, r)
             if pl.split:
                 acc_w = when(code == BWD_DW, "BW", weights, lambda *args: args[-2],
                              params, ibuf, wbuf, acc_w, r)
-            with jax.named_scope("send_activation"):
-                xbuf = xbuf.at[r[X_PUT]].set(send(send_x, y, perm_f))
-            with jax.named_scope("send_gradient"):
-                gbuf = gbuf.at[r[G_PUT]].set(send(send_g, dx, perm_b))
+            # What this stage hands itself: dLoss/dy of its head, or on V placement's turn
+            # (virtual stages p-1 and p on one stage) the output, and later dx, in between.
+            gbuf = gbuf.at[r[G_SELF]].set(jnp.where(code == FWD, g_own, dx))
+            if turn:
+                xbuf = xbuf.at[r[X_SELF]].set(y)
+            for name, flag in zip(sending, send_now, strict=True):
+                col, buf, down = SENDS[name]
+                with jax.named_scope(name):
+                    got = send(flag, y if buf == "x" else dx, perms[down])
+                    if buf == "x":
+                        xbuf = xbuf.at[r[col]].set(got)
+                    else:
+                        gbuf = gbuf.at[r[col]].set(got)
             return (xbuf, gbuf, rbuf, ibuf, wbuf, acc_w, acc_h, dxs, loss + loss_mb), None
 
-        (*_, acc_w, acc_h, dxs, loss), _ = jax.lax.scan(tick, init, (tab, *sending))
+        (*_, acc_w, acc_h, dxs, loss), _ = jax.lax.scan(
+            tick, init, (tab, *(jnp.asarray(t) for t in sending.values())))
         # Loss and gradients of the mean over data shards of each shard's mean loss.
         n_dp = jax.lax.axis_size(DP)
         mean_dp = functools.partial(jax.lax.pmean, axis_name=DP)
@@ -365,7 +404,7 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     if v == 1:
         staged = jax.tree.map(lambda a: a[:, None], to_stages(layers, p))
     else:
-        staged = to_virtual_stages(layers, p, v)
+        staged = to_virtual_stages(layers, schedule)
 
     @jax.custom_vjp
     def f(staged, loss_params, xs, targets):

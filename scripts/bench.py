@@ -126,7 +126,7 @@ def main() -> int:
     def trainer(layout, m):
         spec, schedule, sp = parse_layout("data=1" if layout == "single" else layout)
         mesh = make_mesh(spec, jax.devices()[:1] if layout == "single" else None)
-        v = 2 if schedule == "interleaved" else 1
+        v = 2 if schedule in ("interleaved", "zb-v") else 1
         tc = TrainConfig(microbatches=m, schedule=schedule, virtual_stages=v, remat=args.remat)
         return Trainer(cfg, tc, mesh, Rules(sp), shape)
 

@@ -50,12 +50,13 @@ class Expected:
         return self.bytes * self.count
 
 
-def send_ticks(schedule: str, p: int, m: int, v: int) -> tuple[int, int]:
-    """Ticks of the executor's loop (the schedule simulated with unit-time actions) on which
-    some stage receives an activation, and a gradient: the sends that run."""
+def send_ticks(schedule: str, p: int, m: int, v: int) -> dict[str, int]:
+    """Per send scope of the executor (`pipeline.executor.SENDS`), the ticks of its loop (the
+    schedule simulated with unit-time actions) on which some stage receives one: the sends that
+    run."""
     from pipeline.executor import plan, sends
 
-    return tuple(int(t.sum()) for t in sends(plan(schedule, p, m, v)).values())
+    return {name: int(t.sum()) for name, t in sends(plan(schedule, p, m, v)).items()}
 
 
 def param_counts(cfg: ModelConfig) -> dict[str, int]:
@@ -155,9 +156,9 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
         add("loss", ar, b_shard // m * seq * 4, tuple(3 * n for n in last), tp,
             "head/loss" if p > 1 else "F")
     if p > 1:
-        for n, phase in zip(send_ticks(schedule, p, m, virtual_stages), "FB", strict=True):
+        for name, n in send_ticks(schedule, p, m, virtual_stages).items():
             add("pipeline send/recv", "collective-permute", x_mb // (t if sp else 1), (n,) * p,
-                ("stage",), phase)
+                ("stage",), "F" if "activation" in name else "B")
         # After the loop: the head's gradient (from the last stage), the input gradient (from
         # stage 0, float32: `pipeline.gpipe.widen`; split over T with SP) and the loss, summed
         # over stages once.

@@ -7,7 +7,8 @@ per tick on each stage, picked from its schedule table, and names each action's 
 (`action_F`, `action_head`, `action_B`, ...). So an op in action a, counted c times by `spmd.hlo` (once
 per tick of the loop, times any inner trip count), runs c · n_a(s) / ticks times on stage s,
 where n_a(s) is the number of ticks that stage s runs a: the table decides, not the design.
-The sends (`send_activation`, `send_gradient`) run only on the ticks where a stage receives.
+The sends (`send_activation`, `send_gradient`, and `..._back` the other way on V placement's
+second chunk) run only on the ticks where a stage receives.
 
 Each op gets a phase from the action that runs it (F, B, W, the head and loss after the last
 stage's F, a forward re-run inside a backward as "recompute") or, outside the executor, from
@@ -25,7 +26,7 @@ import numpy as np
 from spmd import analysis, hlo
 
 _ACTION = re.compile(r"(?:^|/)action_(idle|F|head|B|BX|BW)(?=/|$)")
-_SEND = re.compile(r"(?:^|/)(send_activation|send_gradient)(?=/|$)")
+_SEND = re.compile(r"(?:^|/)((?:send_activation|send_gradient)(?:_back)?)(?=/|$)")
 PHASES = ("F", "B", "W", "head/loss", "recompute", "step")
 
 

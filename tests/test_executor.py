@@ -40,6 +40,8 @@ CASES += [
     ("zb-h1", (2, 2, 2), 4, 1, "layer", True, "llama"),
     ("interleaved", (1, 2, 4), 4, 2, "none", False, "llama"),
     ("interleaved", (2, 2, 2), 2, 2, "stage", True, "llama"),
+    ("zb-v", (1, 4, 2), 4, 2, "none", False, "llama"),  # V placement: sends both ways
+    ("zb-v", (2, 2, 2), 4, 2, "layer", True, "gpt2"),
     ("1f1b", (1, 4, 2), 3, 1, "layer", False, "llama"),  # m = 3: not a multiple of p
     ("1f1b", (2, 2, 2), 4, 1, "stage", True, "llama"),
     # Every schedule with the gpt2 style and tied embeddings.
