@@ -167,17 +167,16 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
             "step")
         if virtual_stages > 1:
             # Stage s runs layers that the canonical layout (contiguous over `stage`) keeps on
-            # other stages: every step the stage's weights move to their chunks, and their
-            # gradients back. XLA's partitioner reshards [v, p, ...] to [p, v, ...] with one
-            # all-to-all when p = v, and with an all-to-all then a collective-permute, each of
-            # the stage's bytes, when p > v (measured for p, v = 2, 2; 4, 2; 8, 2).
-            stage_bytes = layer_bytes(cfg, t) * cfg.n_layers // p
-            moves = [("all-to-all", stage_bytes)]
-            if p > virtual_stages:
-                moves.append(("collective-permute", stage_bytes))
-            for op, size in moves:
+            # other stages: every step they arrive in rounds of collective-permutes, one chunk
+            # per round (`pipeline.executor.chunk_moves`), and their gradients go back.
+            from pipeline.executor import chunk_moves
+            from pipeline.schedules import make_schedule
+
+            chunk = layer_bytes(cfg, t) * cfg.n_layers // (p * virtual_stages)
+            for _ in chunk_moves(make_schedule(schedule, p, m, virtual_stages)):
                 for phase in "FB":
-                    add("interleaved placement", op, size, once, ("stage",), phase)
+                    add("interleaved placement", "collective-permute", chunk, once, ("stage",),
+                        phase)
     fsdp = mesh["fsdp"] > 1
     if fsdp and p == 1:
         # ZeRO-3: each layer's weights gathered over fsdp before its forward and again before
