@@ -439,7 +439,8 @@ def schedule_from_data(data: dict, source: str = "schedule") -> Schedule:
     split = data.get("split_backward", any(a.kind == "W" for acts in actions for a in acts))
     schedule = Schedule(
         name=str(data.get("schedule", Path(source).stem)),
-        stages=need(data, "stages", "the file"), microbatches=need(data, "microbatches", "the file"),
+        stages=need(data, "stages", "the file"),
+        microbatches=need(data, "microbatches", "the file"),
         virtual_stages=need(data, "virtual_stages", "the file", 1), split_backward=bool(split),
         actions=tuple(actions), placement=placement)
     try:

@@ -178,7 +178,8 @@ def main() -> int:
         pred = f"{r['predicted_ratio']:.2f}" if r["predicted_ratio"] else "-"
         name = parse_layout(r["layout"])[0] + ("+sp" if r["sequence_parallel"] else "")
         print(f"| {name} | {r['schedule']} | {r['microbatches']} | "
-              f"{r['step_time_ratio']:.2f} | {r['cpu_time_ratio']:.2f} | {pred} | {comm} | {r['executed_flops_ratio']:.3f} | "
+              f"{r['step_time_ratio']:.2f} | {r['cpu_time_ratio']:.2f} | {pred} | {comm} | "
+              f"{r['executed_flops_ratio']:.3f} | "
               f"{r['recompute_flops_ratio']:.3f} | {r['peak_bytes_per_device'] / 2**20:.1f} | "
               f"{r['compile_s']:.1f} | {r['tokens_per_s']:,.0f} | {r['bubble_fraction']:.2f} | "
               f"{r['loss']:.5f} |")

@@ -87,6 +87,10 @@ BF16_LAYOUTS = {  # every schedule, each with other axes and flags it must compo
     "zb-h1": ("stage=2,tensor=4", dict(schedule="zb-h1", microbatches=2, remat="layer")),
     "interleaved": ("data=2,stage=2,tensor=2", dict(schedule="interleaved", virtual_stages=2,
                                                     microbatches=2)),
+    "zb-h2": ("data=2,stage=2,tensor=2", dict(schedule="zb-h2", microbatches=4,
+                                              sequence_parallel=True)),
+    "zb-v": ("stage=2,tensor=4", dict(schedule="zb-v", virtual_stages=2, microbatches=2,
+                                      remat="layer")),
 }
 
 
