@@ -45,8 +45,7 @@ from jax.sharding import PartitionSpec as P
 
 from models.config import ConfigError
 from pipeline.actions import StageActions
-from pipeline.gpipe import DP, vary, widen
-from pipeline.gpipe import to_stages
+from pipeline.gpipe import DP, to_stages, vary, widen
 from pipeline.schedules import Action as Act, Schedule, make_schedule
 from pipeline.simulate import simulate
 

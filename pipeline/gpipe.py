@@ -23,8 +23,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from models.transformer import scan_blocks
+from spmd.rules import BATCH_AXES
 
-DP = ("data", "fsdp")  # the data-parallel mesh axes: the batch is split over them
+DP = BATCH_AXES  # the data-parallel mesh axes: the batch is split over them (spmd.rules)
 
 
 def vary(tree):

@@ -23,6 +23,7 @@ from pipeline.executor import pipelined_loss
 from pipeline.gpipe import gpipe, to_microbatches, to_stages
 from pipeline.schedules import make_schedule, validate
 from pipeline.simulate import simulate
+from spmd.rules import batch_shards
 
 
 def check_pipeline(cfg: ModelConfig, tc, mesh_shape: dict[str, int], batch: int) -> None:
@@ -34,7 +35,7 @@ def check_pipeline(cfg: ModelConfig, tc, mesh_shape: dict[str, int], batch: int)
             f"n_layers ({cfg.n_layers}) is not divisible by stages x virtual stages ({p} x {v}); "
             "change --layers, --virtual-stages or the --mesh"
         )
-    per_shard = batch // (mesh_shape["data"] * mesh_shape["fsdp"])
+    per_shard = batch // batch_shards(mesh_shape)
     if per_shard % m:
         raise ConfigError(
             f"the batch per data shard ({per_shard} = {batch} / data x fsdp) is not divisible "

@@ -88,7 +88,7 @@ def main() -> int:
     from spmd.data import Batches, stdlib_corpus
     from spmd.measure import Layout, measure, predict_lockstep_s, predict_step_s, time_actions
     from spmd.mesh import make_mesh
-    from spmd.rules import Rules
+    from spmd.rules import Rules, batch_shards
     from spmd.train_step import TrainConfig, Trainer
 
     cfg = PRESETS[args.preset]
@@ -106,7 +106,7 @@ def main() -> int:
     def predict(layout, sizes, schedule, m, v) -> dict:
         """Predicted step on real devices: one device's F+B of all layers (single), or the
         simulated makespan of the schedule (pipelines); None for other layouts."""
-        rows_per_mb = args.batch_size // (sizes["data"] * sizes["fsdp"]) // m
+        rows_per_mb = args.batch_size // batch_shards(sizes) // m
         p = sizes["stage"]
         if layout == "single":
             costs = action_s(cfg.n_layers, args.batch_size, False)

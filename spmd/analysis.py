@@ -20,6 +20,7 @@ import re
 
 from models.config import ModelConfig
 from spmd.hlo import Collective
+from spmd.rules import BATCH_AXES, batch_shards
 
 SOURCES = ("embedding", "attention q/k/v", "attention out", "MLP up/gate", "MLP down",
            "sequence-parallel gather", "head", "loss", "pipeline send/recv",
@@ -105,7 +106,7 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
     """DESIGN section 2's collectives for one train step: bytes per device and executions on
     each stage (every stage runs every micro-batch through its L/p layers; the last stage also
     runs the head and the loss, once per micro-batch)."""
-    d, p, t = mesh["data"] * mesh["fsdp"], mesh["stage"], mesh["tensor"]
+    d, p, t = batch_shards(mesh), mesh["stage"], mesh["tensor"]
     m = microbatches if p > 1 else 1
     e, h, sp = cfg.dtype.itemsize, cfg.d_model, sequence_parallel
     b_shard = batch // d
@@ -193,7 +194,7 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
             add("embedding", "collective-permute", b_shard * seq * 4, once, ("fsdp", "tensor"),
                 "F")
     if d > 1:
-        axes = tuple(a for a in ("data", "fsdp") if mesh[a] > 1)
+        axes = tuple(a for a in BATCH_AXES if mesh[a] > 1)
         extra = 0
         if p > 1:  # the loss; a tied embedding's head part is averaged in the loop's boundary
             extra = 4 + (param_counts(cfg)["embedding"] // t * 4 if cfg.tie_embeddings else 0)

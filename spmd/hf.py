@@ -17,7 +17,7 @@ from flax.core import spmd as flax_spmd
 from models.config import ConfigError
 from models.hf import Folder, layout, save
 from spmd.mesh import make_mesh, parse_mesh_spec
-from spmd.rules import Rules
+from spmd.rules import Rules, batch_shards
 from spmd.train_step import TrainConfig, Trainer
 
 
@@ -56,7 +56,7 @@ def open_model(path: str | Path, mesh_spec: str, seq_len: int):
     devices = jax.devices()[: math.prod(parse_mesh_spec(mesh_spec).values())]
     with Folder(path) as folder:
         mesh = make_mesh(mesh_spec, devices)
-        rows = mesh.shape["data"] * mesh.shape["fsdp"]
+        rows = batch_shards(mesh.shape)
         trainer = Trainer(folder.cfg, TrainConfig(), mesh, Rules(), (rows, seq_len))
         return trainer, load_params(folder, trainer)
 
@@ -67,7 +67,7 @@ def logits(trainer: Trainer, params, tokens: np.ndarray) -> np.ndarray:
     The plain forward (embed, scan over the stacked layers, head), also on a mesh with
     `stage` > 1: the layers stay where they are and the compiler moves what it needs; the
     pipeline schedules are for training."""
-    rows = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+    rows = batch_shards(trainer.mesh.shape)
     batch = trainer.place(np.tile(np.asarray(tokens, np.int32)[None], (rows, 1)))
 
     def forward(params, batch):

@@ -7,12 +7,23 @@ parallelism, Korthikanti et al. 2022). X = b_mb·s·h activation elements.
 import dataclasses
 
 import jax
+import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from models.config import ConfigError, ModelConfig
 
 Rule = tuple[str, str | tuple[str, ...] | None]
+
+# The mesh axes that split the batch (data parallelism, and ZeRO-3's `fsdp`, which also splits
+# the weights). Everything that places, splits or counts batch rows reads them here: the
+# shardings, the pipeline's manual axes, the checks, the census.
+BATCH_AXES = ("data", "fsdp")
+
+
+def batch_shards(mesh_shape) -> int:
+    """Into how many parts the batch is split: the product of the `BATCH_AXES` sizes."""
+    return int(np.prod([mesh_shape[axis] for axis in BATCH_AXES]))
 
 PARAM_RULES: tuple[Rule, ...] = (
     ("vocab", "tensor"),  # vocab-parallel embedding (fwd all-reduce of X) and head (none)
@@ -28,7 +39,7 @@ PARAM_RULES: tuple[Rule, ...] = (
 
 def activation_rules(sequence_parallel: bool) -> tuple[Rule, ...]:
     return (
-        ("batch", ("data", "fsdp")),  # data parallelism: gradient all-reduce once per step
+        ("batch", BATCH_AXES),  # data parallelism: gradient all-reduce once per step
         # Sequence parallelism splits T between blocks: each all-reduce of X becomes a
         # reduce-scatter (after row-parallel) + all-gather (before column-parallel), same bytes.
         ("seq", "tensor" if sequence_parallel else None),
@@ -68,7 +79,7 @@ def check_layout(
 ) -> None:
     """Every divisibility the plan needs, checked before anything compiles, one line each."""
     cfg.validate()
-    t, dp = mesh_shape["tensor"], mesh_shape["data"] * mesh_shape["fsdp"]
+    t, dp = mesh_shape["tensor"], batch_shards(mesh_shape)
     need = [
         (cfg.n_heads, t, "n_heads", "tensor", "heads"),
         (cfg.n_kv_heads, t, "n_kv_heads", "tensor", "kv-heads"),
@@ -76,7 +87,7 @@ def check_layout(
         (cfg.padded_vocab, t, "padded vocabulary", "tensor", "vocab-multiple"),
         (cfg.d_model, mesh_shape["fsdp"], "d_model", "fsdp", "d-model"),
         (cfg.n_layers, mesh_shape["stage"], "n_layers", "stage", "layers"),
-        (batch, dp, "batch size", "data x fsdp", "batch-size"),
+        (batch, dp, "batch size", " x ".join(BATCH_AXES), "batch-size"),
     ]
     if rules.sequence_parallel:
         need.append((seq_len, t, "sequence length (sequence parallelism)", "tensor", "seq-len"))

@@ -25,7 +25,7 @@ from flax.core import spmd as flax_spmd
 from models import ConfigError, ModelConfig
 from spmd.checkpoint import ITEMS, STEP_PREFIX, CheckpointManager
 from spmd.mesh import make_mesh, parse_mesh_spec
-from spmd.rules import Rules
+from spmd.rules import Rules, batch_shards
 from spmd.train_step import TrainConfig, Trainer
 
 
@@ -82,7 +82,7 @@ def load(directory: str | Path, mesh_spec: str, seq_len: int, devices=None,
         tc = TrainConfig(**{**_known(TrainConfig, info["train"]), "grad_accum": 1})
         _check_no_stage(mesh_spec)
         mesh = make_mesh(mesh_spec, devices)
-        rows = mesh.shape["data"] * mesh.shape["fsdp"]
+        rows = batch_shards(mesh.shape)
         trainer = Trainer(cfg, tc, mesh, Rules(), (rows, seq_len))
         params, _, info = CheckpointManager(directory, raw, info).restore(step, trainer)
     finally:
@@ -209,7 +209,7 @@ def _sampler(trainer: Trainer, prompt_size: int, length: int, temperature: float
 
 def _buffer(trainer: Trainer, prompt: np.ndarray, new_tokens: int) -> np.ndarray:
     """(rows, prompt + new_tokens) tokens, the prompt in every row: one row per data shard."""
-    rows = trainer.mesh.shape["data"] * trainer.mesh.shape["fsdp"]
+    rows = batch_shards(trainer.mesh.shape)
     buffer = np.zeros((rows, prompt.size + new_tokens), np.int32)
     buffer[:, : prompt.size] = prompt
     return buffer

@@ -17,7 +17,7 @@ from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding, PartitionSpec
 
 from models import ConfigError, ModelConfig, Transformer, cross_entropy
-from spmd.rules import Rules, check_layout, param_shardings
+from spmd.rules import BATCH_AXES, Rules, batch_shards, check_layout, param_shardings
 
 Remat = Literal["none", "layer", "stage"]
 
@@ -62,11 +62,11 @@ def make_optimizer(tc: TrainConfig, params: nnx.State
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """Token batches (B, T): B split over the data-parallel axes."""
-    return NamedSharding(mesh, PartitionSpec(("data", "fsdp"), None))
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
 
 
 def check_grad_accum(k: int, batch: int, mesh_shape: dict[str, int]) -> None:
-    dp = mesh_shape["data"] * mesh_shape["fsdp"]
+    dp = batch_shards(mesh_shape)
     per_shard = batch // dp
     if k < 1 or per_shard % k:
         raise ConfigError(
@@ -155,7 +155,7 @@ class Trainer:
             return jax.value_and_grad(self.loss)(params, inputs, targets)
         from pipeline.gpipe import to_microbatches
 
-        spec = NamedSharding(self.mesh, PartitionSpec(None, ("data", "fsdp"), None))
+        spec = NamedSharding(self.mesh, PartitionSpec(None, BATCH_AXES, None))
         chunks = [jax.lax.with_sharding_constraint(to_microbatches(a, k), spec)
                   for a in (inputs, targets)]
 

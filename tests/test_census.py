@@ -20,6 +20,7 @@ from pipeline.actions import StageActions
 from pipeline.executor import action_counts, plan
 from pipeline.run import head_parts
 from spmd import analysis, census, hlo
+from spmd.rules import batch_shards
 from tests.helpers import BATCH, SEQ, TEST_MODEL, compiled, weight_gathers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,7 +122,7 @@ def test_pipeline_flops_equal_actions_alone_times_the_table(case):
     ticks of the schedule table that run it, on every stage and data shard."""
     cfg = CASES[case][2]
     tr, _, _, flops = executed(case)
-    tc, p, d = tr.tc, tr.stages, tr.mesh.shape["data"] * tr.mesh.shape["fsdp"]
+    tc, p, d = tr.tc, tr.stages, batch_shards(tr.mesh.shape)
     pl = plan(tc.schedule, p, tc.microbatches, tc.virtual_stages)
     with nnx.use_eager_sharding(False):  # one device: no mesh
         model = Transformer(cfg, nnx.Rngs(0))

@@ -48,9 +48,9 @@ def test_train_script_loss_falls_and_writes_metrics(tmp_path, corpus):
 @pytest.mark.slow
 def test_same_loss_curve_on_every_mesh(tmp_path, corpus):
     one = [r["loss"] for r in losses(tmp_path, corpus, "one", "--mesh", "data=1", cpu_devices=1)]
-    for mesh in ["data=8", "tensor=8", "data=4,tensor=2 --sequence-parallel",
-                 "data=2,stage=2,tensor=2", "stage=4,tensor=2",
-                 "data=2,stage=2,tensor=2 --schedule 1f1b",
+    # One run per family through the command line; every layout x schedule is held to one
+    # device in-process (tests/test_tensor_parallel.py, tests/test_executor.py).
+    for mesh in ["data=4,tensor=2 --sequence-parallel", "stage=4,tensor=2",
                  "stage=2,tensor=4 --schedule interleaved --virtual-stages 2",
                  "stage=2,data=4 --schedule zb-h1 --microbatches 2 --sequence-parallel"]:
         curve = [r["loss"] for r in losses(tmp_path, corpus, "m", "--mesh", *mesh.split())]

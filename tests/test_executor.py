@@ -31,9 +31,9 @@ def mesh_of(d, p, t):
     return f"data={d},stage={p},tensor={t}"
 
 
-CASES = [("1f1b", dpt, m, 1, "none", False, "llama")
-         for dpt in ((1, 2, 4), (2, 2, 2), (1, 4, 2)) for m in (dpt[1], 2 * dpt[1])]
-CASES += [
+# 1F1B on every mesh with m = p and 3p: the sweep below.
+CASES = [
+    ("1f1b", (2, 2, 2), 4, 1, "none", False, "llama"),
     ("gpipe", (2, 2, 2), 4, 1, "none", False, "llama"),
     ("autodiff-gpipe", (2, 2, 2), 4, 1, "none", False, "llama"),  # the readable reference
     ("zb-h1", (1, 4, 2), 4, 1, "none", False, "llama"),
@@ -190,18 +190,28 @@ def test_1f1b_memory_flat_in_microbatches_gpipe_grows():
 
 SWEEP_MODEL = dataclasses.replace(TEST_MODEL, n_layers=16)  # divisible by p·v = 8·2
 SWEEP_SHAPE = (48, 8)  # every data shard's batch divisible by every m = p, 3p below
-SWEEP = [(schedule, dpt, k * dpt[1])
-         for schedule in ("gpipe", "1f1b", "interleaved", "zb-h1")
-         for dpt, k in (((1, 2, 4), 3), ((2, 2, 2), 1), ((1, 4, 2), 3), ((1, 8, 1), 1))]
+MESHES = {"data=1,stage=2,tensor=4": ((1, 2, 4), 3), "data=2,stage=2,tensor=2": ((2, 2, 2), 1),
+          "data=1,stage=4,tensor=2": ((1, 4, 2), 3), "data=1,stage=8,tensor=1": ((1, 8, 1), 1)}
+# 1F1B on every mesh; every other schedule on the meshes its cases above do not cover, so each
+# schedule meets at least two meshes and each mesh at least three schedules.
+SWEEP = [(schedule, MESHES[mesh][0], MESHES[mesh][1] * MESHES[mesh][0][1])
+         for schedule, meshes in (
+             ("1f1b", list(MESHES)),
+             ("gpipe", ["data=1,stage=2,tensor=4", "data=1,stage=8,tensor=1"]),
+             ("zb-h1", ["data=1,stage=2,tensor=4", "data=1,stage=8,tensor=1"]),
+             ("interleaved", ["data=1,stage=4,tensor=2", "data=2,stage=2,tensor=2"]),
+             ("zb-h2", ["data=1,stage=8,tensor=1"]),
+             ("zb-v", ["data=1,stage=2,tensor=4"]))
+         for mesh in meshes]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("schedule,dpt,m", SWEEP,
                          ids=[f"{s}-{mesh_of(*d)}-m{m}" for s, d, m in SWEEP])
 def test_schedule_sweep_matches_single_device(schedule, dpt, m):
-    """Every schedule x mesh, m = p or 3p (m = 2p: the cases above), held to the single-device
+    """Schedules x meshes, m = p or 3p (m = 2p: the cases above), held to the single-device
     model."""
-    v = 2 if schedule == "interleaved" else 1
+    v = 2 if schedule in ("interleaved", "zb-v") else 1
     loss, grads = loss_and_grads(SWEEP_MODEL, mesh_of(*dpt), shape=SWEEP_SHAPE, microbatches=m,
                                  schedule=schedule, virtual_stages=v)
     assert_matches_reference(SWEEP_MODEL, loss, grads, shape=SWEEP_SHAPE)
