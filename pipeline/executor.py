@@ -187,8 +187,7 @@ def sends(pl: Plan) -> dict[str, np.ndarray]:
     skipped."""
     out = {name: (pl.table[:, :, col] != pl.slots[buf]).any(1)
            for name, (col, buf, _) in SENDS.items()}
-    return {name: ticks for name, ticks in out.items()
-            if ticks.any() or name in ("send_activation", "send_gradient")}
+    return {name: ticks for name, ticks in out.items() if ticks.any()}
 
 
 def action_counts(pl: Plan) -> dict[str, np.ndarray]:
