@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -14,7 +15,9 @@ import numpy as np
 import pytest
 
 from models.config import ConfigError
+from pipeline.schedules import make_schedule, schedule_to_data
 from spmd.data import Batches
+from spmd.mesh import parse_mesh_spec
 from tests.helpers import RTOL, TEST_MODEL, batch, rel_err, trainer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +90,9 @@ BF16_LAYOUTS = {  # every schedule, each with other axes and flags it must compo
     "zb-h1": ("stage=2,tensor=4", dict(schedule="zb-h1", microbatches=2, remat="layer")),
     "interleaved": ("data=2,stage=2,tensor=2", dict(schedule="interleaved", virtual_stages=2,
                                                     microbatches=2)),
-    "zb-h2": ("data=2,stage=2,tensor=2", dict(schedule="zb-h2", microbatches=4,
+    # zb-h2 from a schedule file (what `scripts/schedule.py --json` prints): --schedule-file
+    # composes with bf16, SP and data x stage x tensor.
+    "zb-h2": ("data=2,stage=2,tensor=2", dict(schedule="zb-h2.json", microbatches=4,
                                               sequence_parallel=True)),
     "zb-v": ("stage=2,tensor=4", dict(schedule="zb-v", virtual_stages=2, microbatches=2,
                                       remat="layer")),
@@ -105,6 +110,11 @@ def loss_curve(dtype: str, layout: str, style: str = "llama", steps: int = 12) -
     tokens = np.frombuffer((ROOT / "spmd" / "train_step.py").read_bytes(), np.uint8)
     data = Batches(tokens.astype(np.uint16), 8, 32, seed=0)
     mesh, kw = BF16_LAYOUTS[layout]
+    if kw.get("schedule", "").endswith(".json"):
+        path = Path(tempfile.mkdtemp()) / kw["schedule"]
+        path.write_text(json.dumps(schedule_to_data(make_schedule(
+            path.stem, parse_mesh_spec(mesh)["stage"], kw["microbatches"]))))
+        kw = dict(kw, schedule=str(path))
     kw = dict(kw, shape=(8, 32), learning_rate=1e-2, warmup_steps=2, steps=steps)
     tr = trainer(dataclasses.replace(STYLES[style], compute_dtype=dtype), mesh, **kw)
     params, opt_state = tr.init(seed=0)
