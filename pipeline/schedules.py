@@ -13,6 +13,12 @@ An action is F (forward), B (backward) or, for zero-bubble schedules only, W: th
 the input gradient (sent upstream at once) and W the weight gradient (can wait).
 A schedule only fixes the *order* of actions on each stage; `pipeline.simulate` lays them
 on ticks, checks cross-stage dependencies and measures bubble and memory.
+Slots (`Schedule.joined`, `Schedule.slots`): consecutive actions of a stage may share one
+slot, which starts once all its members' inputs from outside the slot are there (DualPipe's
+overlapped forward and backward: the forward of one micro-batch with the backward of
+another). A slot holds at most one F, one B and one W; a W shares a slot only with its own
+B (B then W: a *full backward*), and no member needs another, but for that W. Every
+schedule but dualpipe-v has no shared slot (`joined` = ()).
 
 Generators (`make_schedule`):
 - gpipe: all forwards, then all backwards (Huang et al. 2019). Peak memory m micro-batches.
@@ -35,6 +41,17 @@ Generators (`make_schedule`):
   no stage idles between its first and last action, at 2p chunk activations per stage (p
   micro-batches of a whole stage: 1F1B's peak); one step takes 6m+p-1 chunk ticks, half of
   ZB-H1's bubble.
+- dualpipe-v: DeepSeek's DualPipeV, DualPipe "cut in half" (DeepSeek-AI 2024, "DeepSeek-V3
+  Technical Report" §3.2.1 for DualPipe; deepseek-ai/DualPipe `dualpipev.py`, and
+  `ScheduleDualPipeV` in torch.distributed.pipelining, give the per-rank order): ZB-V's V
+  placement and split backward, but its steady state runs the forward of one micro-batch
+  and the full backward (B and W) of another in one slot, so an executor can overlap one's
+  communication with the other's compute. Needs v = 2, m >= 2p and p >= 2. With F=B=W=1
+  per chunk action and a slot's members run one after another, a step takes 6m+p-1 ticks
+  (ZB-V's: the least possible) but no stage starts the next step early (period 6m+p-1,
+  ZB-V's 6m) and each holds 2p+1 chunk activations (ZB-V: 2p); see `simulate.closed_form`,
+  also for DeepSeek's published bubble. In the executor's lockstep ticks (one slot a tick)
+  it takes 2m+5p-2 ticks against ZB-V's 6m+p-1, but a tick may hold F+B+W.
 
 Schedules from a file (`load_schedule`, or a name ending in ".json" anywhere a schedule name
 goes): JSON in the format `scripts/schedule.py --json` prints (`schedule_to_data`), so any
@@ -49,7 +66,7 @@ from typing import Literal
 
 from models.config import ConfigError
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipe-v")
 # looped: chunk c of stage s is virtual stage c·p + s (micro-batches loop through the stages
 # v times); v: two chunks, stage s holds virtual stages s and 2p-1-s (down, then back up).
 PLACEMENTS = ("looped", "v")
@@ -59,6 +76,13 @@ Kind = Literal["F", "B", "W"]
 
 class ScheduleError(ConfigError):
     """A schedule that cannot run, or bad sizes; the message names the value and the fix."""
+
+
+def chunks_needed(name: str) -> int:
+    """The number of chunks per stage (virtual stages) a named schedule runs by default: 2 for
+    interleaved (which runs any v) and for the V-placed zb-v and dualpipe-v (exactly 2), 1
+    for the rest (and for a schedule file, which says its own)."""
+    return 2 if name in ("interleaved", "zb-v", "dualpipe-v") else 1
 
 
 @dataclass(frozen=True, order=True)
@@ -75,7 +99,12 @@ class Action:
 
 @dataclass(frozen=True)
 class Schedule:
-    """Per-stage action lists: `actions[s]` is what stage s runs, in order."""
+    """Per-stage action lists: `actions[s]` is what stage s runs, in order.
+
+    `joined[s]` holds the positions n such that `actions[s][n]` runs in the same slot as
+    `actions[s][n-1]` (DualPipe's overlapped forward and backward); () (the default) or an
+    empty set: every action in a slot of its own. See `slots`.
+    """
 
     name: str
     stages: int  # p
@@ -84,6 +113,18 @@ class Schedule:
     split_backward: bool  # True: B = input gradient, W = weight gradient (zero bubble)
     actions: tuple[tuple[Action, ...], ...]
     placement: str = "looped"  # which virtual stage each (stage, chunk) holds; PLACEMENTS
+    joined: tuple[frozenset[int], ...] = ()  # per stage: positions sharing the previous slot
+
+    def slots(self, stage: int) -> list[tuple[Action, ...]]:
+        """Stage `stage`'s actions grouped into slots, in order (each slot's actions in order)."""
+        joined = self.joined[stage] if self.joined else frozenset()
+        out: list[tuple[Action, ...]] = []
+        for n, a in enumerate(self.actions[stage]):
+            if n in joined and out:
+                out[-1] += (a,)
+            else:
+                out.append((a,))
+        return out
 
     def virtual_stage(self, stage: int, chunk: int) -> int:
         """Position of (stage, chunk) along the model: chunk·p + stage (looped); stage for
@@ -276,6 +317,91 @@ def _zb_v(p: int, m: int) -> list[list[Action]]:
     return out
 
 
+def _dualpipe_v(p: int, m: int) -> list[list[tuple[Action, ...]]]:
+    """DualPipeV (DeepSeek's DualPipe cut in half; the per-rank order of deepseek-ai/DualPipe
+    `dualpipev.py` and torch.distributed.pipelining's `ScheduleDualPipeV`), as slots per
+    stage. V placement, split backward, m >= 2p. On stage s, counting micro-batches per
+    chunk in order (each chunk's F's, B's and W's each run micro-batches 0, 1, ...):
+
+    1. 2(p-s-1) F's of chunk 0 (ZB-V's warm-up less one);
+    2. s+1 times: F chunk 0, F chunk 1;
+    3. p-s-1 times: B chunk 1, its W, F chunk 1 (zero bubble: three slots);
+    4. m-2p+s+1 times: one slot F chunk 0 + full backward (B, W) chunk 1, one slot F chunk 1 +
+       full backward chunk 0. DeepSeek's exception: on the last stage the first F chunk 0
+       and full backward chunk 1 run in slots of their own (no wait for that backward's
+       gradient before the forward);
+    5. p-s-1 times: full backward chunk 1, then a slot F chunk 1 + full backward chunk 0;
+    6. s+1 times: backward chunk 1, backward chunk 0; the first half full backwards, the
+       second half B only (its W deferred, oldest first). DeepSeek switch before the chunk-1
+       B of round (s+1)//2 on an odd stage and before its chunk-0 B on an even one: after
+       s+1 full backwards either way, so s+1 W's wait;
+    7. p-s-1 times: the oldest waiting W, then B chunk 0 (its W waits);
+    8. the s+1 W's still waiting.
+    """
+    out = []
+    for s in range(p):
+        n_f, n_b = [0, 0], [0, 0]  # F's and B's so far, per chunk
+        owed: list[Action] = []  # W's deferred, oldest first
+        slots: list[tuple[Action, ...]] = []
+
+        def fwd(c: int) -> tuple[Action, ...]:
+            n_f[c] += 1
+            return (Action("F", n_f[c] - 1, c),)
+
+        def bwd(c: int, full: bool) -> tuple[Action, ...]:
+            b, w = Action("B", n_b[c], c), Action("W", n_b[c], c)
+            n_b[c] += 1
+            if full:
+                return b, w
+            owed.append(w)
+            return (b,)
+
+        def weight() -> tuple[Action, ...]:
+            return (owed.pop(0),)
+
+        slots += [fwd(0) for _ in range(2 * (p - s - 1))]  # 1
+        for _ in range(s + 1):  # 2
+            slots += [fwd(0), fwd(1)]
+        for _ in range(p - s - 1):  # 3
+            slots += [bwd(1, False), weight(), fwd(1)]
+        for i in range(m - 2 * p + s + 1):  # 4
+            if i == 0 and s == p - 1:
+                slots += [fwd(0), bwd(1, True)]
+            else:
+                slots.append(fwd(0) + bwd(1, True))
+            slots.append(fwd(1) + bwd(0, True))
+        for _ in range(p - s - 1):  # 5
+            slots += [bwd(1, True), fwd(1) + bwd(0, True)]
+        split = False
+        for i in range(s + 1):  # 6
+            split = split or (i == (s + 1) // 2 and s % 2 == 1)
+            slots.append(bwd(1, not split))
+            split = split or (i == (s + 1) // 2 and s % 2 == 0)
+            slots.append(bwd(0, not split))
+        assert len(owed) == s + 1
+        for _ in range(p - s - 1):  # 7
+            slots += [weight(), bwd(0, False)]
+        slots += [weight() for _ in range(s + 1)]  # 8
+        assert n_f == n_b == [m, m] and not owed, (p, m, s)
+        out.append(slots)
+    return out
+
+
+def _flatten(stages: list[list[tuple[Action, ...]]]
+             ) -> tuple[list[list[Action]], tuple[frozenset[int], ...]]:
+    """Per-stage slots -> (action lists, `Schedule.joined`)."""
+    actions, joined = [], []
+    for slots in stages:
+        acts: list[Action] = []
+        mine = set()
+        for slot in slots:
+            mine.update(range(len(acts) + 1, len(acts) + len(slot)))
+            acts += slot
+        actions.append(acts)
+        joined.append(frozenset(mine))
+    return actions, tuple(joined)
+
+
 def make_schedule(name: str, stages: int, microbatches: int, virtual_stages: int = 1) -> Schedule:
     """Build a named schedule for p=`stages`, m=`microbatches`, v=`virtual_stages`; a name
     ending in ".json" is a schedule file (`load_schedule`)."""
@@ -288,10 +414,10 @@ def make_schedule(name: str, stages: int, microbatches: int, virtual_stages: int
         return load_schedule(name, p, m, v)
     if name not in SCHEDULES:
         raise ScheduleError(f"unknown schedule {name!r}; use one of {', '.join(SCHEDULES)}")
-    if name == "zb-v" and v != 2:
-        raise ScheduleError(f"zb-v runs two chunks per stage in a V (got virtual stages {v}); "
+    if name in ("zb-v", "dualpipe-v") and v != 2:
+        raise ScheduleError(f"{name} runs two chunks per stage in a V (got virtual stages {v}); "
                             "use --virtual-stages 2")
-    if name not in ("interleaved", "zb-v") and v != 1:
+    if name not in ("interleaved", "zb-v", "dualpipe-v") and v != 1:
         raise ScheduleError(
             f"{name} runs one chunk per stage (got virtual stages {v}); "
             "use --virtual-stages 1, or --schedule interleaved"
@@ -304,6 +430,12 @@ def make_schedule(name: str, stages: int, microbatches: int, virtual_stages: int
     if name == "zb-v" and m < p:
         raise ScheduleError(f"zb-v needs at least as many microbatches as stages (got {m} "
                             f"for {p}); use --microbatches {p} or more")
+    if name == "dualpipe-v" and p < 2:
+        raise ScheduleError(f"dualpipe-v needs at least 2 stages (got {p}); use --stages 2 or "
+                            "more, or --schedule zb-v")
+    if name == "dualpipe-v" and m < 2 * p:
+        raise ScheduleError(f"dualpipe-v needs at least twice as many microbatches as stages "
+                            f"(got {m} for {p}); use --microbatches {2 * p} or more")
     build = {
         "gpipe": lambda: _gpipe(p, m),
         "1f1b": lambda: _one_f_one_b(p, m),
@@ -311,12 +443,18 @@ def make_schedule(name: str, stages: int, microbatches: int, virtual_stages: int
         "zb-h1": lambda: _zb_h1(p, m),
         "zb-h2": lambda: _zb_h2(p, m),
         "zb-v": lambda: _zb_v(p, m),
+        "dualpipe-v": lambda: _dualpipe_v(p, m),
     }[name]
+    if name == "dualpipe-v":  # slots
+        acts, joined = _flatten(build())
+    else:
+        acts, joined = build(), ()
     schedule = Schedule(
         name=name, stages=p, microbatches=m, virtual_stages=v,
-        split_backward=name in ("zb-h1", "zb-h2", "zb-v"),
-        actions=tuple(tuple(a) for a in build()),
-        placement="v" if name == "zb-v" else "looped",
+        split_backward=name in ("zb-h1", "zb-h2", "zb-v", "dualpipe-v"),
+        actions=tuple(tuple(a) for a in acts),
+        placement="v" if name in ("zb-v", "dualpipe-v") else "looped",
+        joined=joined,
     )
     validate(schedule)
     return schedule
@@ -386,19 +524,68 @@ def validate(schedule: Schedule) -> None:
                     raise ScheduleError(f"stage {s} runs {a} (position {n}) before {dep} "
                                         f"(position {position[dep]}), which it needs; "
                                         f"move {a} after {dep}")
+    _validate_slots(schedule)
+
+
+def _validate_slots(schedule: Schedule) -> None:
+    """`joined`: one set per stage, positions that exist and are >= 1; in a slot at most one
+    F, one B and one W, a W only with its own B, and no member needing a slot-mate (but for
+    that W). A member that needs a slot-mate through other stages is a deadlock, which
+    `pipeline.simulate` reports."""
+    p = schedule.stages
+    if schedule.joined == ():
+        return
+    if len(schedule.joined) != p:
+        raise ScheduleError(f"joined has {len(schedule.joined)} sets for {p} stages; give one "
+                            "per stage, or () for no shared slot")
+    for s, joined in enumerate(schedule.joined):
+        n_acts = len(schedule.actions[s])
+        bad = [n for n in joined
+               if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n < n_acts]
+        if bad:
+            n = min(bad, key=lambda x: (not isinstance(x, int), x if isinstance(x, int) else 0))
+            raise ScheduleError(f"stage {s} joins position {n!r} to the slot before it; "
+                                f"it must be an action's position in 1..{n_acts - 1}")
+        for slot in schedule.slots(s):
+            if len(slot) == 1:
+                continue
+            shown = " + ".join(map(str, slot))
+            for kind in "FBW":
+                same = [a for a in slot if a.kind == kind]
+                if len(same) > 1:
+                    raise ScheduleError(f"stage {s} runs {same[1]} in one slot with {same[0]} "
+                                        f"({shown}); a slot holds at most one F, one B and one "
+                                        f"W: unjoin {same[1]}")
+            for a in slot:
+                if a.kind == "W" and Action("B", a.microbatch, a.chunk) not in slot:
+                    raise ScheduleError(f"stage {s} runs {a} in a slot without its B ({shown}); "
+                                        f"a W shares a slot only as B{a.microbatch}.{a.chunk} "
+                                        f"then {a} (a full backward): unjoin {a}")
+                for dep_stage, dep in dependencies(schedule, a, s):
+                    if dep_stage == s and dep in slot and a.kind != "W":
+                        raise ScheduleError(f"stage {s} runs {a} in one slot with {dep}, which "
+                                            f"it needs ({shown}); a slot's members run "
+                                            f"independently: unjoin {a}")
 
 
 # ------------------------------------------------------------------ files
 
 
 def schedule_to_data(schedule: Schedule) -> dict:
-    """The schedule as plain data (what a schedule file holds)."""
+    """The schedule as plain data (what a schedule file holds). An action that shares the
+    previous action's slot carries `"joined": true` (no key otherwise)."""
+    def row(s: int, n: int, a: Action) -> dict:
+        out: dict = {"kind": a.kind, "microbatch": a.microbatch, "chunk": a.chunk}
+        if schedule.joined and n in schedule.joined[s]:
+            out["joined"] = True
+        return out
+
     return {
         "schedule": schedule.name, "stages": schedule.stages,
         "microbatches": schedule.microbatches, "virtual_stages": schedule.virtual_stages,
         "split_backward": schedule.split_backward, "placement": schedule.placement,
-        "actions": [[{"kind": a.kind, "microbatch": a.microbatch, "chunk": a.chunk}
-                     for a in acts] for acts in schedule.actions],
+        "actions": [[row(s, n, a) for n, a in enumerate(acts)]
+                    for s, acts in enumerate(schedule.actions)],
     }
 
 
@@ -421,11 +608,11 @@ def schedule_from_data(data: dict, source: str = "schedule") -> Schedule:
     if not isinstance(placement, str):
         raise ScheduleError(f"{source}: placement {placement!r} must be a string; use one of "
                             f"{', '.join(PLACEMENTS)}")
-    actions = []
+    actions, joined = [], []
     for s, acts in enumerate(data["actions"]):
         if not isinstance(acts, list):
             raise ScheduleError(f"{source}: actions of stage {s} must be a list")
-        row = []
+        row, mine = [], set()
         for n, a in enumerate(acts):
             what = f"stage {s} action {n}"
             if not isinstance(a, dict):
@@ -435,19 +622,30 @@ def schedule_from_data(data: dict, source: str = "schedule") -> Schedule:
             if kind not in ("F", "B", "W"):
                 raise ScheduleError(f"{source}: {what} has kind {kind!r}; use F, B or W")
             row.append(Action(kind, need(a, "microbatch", what), need(a, "chunk", what, 0)))
+            shared = a.get("joined", False)
+            if not isinstance(shared, bool):
+                raise ScheduleError(f"{source}: {what} has joined {shared!r}; write true (it "
+                                    "shares the previous action's slot) or leave it out")
+            if shared and n == 0:
+                raise ScheduleError(f"{source}: {what} is joined, but a stage's first action "
+                                    "has no slot before it to share; leave joined out")
+            if shared:
+                mine.add(n)
         actions.append(tuple(row))
+        joined.append(frozenset(mine))
     split = data.get("split_backward", any(a.kind == "W" for acts in actions for a in acts))
     schedule = Schedule(
         name=str(data.get("schedule", Path(source).stem)),
         stages=need(data, "stages", "the file"),
         microbatches=need(data, "microbatches", "the file"),
         virtual_stages=need(data, "virtual_stages", "the file", 1), split_backward=bool(split),
-        actions=tuple(actions), placement=placement)
+        actions=tuple(actions), placement=placement,
+        joined=tuple(joined) if any(joined) else ())
     try:
         validate(schedule)
         from pipeline.simulate import simulate  # simulate imports this module
 
-        simulate(schedule, dict.fromkeys("FBW", 1))  # raises on a deadlock
+        simulate(schedule, dict.fromkeys("FBW", 1), lockstep=True)  # raises on a deadlock
     except ScheduleError as err:
         raise ScheduleError(f"{source}: {err}") from None
     return schedule

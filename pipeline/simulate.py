@@ -1,9 +1,12 @@
 """Lay a schedule's per-stage action lists on integer ticks and measure it.
 
-Timing model: each stage runs its actions in the given order, one at a time; an action
-starts at the first tick where the stage is free and every dependency (see
-`schedules.dependencies`) has ended. A result that ends at tick e on one stage can be used
-from tick e on any stage: the ppermute happens at the tick boundary.
+Timing model: each stage runs its slots (`Schedule.slots`; one action each but in
+dualpipe-v) in the given order, one at a time; a slot starts at the first tick where the
+stage is free and every dependency (see `schedules.dependencies`) of its members from
+outside the slot has ended. Its members then run one after another, each for its own cost
+(the default), or, with `lockstep=True`, all together in one tick whatever the slot holds:
+the SPMD executor's tick, which runs a whole slot. A result that ends at tick e on one stage
+can be used from tick e on any stage: the ppermute happens at the tick boundary.
 
 Memory model (why `peak_inflight` counts what it counts): a micro-batch's activations for
 chunk c are *in flight* on a stage from the start of its F until the end of its last
@@ -31,7 +34,8 @@ def default_costs(schedule: Schedule) -> dict[str, int]:
 @dataclass(frozen=True)
 class Simulation:
     """The timed schedule. `table[t][s]` is the action occupying stage s at tick t (an
-    action of cost c fills c consecutive ticks); `starts[(s, action)]` is its first tick."""
+    action of cost c fills c consecutive ticks; lockstep: the first action of the slot that
+    fills tick t); `starts[(s, action)]` is its first tick (lockstep: its slot's tick)."""
 
     schedule: Schedule
     costs: Mapping[str, int]
@@ -42,7 +46,8 @@ class Simulation:
     stage_bubble: tuple[float, ...]  # idle ticks of stage s / ticks
     peak_inflight: tuple[int, ...]  # max (micro-batch, chunk) activations held per stage
     slots: dict[tuple[int, int, int], int]  # (stage, microbatch, chunk) -> buffer slot
-    ideal_ticks: int  # one stage's work: the makespan with no bubble
+    ideal_ticks: int  # the busiest stage's work: the makespan with no bubble
+    lockstep: bool = False  # one tick per slot (`costs` are then 1 for every kind)
 
     @property
     def bubble_ratio(self) -> float:
@@ -68,8 +73,14 @@ class Simulation:
         return self.starts[(stage, action)] + self.costs[action.kind]
 
 
-def simulate(schedule: Schedule, costs: Mapping[str, int] | None = None) -> Simulation:
-    """Time `schedule`; raise ScheduleError if its cross-stage order deadlocks."""
+def simulate(schedule: Schedule, costs: Mapping[str, int] | None = None,
+             lockstep: bool = False) -> Simulation:
+    """Time `schedule`; raise ScheduleError if its cross-stage order deadlocks.
+
+    lockstep=True: every slot takes one tick, all its members start (and end) together, and
+    `costs` are only checked; the result's `costs` are 1 for every kind, so `end`, the
+    memory figures and `ideal_ticks` (slots on the busiest stage) count slot ticks. For a
+    schedule without shared slots this is the simulation at F=B=W=1."""
     validate(schedule)
     costs = dict(costs) if costs is not None else default_costs(schedule)
     kinds = ("F", "B", "W") if schedule.split_backward else ("F", "B")
@@ -77,14 +88,19 @@ def simulate(schedule: Schedule, costs: Mapping[str, int] | None = None) -> Simu
         if not isinstance(costs.get(kind), int) or costs[kind] < 1:
             raise ScheduleError(f"cost of {kind} must be a positive integer (got "
                                 f"{costs.get(kind)!r}); give costs like {default_costs(schedule)}")
+    if lockstep:
+        costs = dict.fromkeys(kinds, 1)
     p = schedule.stages
-    starts = _place(schedule, costs)
+    starts = _place(schedule, costs, lockstep)
     ticks = max(starts[(s, a)] + costs[a.kind] for s, a in starts)
 
     table: list[list[Action | None]] = [[None] * p for _ in range(ticks)]
-    for (s, a), t0 in starts.items():
-        for t in range(t0, t0 + costs[a.kind]):
-            table[t][s] = a
+    for s in range(p):
+        for slot in schedule.slots(s):
+            for a in (slot[:1] if lockstep else slot):
+                t0 = starts[(s, a)]
+                for t in range(t0, t0 + costs[a.kind]):
+                    table[t][s] = a
     idle = [sum(row[s] is None for row in table) for s in range(p)]
     peak, slots = _assign_slots(schedule, costs, starts)
     return Simulation(
@@ -92,40 +108,51 @@ def simulate(schedule: Schedule, costs: Mapping[str, int] | None = None) -> Simu
         bubble_fraction=sum(idle) / (p * ticks),
         stage_bubble=tuple(i / ticks for i in idle),
         peak_inflight=peak, slots=slots,
-        ideal_ticks=sum(costs[a.kind] for a in schedule.actions[0]),  # same on every stage
+        ideal_ticks=ticks - min(idle),  # without shared slots the same on every stage
+        lockstep=lockstep,
     )
 
 
-def _place(schedule: Schedule, costs: Mapping[str, int]) -> dict[tuple[int, Action], int]:
-    """Start tick of every action: sweep the stages, placing each one's next action as soon
-    as all its dependencies are placed, until done or no stage can move (deadlock)."""
+def _place(schedule: Schedule, costs: Mapping[str, int], lockstep: bool = False
+           ) -> dict[tuple[int, Action], int]:
+    """Start tick of every action: sweep the stages, placing each one's next slot as soon
+    as all its members' dependencies from outside it are placed, until done or no stage can
+    move (deadlock). Members run one after another (lockstep: all in one tick)."""
     p = schedule.stages
+    all_slots = [schedule.slots(s) for s in range(p)]
     end: dict[tuple[int, Action], int] = {}
     starts: dict[tuple[int, Action], int] = {}
-    nxt = [0] * p  # index of each stage's next unplaced action
+    nxt = [0] * p  # index of each stage's next unplaced slot
     free = [0] * p  # tick at which each stage is free
+
+    def outside(s: int, slot: tuple[Action, ...]) -> list[tuple[int, Action]]:
+        return [d for a in slot for d in dependencies(schedule, a, s)
+                if not (d[0] == s and d[1] in slot)]
+
     while True:
         moved = False
         for s in range(p):
-            acts = schedule.actions[s]
-            while nxt[s] < len(acts):
-                a = acts[nxt[s]]
-                deps = dependencies(schedule, a, s)
+            while nxt[s] < len(all_slots[s]):
+                slot = all_slots[s][nxt[s]]
+                deps = outside(s, slot)
                 if any(d not in end for d in deps):
                     break
-                t0 = max([free[s]] + [end[d] for d in deps])
-                starts[(s, a)] = t0
-                free[s] = end[(s, a)] = t0 + costs[a.kind]
+                t = max([free[s]] + [end[d] for d in deps])
+                for a in slot:
+                    starts[(s, a)] = t
+                    end[(s, a)] = t + 1 if lockstep else t + costs[a.kind]
+                    t = t if lockstep else end[(s, a)]
+                free[s] = max(end[(s, a)] for a in slot)
                 nxt[s] += 1
                 moved = True
-        if all(nxt[s] == len(schedule.actions[s]) for s in range(p)):
+        if all(nxt[s] == len(all_slots[s]) for s in range(p)):
             return starts
         if not moved:
-            s = next(s for s in range(p) if nxt[s] < len(schedule.actions[s]))
-            a = schedule.actions[s][nxt[s]]
-            waits = [f"{d} on stage {ds}" for ds, d in dependencies(schedule, a, s)
-                     if (ds, d) not in end]
-            raise ScheduleError(f"deadlock: stage {s} is stuck at {a} waiting for "
+            s = next(s for s in range(p) if nxt[s] < len(all_slots[s]))
+            slot = all_slots[s][nxt[s]]
+            waits = [f"{d} on stage {ds}" for ds, d in outside(s, slot) if (ds, d) not in end]
+            what = " + ".join(map(str, slot)) if len(slot) > 1 else str(slot[0])
+            raise ScheduleError(f"deadlock: stage {s} is stuck at {what} waiting for "
                                 f"{', '.join(waits)}; reorder so it runs earlier")
 
 
@@ -168,8 +195,8 @@ def _assign_slots(schedule: Schedule, costs: Mapping[str, int],
 
 def closed_form(schedule: Schedule) -> dict[str, object] | None:
     """Ticks, period, bubble fraction and peak in-flight per stage predicted by formula, for
-    the named generators at default costs (F=1, B=2; split: F=B=W=1, per chunk). The
-    simulator must agree. None for any other schedule (one from a file that is not a
+    the named generators at default costs (F=1, B=2; split: F=B=W=1, per chunk), lockstep
+    off. The simulator must agree. None for any other schedule (one from a file that is not a
     generator's own output and placement).
 
     gpipe, 1f1b: ticks 3(m+p-1), idle fraction (p-1)/(m+p-1); peak m (gpipe), min(p-s, m).
@@ -192,6 +219,30 @@ def closed_form(schedule: Schedule) -> dict[str, object] | None:
       (p-1)/2 of a whole stage: half of ZB-H1's) and 5m+3p-2 below. Peak min(2p, m+s+1)
       chunk activations (`schedules._zb_v`): 2p for m >= 2p-1, i.e. p micro-batches of a
       whole stage, 1F1B's peak.
+    dualpipe-v (v = 2, m >= 2p, p >= 2; chunk ticks, a slot's members one after another, so
+      F+B+W takes 3 ticks): ticks 6m+p-1, ZB-V's and the least possible (stage p-1 starts at
+      p-1 with 6m of work). Stage s's first F runs at s, and for j <= s micro-batch j's
+      chunk-1 input reaches it at 2p-1-s+2j, just as the 2(p-s-1)+2j+1 forwards before it
+      (steps 1, 2 of `schedules._dualpipe_v`) are done; the loss is on stage 0 (first B at
+      2p), and the gradient goes back along chunk 1 one stage a tick, reaching stage s at
+      2p+s, as step 2 ends; from there stage p-1 never waits and every stage ends at tick 6m+p-1:
+      stage s idles s ticks before its first action and p-1-s inside its span, so the
+      period is 6m+p-1 too (ZB-V's: 6m, a parallelogram), bubble fraction (p-1)/(6m+p-1).
+      Peak 2p+1 chunk activations on every stage: steps 1-2 run 2p F's before any W; step 3
+      frees one (W) before each F; in step 4 (m-2p+s+1 >= 1 rounds) a slot's F starts
+      before its W frees another: 2p+1 (ZB-V: 2p); later steps only free. DeepSeek state
+      DualPipeV's bubble as (PP/2-1)(F&B+B-3W) at activation PP+1 (deepseek-ai/DualPipe
+      README; PP = 2p virtual stages, F&B an overlapped forward + full backward, B a full
+      backward): the activation matches (2p+1); at these costs (F&B = 3, B = 2, W = 1) the
+      bubble would be 2(p-1) ticks, twice this p-1. The difference is the slot model: here
+      a slot's F is done, and sent, after its own tick, before the slot's B and W run;
+      with F and B overlapped all of a slot's results come at its end, and the same order
+      then takes 6m+2p-2 ticks, DeepSeek's figure. What the overlap buys (communication
+      hidden behind compute) this tick model does not credit.
+      With lockstep=True (one tick a slot, the SPMD executor's) it takes 2m+5p-2 ticks:
+      stage 0 runs 2m+5p-2 slots (stage s: 2m+5p-2s-2, one more on stage p-1, whose first
+      forward and backward in step 4 are not joined) and never waits; ZB-V has no shared
+      slot, so its lockstep ticks are its 6m+p-1.
     period: ticks, except for zb-h2 and zb-v (see `Simulation.period`).
     """
     p, m, v = schedule.stages, schedule.microbatches, schedule.virtual_stages
@@ -200,7 +251,8 @@ def closed_form(schedule: Schedule) -> dict[str, object] | None:
         own = make_schedule(name, p, m, v) if name in SCHEDULES else None
     except ScheduleError:  # a file named after a generator, with sizes it refuses
         own = None
-    if own is None or (own.actions, own.placement) != (schedule.actions, schedule.placement):
+    if own is None or ((own.actions, own.placement, own.joined)
+                       != (schedule.actions, schedule.placement, schedule.joined)):
         return None
     if name in ("gpipe", "1f1b"):
         ticks = period = 3 * (m + p - 1)
@@ -208,6 +260,9 @@ def closed_form(schedule: Schedule) -> dict[str, object] | None:
     elif name == "interleaved":
         ticks = period = 3 * (v * m + p - 1)
         peak = [min(v * p - s, v * m) for s in range(p)]
+    elif name == "dualpipe-v":
+        ticks = period = 6 * m + p - 1
+        peak = [2 * p + 1] * p
     elif name == "zb-v":
         period = max(6 * m, 5 * m + 2 * p - 1)
         ticks = period + p - 1

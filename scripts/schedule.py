@@ -4,9 +4,14 @@
     python scripts/schedule.py --schedule interleaved --stages 4 --microbatches 8 --virtual-stages 2
     python scripts/schedule.py --schedule 1f1b --stages 4 --microbatches 8 --png 1f1b.png
     python scripts/schedule.py --schedule zb-h1 --stages 4 --microbatches 8 --json > my.json
+    python scripts/schedule.py --schedule dualpipe-v --stages 4 --microbatches 8 --lockstep
     python scripts/schedule.py --schedule-file my.json   # edit my.json, check it, draw it
 
 `--json` prints a schedule file: `scripts/train.py --schedule-file my.json` trains with it.
+An action that shares the previous action's slot (dualpipe-v) is marked `+` in the timeline
+and carries `"joined": true` in the JSON. `--lockstep` times one tick per slot, as the
+executor runs it. --virtual-stages defaults to what the schedule needs
+(`schedules.chunks_needed`: 2 for interleaved, zb-v and dualpipe-v).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.draw import ascii_timeline, save_png, summary, to_json  # noqa: E402
 from pipeline.schedules import (  # noqa: E402
-    SCHEDULES, ScheduleError, make_schedule, read_schedule_file)
+    SCHEDULES, ScheduleError, chunks_needed, make_schedule, read_schedule_file)
 from pipeline.simulate import simulate  # noqa: E402
 
 
@@ -36,7 +41,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="a schedule from a JSON file (what --json prints), instead")
     parser.add_argument("--stages", type=int, help="p (not with --schedule-file)")
     parser.add_argument("--microbatches", type=int, help="m (not with --schedule-file)")
-    parser.add_argument("--virtual-stages", type=int, default=1, help="v (interleaved)")
+    parser.add_argument("--virtual-stages", type=int,
+                        help="v: chunks per stage (default: 2 for interleaved, zb-v and "
+                             "dualpipe-v, else 1)")
+    parser.add_argument("--lockstep", action="store_true",
+                        help="one tick per slot (the executor's timing), not per action")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--png", metavar="FILE", help="also draw the timeline to FILE")
     args = parser.parse_args(argv)
@@ -45,10 +54,12 @@ def main(argv: list[str] | None = None) -> int:
                      "--schedule-file FILE")
     if args.schedule and (args.stages is None or args.microbatches is None):
         parser.error(f"--schedule {args.schedule} needs --stages and --microbatches")
+    v = args.virtual_stages if args.virtual_stages is not None else chunks_needed(
+        args.schedule or "")
     try:
         sim = simulate(read_schedule_file(args.schedule_file) if args.schedule_file else
-                       make_schedule(args.schedule, args.stages, args.microbatches,
-                                     args.virtual_stages))
+                       make_schedule(args.schedule, args.stages, args.microbatches, v),
+                       lockstep=args.lockstep)
         if args.png:
             save_png(sim, args.png)
     except (ScheduleError, RuntimeError, OSError) as err:

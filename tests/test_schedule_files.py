@@ -16,6 +16,7 @@ from pipeline.executor import plan
 from pipeline.schedules import (
     SCHEDULES,
     ScheduleError,
+    chunks_needed,
     load_schedule,
     make_schedule,
     read_schedule_file,
@@ -26,8 +27,9 @@ from tests.helpers import TEST_MODEL, assert_matches_reference, loss_and_grads
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = dataclasses.replace(TEST_MODEL, n_layers=4)
-# every generator, with the chunks it runs: interleaved any v (2 here), zb-v exactly 2
-BUILT_IN = [(name, 2 if name in ("interleaved", "zb-v") else 1) for name in SCHEDULES]
+# every generator, with the chunks it runs: interleaved any v (2 here), zb-v and dualpipe-v
+# exactly 2
+BUILT_IN = [(name, chunks_needed(name)) for name in SCHEDULES]
 
 
 def write(tmp_path, data, name="schedule.json") -> str:
@@ -122,6 +124,55 @@ def test_v_placement_needs_two_chunks(tmp_path):
     with pytest.raises(ScheduleError, match="deadlock"):
         schedule_from_data({**data, "placement": "looped"})
     assert closed_form(schedule_from_data(data)) is not None
+
+
+def dualpipe_v_data() -> dict:
+    return to_json(simulate(make_schedule("dualpipe-v", 2, 4, 2)))
+
+
+def test_dualpipe_v_file_keeps_its_shared_slots(tmp_path):
+    """`"joined": true` marks an action in the previous action's slot, and nothing else does;
+    the file reads back as the same schedule, slots included. Without the marks the same
+    order is another schedule (every action a slot of its own): valid, no closed form."""
+    built = make_schedule("dualpipe-v", 2, 4, 2)
+    data = dualpipe_v_data()
+    for s, rows in enumerate(data["actions"]):
+        assert {n for n, row in enumerate(rows) if "joined" in row} == built.joined[s] != set()
+        assert all(row.get("joined", True) is True for row in rows)
+    loaded = read_schedule_file(write(tmp_path, data))
+    assert loaded == built and loaded.slots(0) == built.slots(0)
+    assert closed_form(loaded) == closed_form(built) is not None
+    for rows in data["actions"]:
+        for row in rows:
+            row.pop("joined", None)
+    plain = schedule_from_data(data)
+    assert plain.joined == () and plain.actions == built.actions
+    assert closed_form(plain) is None
+
+
+def test_bad_joined_is_refused_in_one_line(tmp_path):
+    """joined must be true or absent, not on a stage's first action, and the slots it makes
+    must follow the rules (here: a W joined by the F after it, without its B)."""
+    def lone_w_then(data):  # stage 0's first W alone in its slot, then join the next action
+        rows = data["actions"][0]
+        n = next(n for n, row in enumerate(rows) if row["kind"] == "W" and "joined" not in row)
+        rows[n + 1]["joined"] = True
+        return rows[n + 1]
+
+    cases = {
+        "has joined 'yes'": lambda d: d["actions"][1][3].__setitem__("joined", "yes"),
+        "has joined 1;": lambda d: d["actions"][1][3].__setitem__("joined", 1),
+        "a stage's first action has no slot before it": (
+            lambda d: d["actions"][0][0].__setitem__("joined", True)),
+        "in a slot without its B": lone_w_then,
+    }
+    for words, change in cases.items():
+        data = dualpipe_v_data()
+        change(data)
+        with pytest.raises(ScheduleError) as err:
+            read_schedule_file(write(tmp_path, data))
+        message = str(err.value)
+        assert words in message and "\n" not in message and "schedule.json" in message, message
 
 
 def test_a_file_must_fit_the_run(tmp_path):

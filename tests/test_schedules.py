@@ -5,7 +5,9 @@ the program: GPipe/1F1B (Huang et al. 2019; Narayanan et al. 2021), interleaved 
 (Narayanan et al. 2021, bubble ratio (p-1)/(v·m)), ZB-H1 (Qi et al. 2024, a third of
 1F1B's bubble at 1F1B's peak memory), ZB-H2 (Qi et al. 2024, no gap inside any stage's
 span at up to 2p-1 micro-batches), ZB-V (Qi et al. 2024, V placement: no gap inside any
-stage's span at 2p chunk activations, 1F1B's peak memory).
+stage's span at 2p chunk activations, 1F1B's peak memory), DualPipeV (DeepSeek-AI 2024,
+torch's ScheduleDualPipeV: the eight steps written out again here; ZB-V's step at 2p+1
+chunk activations, DeepSeek's PP+1).
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.draw import ascii_timeline, save_png, summary, to_json
-from pipeline.schedules import SCHEDULES, Action, Schedule, ScheduleError, make_schedule
+from pipeline.schedules import (
+    SCHEDULES, Action, Schedule, ScheduleError, chunks_needed, make_schedule)
 from pipeline.simulate import closed_form, simulate
 
 REPO = Path(__file__).resolve().parents[1]
@@ -236,12 +239,100 @@ def test_v_placement_maps_the_chunks():
         assert zv.place(2 * p - 1) == (0, 1)
 
 
+def dualpipe_v_slots(p: int, m: int, s: int) -> list[str]:
+    """Stage s's slots as kinds and chunks ("F0", "F0+B1+W1": F chunk 0 with the full backward
+    of chunk 1), written out from DualPipeV's eight steps (torch ScheduleDualPipeV)."""
+    fb0, fb1 = "F0+B1+W1", "F1+B0+W0"
+    # step 6: 2(s+1) backwards, chunk 1 then 0; torch switches to B only before round
+    # (s+1)//2's chunk-1 B (odd s) or its chunk-0 B (even s): after s+1 full backwards either way
+    six = [f"B{1 - k % 2}" + (f"+W{1 - k % 2}" if k < s + 1 else "") for k in range(2 * (s + 1))]
+    return (["F0"] * 2 * (p - s - 1)                                    # 1
+            + ["F0", "F1"] * (s + 1)                                    # 2
+            + ["B1", "W1", "F1"] * (p - s - 1)                          # 3
+            + (["F0", "B1+W1", fb1] if s == p - 1 else [fb0, fb1])      # 4, first round
+            + [fb0, fb1] * (m - 2 * p + s)                              # 4, the rest
+            + ["B1+W1", fb1] * (p - s - 1)                              # 5
+            + six                                                       # 6
+            + ["W?", "B0"] * (p - s - 1)                                # 7
+            + ["W?"] * (s + 1))                                         # 8
+
+
+def test_dualpipe_v_is_deepseeks_order():
+    """Slot by slot, the eight steps of DualPipeV; each chunk's F's, B's and W's in micro-batch
+    order; the deferred W's (steps 7, 8) oldest first; only step 4's and 5's slots and the
+    full backwards are shared."""
+    for p in range(2, 7):
+        for m in range(2 * p, 2 * p + 6):
+            sch = make_schedule("dualpipe-v", p, m, 2)
+            assert (sch.placement, sch.split_backward, sch.virtual_stages) == ("v", True, 2)
+            assert len(sch.joined) == p
+            for s in range(p):
+                slots = sch.slots(s)
+                got = ["+".join(f"{a.kind}{a.chunk}" for a in slot) for slot in slots]
+                want = dualpipe_v_slots(p, m, s)
+                assert len(got) == len(want) == 2 * m + 5 * p - 2 * s - 2 + (s == p - 1)
+                assert all(g == w or (w == "W?" and g[0] == "W") for g, w in zip(got, want)), (
+                    p, m, s, got, want)
+                assert [a for slot in slots for a in slot] == list(sch.actions[s])
+                for kind in "FBW":
+                    for c in (0, 1):
+                        mbs = [a.microbatch for a in sch.actions[s] if (a.kind, a.chunk) == (
+                            kind, c)]
+                        assert mbs == list(range(m)), (p, m, s, kind, c)
+                deferred = [a for slot in slots if len(slot) == 1 and slot[0].kind == "W"
+                            for a in slot][p - s - 1:]  # steps 7, 8 (after step 3's)
+                order = [a for a in sch.actions[s] if a.kind == "B" and Action(
+                    "W", a.microbatch, a.chunk) in deferred]
+                assert deferred == [Action("W", b.microbatch, b.chunk) for b in order]
+
+
+def test_dualpipe_v_closed_form_and_deepseek_memory():
+    """F=B=W=1 per chunk action, a slot's members one after another (F+B+W: 3 ticks). A step
+    takes 6m+p-1 ticks, the least any V schedule can (ZB-V's); every stage s runs from tick s
+    to the step's end (period 6m+p-1; ZB-V's 6m); peak 2p+1 chunk activations on every stage:
+    DeepSeek's PP+1 for PP = 2p virtual stages (ZB-V: 2p). Lockstep (one tick a slot):
+    2m+5p-2 ticks, stage 0's slot count, against ZB-V's 6m+p-1."""
+    for p in range(2, 7):
+        for m in range(2 * p, 2 * p + 6):
+            sch = make_schedule("dualpipe-v", p, m, 2)
+            sim, zv = simulate(sch), simulate(make_schedule("zb-v", p, m, 2))
+            cf = closed_form(sch)
+            assert (sim.ticks, sim.period, sim.ideal_ticks) == (6 * m + p - 1,) * 2 + (6 * m,)
+            assert (cf["ticks"], cf["period"], cf["peak_inflight"]) == (
+                sim.ticks, sim.period, sim.peak_inflight), (p, m)
+            assert cf["bubble_fraction"] == pytest.approx(sim.bubble_fraction)
+            assert idle_fraction(sim) == Fraction(p - 1, 6 * m + p - 1)
+            assert sim.ticks == zv.ticks and sim.period == zv.period + p - 1, (p, m)
+            spans = [[t for t, row in enumerate(sim.table) if row[s] is not None]
+                     for s in range(p)]
+            assert [(t[0], t[-1] + 1) for t in spans] == [(s, sim.ticks) for s in range(p)]
+            assert sim.peak_inflight == (2 * p + 1,) * p
+            assert max(zv.peak_inflight) == 2 * p
+            lock = simulate(sch, lockstep=True)
+            assert lock.ticks == 2 * m + 5 * p - 2, (p, m)
+            assert lock.peak_inflight == (2 * p + 1,) * p
+            assert simulate(make_schedule("zb-v", p, m, 2), lockstep=True).ticks == zv.ticks
+    assert simulate(make_schedule("dualpipe-v", 4, 8, 2), lockstep=True).ticks == 34
+    assert simulate(make_schedule("zb-v", 4, 8, 2), lockstep=True).ticks == 51
+
+
+def test_chunks_needed():
+    assert {n: chunks_needed(n) for n in SCHEDULES} == {
+        "gpipe": 1, "1f1b": 1, "interleaved": 2, "zb-h1": 1, "zb-h2": 1, "zb-v": 2,
+        "dualpipe-v": 2}
+    for name in SCHEDULES:
+        if name != "interleaved":  # which runs any v; the rest exactly this one
+            p = 2
+            make_schedule(name, p, 2 * p, chunks_needed(name))
+
+
 def test_closed_form_matches_simulation():
     for name in SCHEDULES:
         for p in (1, 2, 3, 4, 7):
-            vs = {"interleaved": (1, 2, 3), "zb-v": (2,)}.get(name, (1,))
+            vs = {"interleaved": (1, 2, 3), "zb-v": (2,), "dualpipe-v": (2,)}.get(name, (1,))
             for v in vs:
-                ms = {"interleaved": range(p, 25, p), "zb-v": range(p, 25)}.get(name, range(1, 20))
+                ms = {"interleaved": range(p, 25, p), "zb-v": range(p, 25),
+                      "dualpipe-v": range(2 * p, 25) if p > 1 else ()}.get(name, range(1, 20))
                 for m in ms:
                     sim = simulate(make_schedule(name, p, m, v))
                     cf = closed_form(sim.schedule)
@@ -264,6 +355,9 @@ def all_small_schedules():
                             yield make_schedule(name, p, m, v)
                 elif name == "zb-v":
                     if m >= p:
+                        yield make_schedule(name, p, m, 2)
+                elif name == "dualpipe-v":
+                    if m >= 2 * p > 2:
                         yield make_schedule(name, p, m, 2)
                 else:
                     yield make_schedule(name, p, m)
@@ -292,6 +386,59 @@ def test_slots_never_collide_and_match_peak():
                 for k2, (b2, e2) in mine[i + 1:]:
                     if sim.slots[k1] == sim.slots[k2]:
                         assert e1 <= b2 or e2 <= b1, (sch.name, k1, k2)
+
+
+def test_lockstep_is_unit_costs_without_shared_slots():
+    """Every built-in schedule but dualpipe-v shares no slot: lockstep timing (one tick a
+    slot, the executor's) is the simulation at F=B=W=1 (F=B=1 unsplit), figure for figure."""
+    for sch in all_small_schedules():
+        if sch.name == "dualpipe-v":
+            continue
+        assert sch.joined == ()
+        unit = dict.fromkeys("FBW" if sch.split_backward else "FB", 1)
+        lock, ref = simulate(sch, {"F": 1, "B": 2, "W": 5}, lockstep=True), simulate(sch, unit)
+        assert lock.starts == ref.starts and lock.table == ref.table, (sch.name, sch.stages)
+        assert (lock.ticks, lock.period, lock.peak_inflight, lock.slots, lock.ideal_ticks,
+                lock.bubble_fraction, dict(lock.costs)) == (
+            ref.ticks, ref.period, ref.peak_inflight, ref.slots, ref.ideal_ticks,
+            ref.bubble_fraction, unit)
+        assert lock.lockstep and not ref.lockstep
+
+
+def test_lockstep_runs_a_slot_in_one_tick():
+    """dualpipe-v in lockstep: a slot's members share its tick, one slot a tick per stage,
+    each slot after what its members need from outside it has ended; the table shows each
+    slot's first action."""
+    for p in (2, 3, 5):
+        for m in (2 * p, 2 * p + 3):
+            sch = make_schedule("dualpipe-v", p, m, 2)
+            sim = simulate(sch, lockstep=True)
+            where = layer_map(sch)
+            holder = {k: key for key, k in where.items()}
+            for s in range(p):
+                slots = sch.slots(s)
+                ticks = [sim.starts[(s, slot[0])] for slot in slots]
+                assert ticks == sorted(set(ticks)), (p, m, s)
+                for slot, t0 in zip(slots, ticks):
+                    assert {sim.starts[(s, a)] for a in slot} == {t0}
+                    assert sim.table[t0][s] == slot[0]
+                    for a in slot:
+                        k, mb = where[(s, a.chunk)], a.microbatch
+                        needs = []
+                        if a.kind == "F" and k > 0:
+                            needs.append((holder[k - 1][0], Action("F", mb, holder[k - 1][1])))
+                        if a.kind == "B":
+                            needs.append((s, Action("F", mb, a.chunk)))
+                            if k < 2 * p - 1:
+                                needs.append((holder[k + 1][0],
+                                              Action("B", mb, holder[k + 1][1])))
+                        if a.kind == "W":
+                            needs.append((s, Action("B", mb, a.chunk)))
+                        for d in needs:
+                            if not (d[0] == s and d[1] in slot):
+                                assert sim.starts[d] + 1 <= t0, (p, m, s, a, d)
+                busy = sum(row[s] is not None for row in sim.table)
+                assert busy == len(slots)
 
 
 # ------------------------------------------------------------------ validator
@@ -333,6 +480,82 @@ def test_validator_rejects_broken_schedules():
         assert "\n" not in str(err.value)
 
 
+def joined_schedule(stage_acts: dict[int, list[tuple[Action, ...]]], base=None) -> Schedule:
+    """`base` (dualpipe-v p=2 m=4) with some stages' slots replaced."""
+    base = base or make_schedule("dualpipe-v", 2, 4, 2)
+    slots = [stage_acts.get(s, base.slots(s)) for s in range(base.stages)]
+    acts = tuple(tuple(a for slot in st for a in slot) for st in slots)
+    joined = []
+    for st in slots:
+        mine, n = set(), 0
+        for slot in st:
+            mine.update(range(n + 1, n + len(slot)))
+            n += len(slot)
+        joined.append(frozenset(mine))
+    return Schedule(base.name, base.stages, base.microbatches, base.virtual_stages,
+                    base.split_backward, acts, base.placement, tuple(joined))
+
+
+def regroup(slots: list[tuple[Action, ...]], merge: list[Action]) -> list[tuple[Action, ...]]:
+    """The actions in `merge` taken out of their slots into one slot, at the first one's place
+    (their old slot-mates stay, after it)."""
+    first = next(n for n, slot in enumerate(slots) if set(slot) & set(merge))
+    out = []
+    for n, slot in enumerate(slots):
+        if n == first:
+            out.append(tuple(merge))
+        left = tuple(a for a in slot if a not in merge)
+        if left:
+            out.append(left)
+    return out
+
+
+def test_joined_slots_are_validated():
+    """One line naming the action: a W only with its own B; at most one F, B, W a slot; no
+    member needing a slot-mate (but W its B); joined positions that exist and are >= 1."""
+    base = make_schedule("dualpipe-v", 2, 4, 2)
+    assert joined_schedule({}) == base
+    s0 = base.slots(0)
+    F, B, W = (lambda mb, c, k=k: Action(k, mb, c) for k in "FBW")
+    lone_w = next(x for x in s0 if x[0].kind == "W")[0]  # step 3: W0.1 alone
+    cases = {
+        # W0.1 joined to the F after it (its B is in the slot before)
+        "in a slot without its B": regroup(s0, [lone_w, F(1, 1)]),
+        "at most one F, one B and one W": regroup(s0, [F(1, 0), F(2, 0)]),
+        # B0.1 needs F0.1, on the same stage
+        "which it needs": regroup(s0, [F(0, 1), B(0, 1)]),
+    }
+    for words, slots in cases.items():
+        sch = joined_schedule({0: slots})
+        with pytest.raises(ScheduleError, match=words) as err:
+            simulate(sch)
+        message = str(err.value)
+        assert "\n" not in message and message.startswith("stage 0 runs "), message
+    # a W after its B in one slot is a full backward: valid
+    assert simulate(joined_schedule({0: regroup(s0, [B(0, 1), W(0, 1)])})).ticks > 0
+    for joined, words in (((frozenset({0}), frozenset()), "joins position 0"),
+                          ((frozenset({99}), frozenset()), "joins position 99"),
+                          ((frozenset(),), "joined has 1 sets for 2 stages")):
+        odd = Schedule(base.name, 2, 4, 2, True, base.actions, "v", joined)
+        with pytest.raises(ScheduleError, match=words) as err:
+            simulate(odd)
+        assert "\n" not in str(err.value)
+
+
+def test_a_slot_waiting_on_a_mate_through_other_stages_deadlocks():
+    """p=2, stage 0: F0.1 (virtual stage 3, the loss) in one slot with B0.0 (virtual stage 0).
+    Neither needs the other directly, so the validator passes it, but B0.0 needs stage 1's
+    B0.0, which needs B0.1 here, which needs F0.1 from this same slot: the slot can never
+    start, and the simulator says so, naming the whole slot."""
+    base = make_schedule("dualpipe-v", 2, 4, 2)
+    full_b = [Action("B", 0, 0), Action("W", 0, 0)]
+    sch = joined_schedule({0: regroup(base.slots(0), [Action("F", 0, 1)] + full_b)})
+    with pytest.raises(ScheduleError, match=(r"deadlock: stage \d is stuck at .*\+.*waiting "
+                                             "for")) as err:
+        simulate(sch)
+    assert "\n" not in str(err.value)
+
+
 def test_simulator_reports_deadlock():
     """Stage 1 wants F1 first, but stage 0 sends F1 only after B0, which needs stage 1's B0."""
     sch = Schedule("custom", 2, 2, 1, False, (
@@ -344,7 +567,12 @@ def test_simulator_reports_deadlock():
 
 
 @pytest.mark.parametrize("args, words", [
-    (("nope", 4, 8), "gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v"),
+    (("nope", 4, 8), "gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v, dualpipe-v"),
+    (("dualpipe-v", 4, 8), (r"dualpipe-v runs two chunks per stage in a V \(got virtual "
+                            r"stages 1\); use --virtual-stages 2")),
+    (("dualpipe-v", 4, 7, 2), (r"twice as many microbatches as stages \(got 7 for 4\); "
+                               "use --microbatches 8")),
+    (("dualpipe-v", 1, 4, 2), r"at least 2 stages \(got 1\); use --stages 2"),
     (("zb-v", 4, 8), (r"zb-v runs two chunks per stage in a V \(got virtual stages 1\); "
                       "use --virtual-stages 2")),
     (("zb-v", 4, 8, 3), "use --virtual-stages 2"),
@@ -400,6 +628,25 @@ def test_ascii_timeline_aligned():
     assert {f"{k}{i}.{c}" for k in "FBW" for i in range(5) for c in (0, 1)} <= set(cells)
 
 
+def test_ascii_timeline_shows_shared_slots():
+    """A member of the previous action's slot is marked `+`; lockstep: one cell per slot."""
+    sch = make_schedule("dualpipe-v", 2, 4, 2)
+    for lockstep in (False, True):
+        sim = simulate(sch, lockstep=lockstep)
+        lines = ascii_timeline(sim).splitlines()
+        assert len(lines) == 3 and len({len(line) for line in lines}) == 1
+        cells = lines[1].split()[2:]
+        assert len(cells) == sim.ticks
+        if lockstep:  # stage 0, step 4: F3.0 with the full backward of micro-batch 1, chunk 1
+            assert "F3.0+B1.1+W1.1" in cells and not any(c.startswith("+") for c in cells)
+        else:
+            n = cells.index("F3.0")
+            assert cells[n:n + 3] == ["F3.0", "+B1.1", "+W1.1"]
+    head = summary(simulate(sch, lockstep=True)).splitlines()[0]
+    assert "shared slots" in head and "lockstep" in head
+    assert "shared" not in summary(simulate(make_schedule("zb-v", 2, 4, 2))).splitlines()[0]
+
+
 def test_summary_shows_period_beside_its_closed_form():
     for sch in (make_schedule("zb-v", 4, 8, 2), make_schedule("zb-h2", 4, 8),
                 make_schedule("1f1b", 4, 8)):
@@ -414,6 +661,9 @@ def test_save_png(tmp_path):
     path = tmp_path / "t.png"
     save_png(simulate(make_schedule("zb-h1", 3, 4)), path)
     assert path.read_bytes()[:4] == b"\x89PNG"
+    for lockstep in (False, True):
+        save_png(simulate(make_schedule("dualpipe-v", 2, 4, 2), lockstep=lockstep), path)
+        assert path.read_bytes()[:4] == b"\x89PNG"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -430,11 +680,29 @@ def test_cli_prints_timeline():
     assert json.loads(res.stdout)["ticks"] == 3 * 3 + 2 - 1
 
 
+def test_cli_dualpipe_v_prints_joined():
+    """--virtual-stages 2 (or its default for dualpipe-v); --json marks the shared slots;
+    --lockstep times one tick a slot."""
+    args = ("--schedule", "dualpipe-v", "--stages", "2", "--microbatches", "4")
+    res = run_cli(*args, "--virtual-stages", "2", "--json")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    sch = make_schedule("dualpipe-v", 2, 4, 2)
+    assert out["ticks"] == 6 * 4 + 2 - 1 and out["placement"] == "v"
+    for s, rows in enumerate(out["actions"]):
+        assert {n for n, row in enumerate(rows) if row.get("joined")} == sch.joined[s]
+        assert all(row.get("joined", True) is True for row in rows)
+    res = run_cli(*args, "--lockstep")
+    assert res.returncode == 0, res.stderr
+    assert "F3.0+B1.1+W1.1" in res.stdout and "lockstep" in res.stdout
+
+
 @pytest.mark.parametrize("args", [
     ("--schedule", "bogus", "--stages", "4", "--microbatches", "8"),
     ("--schedule", "interleaved", "--stages", "4", "--microbatches", "6",
      "--virtual-stages", "2"),
     ("--schedule", "1f1b", "--stages", "four", "--microbatches", "8"),
+    ("--schedule", "dualpipe-v", "--stages", "4", "--microbatches", "6"),
 ])
 def test_cli_bad_input(args):
     res = run_cli(*args)
