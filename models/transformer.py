@@ -238,11 +238,13 @@ class Block(nnx.Module):
         return x if cache is None else (x, cache)
 
 
-def scan_blocks(block_def: nnx.GraphDef, stacked: nnx.State, x: jax.Array, remat: bool = False):
+def scan_blocks(block_def: nnx.GraphDef, stacked: nnx.State, x: jax.Array, remat: bool = False,
+                active: jax.Array | None = None):
     """Apply blocks stacked on a leading axis with `lax.scan`: compile time does not grow with L.
 
     A plain function over split state (not `nnx.scan`) so the pipeline can call it on any slice
-    of the `layers` axis.
+    of the `layers` axis. `active` ([L] bools): skip the blocks where it is False (the
+    pipeline's padding slots, `pipeline.layout`), with a `lax.cond`, so they cost nothing.
     """
 
     def one_block(x, layer_state):
@@ -251,10 +253,14 @@ def scan_blocks(block_def: nnx.GraphDef, stacked: nnx.State, x: jax.Array, remat
     if remat:
         one_block = jax.checkpoint(one_block)
 
-    def body(x, layer_state):
-        return one_block(x, layer_state), None
+    if active is None:
+        return jax.lax.scan(lambda x, w: (one_block(x, w), None), x, stacked)[0]
 
-    return jax.lax.scan(body, x, stacked)[0]
+    def body(x, layer):
+        layer_state, on = layer
+        return jax.lax.cond(on, one_block, lambda x, _: x, x, layer_state), None
+
+    return jax.lax.scan(body, x, (stacked, active))[0]
 
 
 class LMHead(nnx.Module):
@@ -318,9 +324,11 @@ class Transformer(nnx.Module):
         return self.logits(self.run_blocks(self.embed(tokens), remat))
 
     def empty_cache(self, batch: int, length: int) -> KVCache:
-        """A zero cache for `length` positions, stacked over the layers, (L, B, S, K, H)."""
+        """A zero cache for `length` positions, stacked over the layers, (L, B, S, K, H): L as
+        the blocks' stack holds them (with a pipeline's padding slots, `pipeline.layout`)."""
         cfg = self.cfg
-        shape = (cfg.n_layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
+        layers = jax.tree.leaves(nnx.state(self.blocks))[0].shape[0]
+        shape = (layers, batch, length, cfg.n_kv_heads, cfg.head_dim)
         return KVCache(*(constrain(jnp.zeros(shape, cfg.dtype), (None, *KV_NAMES))
                          for _ in range(2)))
 

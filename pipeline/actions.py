@@ -49,11 +49,12 @@ class StageActions:
         self.treedef, self.sources, self.products = None, None, None
 
     # ---- F -----------------------------------------------------------------------------
-    def forward(self, w, x):
+    def forward(self, w, x, active=None):
         """(y, stash, inputs): the stage output, what B needs and, split, what W needs from F
-        (each weight product's input; () unsplit), as tuples of arrays."""
+        (each weight product's input; () unsplit), as tuples of arrays. `active` ([layers]
+        bools or None): layers to skip where False (padding slots, `pipeline.layout`)."""
         if not self.split:
-            y, pull = jax.vjp(self.run_stage, w, x)
+            y, pull = jax.vjp(lambda w, x: self.run_stage(w, x, active), w, x)
             return y, self._pack(pull, w), ()
         leaves, _ = jax.tree.flatten(w)
         is_w = _is_weight(w)
@@ -61,13 +62,14 @@ class StageActions:
         others = tuple(a for a, k in zip(leaves, is_w, strict=True) if not k)
         perts = vary(tuple(jnp.zeros((leaves[0].shape[0], *s.shape), s.dtype)
                            for s in self._product_shapes(w, x)))
-        y, pull, inputs = jax.vjp(lambda o, x, p: self._tapped(w, weights, o, x, p),
+        y, pull, inputs = jax.vjp(lambda o, x, p: self._tapped(w, weights, o, x, p, active),
                                   others, x, perts, has_aux=True)
         return y, self._pack(pull, w), inputs
 
-    def _tapped(self, w, weights, others, x, perts):
+    def _tapped(self, w, weights, others, x, perts, active=None):
         """The stage forward with perts[i] added to the i-th weight product's output; returns
-        (y, each product's input), both stacked over layers by the scan."""
+        (y, each product's input), both stacked over layers by the scan (zeros for a skipped
+        layer)."""
         treedef, is_w = jax.tree.structure(w), _is_weight(w)
 
         def layer(x, wl, ol, pl):
@@ -87,9 +89,19 @@ class StageActions:
 
         if self.remat == "layer":
             layer = jax.checkpoint(layer)
+        if active is not None:
+            run = layer
+
+            def layer(x, wl, ol, pl, on):
+                def skip(x, *_):
+                    shapes = jax.eval_shape(run, x, wl, ol, pl)[1]
+                    return x, vary(tuple(jnp.zeros(a.shape, a.dtype) for a in shapes))
+
+                return jax.lax.cond(on, run, skip, x, wl, ol, pl)
 
         def stage(weights, others, x, perts):
-            return jax.lax.scan(lambda x, a: layer(x, *a), x, (weights, others, perts))
+            layers = (weights, others, perts) + (() if active is None else (active,))
+            return jax.lax.scan(lambda x, a: layer(x, *a), x, layers)
 
         if self.remat == "stage":
             stage = jax.checkpoint(stage)
@@ -136,8 +148,9 @@ class StageActions:
         return dw, dx, tuple(deltas)
 
     # ---- W -----------------------------------------------------------------------------
-    def weight_grads(self, w, inputs, deltas):
-        """The weights' gradient: for each product, its inputᵀ·δ, batched over the layers."""
+    def weight_grads(self, w, inputs, deltas, active=None):
+        """The weights' gradient: for each product, its inputᵀ·δ, batched over the layers
+        (with `active`, one layer at a time, skipping the padding slots)."""
         params = jax.tree.leaves(w)
         grads = [jnp.zeros_like(a) for a in params]
         for (spec, i), a, d in zip(self.products, inputs, deltas, strict=True):
@@ -145,7 +158,15 @@ class StageActions:
                 def product(wi):
                     return jnp.einsum(spec, a, wi.astype(a.dtype))
                 return jax.linear_transpose(product, wi)(d)[0]
-            grads[i] = grads[i] + jax.vmap(one)(a, d, params[i])
+
+            if active is None:
+                grads[i] = grads[i] + jax.vmap(one)(a, d, params[i])
+            else:
+                def maybe(args, one=one):
+                    *args, on = args
+                    return jax.lax.cond(on, one, lambda a, d, wi: vary(jnp.zeros_like(wi)),
+                                        *args)
+                grads[i] = grads[i] + jax.lax.map(maybe, (a, d, params[i], active))
         return jax.tree.unflatten(jax.tree.structure(w), grads)
 
     # ---- residuals ---------------------------------------------------------------------

@@ -46,6 +46,7 @@ from jax.sharding import PartitionSpec as P
 from models.config import ConfigError
 from pipeline.actions import StageActions
 from pipeline.gpipe import DP, to_stages, vary, widen
+from pipeline.layout import StageLayout
 from pipeline.schedules import Action as Act, Schedule, make_schedule
 from pipeline.simulate import simulate
 
@@ -271,11 +272,14 @@ def _buffer(n: int, like) -> jax.Array:
     return jnp.full((n, *like.shape), fill, like.dtype)
 
 
-def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat):
-    """Loss and gradients (blocks, head, inputs) of the whole pipelined step."""
+def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, active):
+    """Loss and gradients (blocks, head, inputs) of the whole pipelined step. `active`: None,
+    or [virtual stage, slot] bools, False for the padding slots that every action skips."""
     p, m = schedule.stages, schedule.microbatches
     pl = plan_of(schedule)
     act = StageActions(block_def, remat, pl.split)
+    virtual = np.array([[schedule.virtual_stage(s, c) for c in range(pl.chunks)]
+                        for s in range(p)])
     to_next = [(i, (i + 1) % p) for i in range(p if pl.ring else p - 1)]
     perms = {True: to_next, False: [(j, i) for i, j in to_next]}  # to the next stage?
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
@@ -299,9 +303,15 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat):
         `action_scope`: the census weights them by the ticks that run the action."""
         return jax.lax.cond(flag, jax.named_scope(action_scope(kind))(action), unchanged, *args)
 
+    def layers_on(c):
+        """This stage's chunk c's real layers (None: no padding)."""
+        if active is None:
+            return None
+        return jnp.asarray(active)[jnp.asarray(virtual)[jax.lax.axis_index("stage"), c]]
+
     def forward(params, xs, xbuf, rbuf, ibuf, r):
         x = jnp.where(r[FIRST] == 1, xs[r[MB]], xbuf[r[X_GET]])
-        y, stash, inputs = act.forward(chunk_of(params, r[CHUNK]), x)
+        y, stash, inputs = act.forward(chunk_of(params, r[CHUNK]), x, layers_on(r[CHUNK]))
         return vary((y, put(rbuf, r[R_PUT], stash), put(ibuf, r[I_PUT], inputs)))
 
     def head(hp, y, tgt, acc_h):
@@ -322,7 +332,7 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat):
     def weights(params, ibuf, wbuf, acc_w, r):
         c = r[CHUNK]
         dw = act.weight_grads(chunk_of(params, c), tuple(b[r[I_GET]] for b in ibuf),
-                              tuple(b[r[W_GET]] for b in wbuf))
+                              tuple(b[r[W_GET]] for b in wbuf), layers_on(c))
         return vary(jax.tree.map(lambda A, d: A.at[c].add(d), acc_w, dw))
 
     def no_forward(params, xs, xbuf, rbuf, ibuf, r):
@@ -360,7 +370,7 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat):
         # Trace F and B once to learn what F and B keep for later actions (and to fix the
         # layout of the pullback that B rebuilds): the buffers are sized from these shapes.
         def probe(w, x):
-            _, stash, inputs = act.forward(w, x)
+            _, stash, inputs = act.forward(w, x, None if active is None else layers_on(0))
             return stash, inputs, act.backward(w, stash, x)[2]
 
         stash, inputs, deltas = jax.eval_shape(probe, jax.tree.map(lambda a: a[0], params), x0)
@@ -417,18 +427,21 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat):
 
 
 def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: Schedule,
-                   remat: str = "none"):
+                   remat: str = "none", stage_layers=None):
     """Pipeline any stack of layers: the mean over micro-batches i of
     loss_fn(loss_params, layers applied in order to xs[i], targets[i]), run by `schedule`.
 
     layer: the `nnx.GraphDef` of one layer, an NNX module mapping x to a y of x's shape;
     layers: its state stacked on a leading axis [L, ...] (`nnx.split` of a module built with
-    `nnx.vmap`, or of the Transformer's `blocks`), L divisible by stages x virtual stages.
+    `nnx.vmap`, or of the Transformer's `blocks`).
     xs: (m, micro-batch rows, ...); targets: (m, ...). loss_fn(loss_params, y, targets[i]) →
     that micro-batch's mean loss, a scalar: the head goes here (`loss_params` may be ()).
     schedule: a value (`make_schedule`, `read_schedule_file`); its stages must be the mesh's
     `stage` axis. Call it under `jax.set_mesh` of a `spmd.mesh.make_mesh` mesh: layers are split
     over `stage`, micro-batch rows over the data axes, `tensor` stays automatic inside a layer.
+    stage_layers: layers per virtual stage (model order, p·v numbers), for stages of unequal
+    size; then `layers` is either the [L] stack or already padded to the slots of
+    `pipeline.layout.StageLayout(stage_layers)`. Without it, L must divide by p·v.
     Zero-bubble schedules split each layer's backward exactly where its weight products go
     through `models.transformer.project` on a `role="weight"` parameter (the Transformer's
     all do); any other parameter's gradient is computed whole in B, which is still correct.
@@ -438,15 +451,28 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     p, m, v = schedule.stages, schedule.microbatches, schedule.virtual_stages
     n_layers = jax.tree.leaves(layers)[0].shape[0]
     mesh_p = dict(jax.sharding.get_abstract_mesh().shape).get("stage")
+    layout = None if stage_layers is None else StageLayout(tuple(stage_layers))
+    if layout is None:
+        fits = n_layers % (p * v) == 0
+        fix = "change the layers or the schedule, or give stage_layers"
+    else:
+        fits = len(layout.counts) == p * v and n_layers in (layout.n_layers, layout.slots)
+        fix = (f"give {p * v} stage_layers (stages x virtual stages) that sum to {n_layers}, or "
+               f"a stack padded to {p * v} x their largest")
     for bad, message in (
             (xs.shape[0] != m, f"xs holds {xs.shape[0]} micro-batches but the schedule "
                                f"{schedule.name} runs {m}; micro-batch the inputs into {m}"),
             (mesh_p != p, f"the schedule {schedule.name} has {p} stages but the mesh's stage "
                           f"axis is {mesh_p}; make them equal"),
-            (n_layers % (p * v), f"{n_layers} layers do not split into {p} stages x {v} "
-                                 "virtual stages; change the layers or the schedule")):
+            (not fits, f"{n_layers} layers do not split into {p} stages x {v} virtual stages"
+                       f"{'' if layout is None else ' as ' + str(list(layout.counts))}; {fix}")):
         if bad:
             raise ConfigError(message)
+    active = None
+    if layout is not None and layout.padded:
+        active = layout.active()
+        if n_layers == layout.n_layers:
+            layers = layout.pad(layers)
     if v == 1:
         staged = jax.tree.map(lambda a: a[:, None], to_stages(layers, p))
     else:
@@ -454,11 +480,11 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
 
     @jax.custom_vjp
     def f(staged, loss_params, xs, targets):
-        return _run(layer, staged, loss_fn, loss_params, xs, targets, schedule, remat)[3]
+        return _run(layer, staged, loss_fn, loss_params, xs, targets, schedule, remat, active)[3]
 
     def fwd(staged, loss_params, xs, targets):
         gw, gh, gx, loss = _run(layer, staged, loss_fn, loss_params, xs, targets, schedule,
-                                remat)
+                                remat, active)
         return loss, (gw, gh, gx)
 
     def bwd(res, ct):

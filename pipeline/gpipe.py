@@ -82,14 +82,16 @@ def stage_function(block_def: nnx.GraphDef, remat: str):
     inside the layer; "stage": keep only the stage input, recompute the whole stage.
     """
 
-    def run(params, x):
-        return scan_blocks(block_def, params, x, remat=remat == "layer")
+    def run(params, x, active=None):
+        return scan_blocks(block_def, params, x, remat=remat == "layer", active=active)
 
     return jax.checkpoint(run) if remat == "stage" else run
 
 
-def gpipe(block_def: nnx.GraphDef, staged, xs: jax.Array, remat: str = "none") -> jax.Array:
+def gpipe(block_def: nnx.GraphDef, staged, xs: jax.Array, remat: str = "none",
+          active=None) -> jax.Array:
     """Run micro-batches `xs` (m, b_mb, T, D) through all stages; returns the last stage's outputs.
+    `active`: [p, L/p] bools, False for a padding slot that is skipped (`pipeline.layout`).
 
     If p divides m the outputs come back split over `stage` along m (a reduce-scatter), so the
     head and loss after the loop run once, not p times; otherwise they are summed to every stage.
@@ -109,6 +111,7 @@ def gpipe(block_def: nnx.GraphDef, staged, xs: jax.Array, remat: str = "none") -
         # step, here, and not at every use inside the tick loop.
         params = vary(jax.tree.map(lambda a: a[0], staged))
         s = jax.lax.axis_index("stage")
+        on = None if active is None else jnp.asarray(active)[s]
         # Varying over `stage` once, here: the input gradient is then summed over stages once
         # per step, after the loop, instead of once per tick inside it (in float32: `widen`).
         dtype, xs = xs.dtype, vary(widen(xs))
@@ -118,7 +121,8 @@ def gpipe(block_def: nnx.GraphDef, staged, xs: jax.Array, remat: str = "none") -
             mb = t - s  # the micro-batch this stage works on at tick t
             x = jnp.where(s == 0, xs[jnp.clip(t, 0, m - 1)].astype(dtype), received)
             # Bubble ticks skip the compute: nothing they would produce is ever used.
-            y = jax.lax.cond((mb >= 0) & (mb < m), run_stage, lambda _, x: x, params, x)
+            y = jax.lax.cond((mb >= 0) & (mb < m), lambda w, x: run_stage(w, x, on),
+                             lambda _, x: x, params, x)
             done = jnp.clip(mb, 0, m - 1)
             keep = (s == p - 1) & (mb >= 0)
             outputs = outputs.at[done].set(jnp.where(keep, y, outputs[done]))

@@ -21,20 +21,17 @@ from flax import nnx
 from models import ConfigError, ModelConfig, Transformer, cross_entropy
 from pipeline.executor import pipelined_loss
 from pipeline.gpipe import gpipe, to_microbatches, to_stages
+from pipeline.layout import StageLayout
 from pipeline.schedules import make_schedule, validate
 from pipeline.simulate import simulate
 from spmd.rules import batch_shards
 
 
 def check_pipeline(cfg: ModelConfig, tc, mesh_shape: dict[str, int], batch: int) -> None:
-    """Pipeline settings that must hold before compiling; one line each."""
+    """Pipeline settings that must hold before compiling; one line each. (Layers that do not
+    divide by stages x virtual stages are balanced unevenly: `pipeline.layout`.)"""
     p, m, v = mesh_shape["stage"], tc.microbatches, tc.virtual_stages
     validate(make_schedule(tc.schedule, p, m, v))  # unknown name, v or m that the schedule refuses
-    if cfg.n_layers % (p * v):
-        raise ConfigError(
-            f"n_layers ({cfg.n_layers}) is not divisible by stages x virtual stages ({p} x {v}); "
-            "change --layers, --virtual-stages or the --mesh"
-        )
     per_shard = batch // batch_shards(mesh_shape)
     if per_shard % m:
         raise ConfigError(
@@ -55,11 +52,12 @@ def head_parts(model: Transformer):
     return (head_state, tied), head_fn
 
 
-def pipeline_loss(model: Transformer, inputs, targets, tc, stages: int,
+def pipeline_loss(model: Transformer, inputs, targets, tc, stages: int, layout: StageLayout,
                   forward_only: bool = False):
     """Same value as the unpipelined loss: the mean over the same global batch of tokens.
 
-    `forward_only`: no backward will be taken (evaluation): run the forward loop of `gpipe`.
+    The model's blocks are `layout`'s padded stack. `forward_only`: no backward will be taken
+    (evaluation): run the forward loop of `gpipe`.
     """
     m, v = tc.microbatches, tc.virtual_stages
     xs = to_microbatches(model.embed(inputs), m)  # (m, b_mb, T, D)
@@ -67,8 +65,11 @@ def pipeline_loss(model: Transformer, inputs, targets, tc, stages: int,
     if not forward_only:
         head_params, head_fn = head_parts(model)
         return pipelined_loss(block_def, stacked, xs, to_microbatches(targets, m), head_fn,
-                              head_params, make_schedule(tc.schedule, stages, m, v), tc.remat)
-    ys = gpipe(block_def, to_stages(stacked, stages), xs, tc.remat)  # (m, b_mb, T, D)
+                              head_params, make_schedule(tc.schedule, stages, m, v), tc.remat,
+                              layout.counts)
+    # GPipe's forward runs the canonical layout: stage s holds virtual stages s·v .. s·v+v-1.
+    active = layout.active().reshape(stages, -1) if layout.padded else None
+    ys = gpipe(block_def, to_stages(stacked, stages), xs, tc.remat, active)  # (m, b_mb, T, D)
     # The head runs per micro-batch (vmap over m). When p divides m, ys comes back split over
     # `stage` along m, and `spmd_axis_name` keeps it so: each stage runs the head on m/p
     # micro-batches, with no reshuffle of rows between data shards.
@@ -77,21 +78,23 @@ def pipeline_loss(model: Transformer, inputs, targets, tc, stages: int,
     return cross_entropy(logits, to_microbatches(targets, m))
 
 
-def stage_map(n_layers: int, stages: int, virtual_stages: int = 1) -> list[list[range]]:
-    """Per stage, per chunk, its layers: chunk c of stage s holds virtual stage c·p + s."""
-    p, v = stages, virtual_stages
-    per = n_layers // (p * v)
-    return [[range((c * p + s) * per, (c * p + s + 1) * per) for c in range(v)] for s in range(p)]
+def stage_map(layout: StageLayout, schedule) -> list[list[range]]:
+    """Per stage, per chunk, its layers (model indices): chunk c of stage s holds virtual
+    stage `schedule.virtual_stage(s, c)`."""
+    ranges = layout.ranges()
+    return [[ranges[schedule.virtual_stage(s, c)] for c in range(schedule.virtual_stages)]
+            for s in range(schedule.stages)]
 
 
 def describe_pipeline(trainer) -> str:
     """The stage map and the schedule's simulated bubble, for the start of a run."""
     tc, p = trainer.tc, trainer.stages
-    sim = simulate(make_schedule(tc.schedule, p, tc.microbatches, tc.virtual_stages))
+    schedule = make_schedule(tc.schedule, p, tc.microbatches, tc.virtual_stages)
+    sim = simulate(schedule)
     lines = [f"pipeline: {tc.schedule}, {p} stages x {tc.virtual_stages} virtual, "
              f"{tc.microbatches} micro-batches; simulated bubble fraction "
              f"{sim.bubble_fraction:.3f}, peak in-flight micro-batches {list(sim.peak_inflight)}"]
-    for s, chunks in enumerate(stage_map(trainer.cfg.n_layers, p, tc.virtual_stages)):
-        text = ", ".join(f"{r.start}..{r.stop - 1}" for r in chunks)
+    for s, chunks in enumerate(stage_map(trainer.layout, schedule)):
+        text = ", ".join(f"{r.start}..{r.stop - 1}" if r else "none" for r in chunks)
         lines.append(f"  stage {s}: layers {text}")
     return "\n".join(lines)

@@ -81,7 +81,7 @@ def main() -> int:
 
     import jax
 
-    from models import PRESETS
+    from models import PRESETS, ConfigError
     from pipeline.schedules import make_schedule
     from pipeline.simulate import simulate
     from spmd import analysis
@@ -128,7 +128,12 @@ def main() -> int:
         mesh = make_mesh(spec, jax.devices()[:1] if layout == "single" else None)
         v = 2 if schedule in ("interleaved", "zb-v") else 1
         tc = TrainConfig(microbatches=m, schedule=schedule, virtual_stages=v, remat=args.remat)
-        return Trainer(cfg, tc, mesh, Rules(sp), shape)
+        tr = Trainer(cfg, tc, mesh, Rules(sp), shape)
+        if tr.padded:  # the closed forms and predictions below assume equal stages
+            raise ConfigError(f"n_layers ({cfg.n_layers}) is not divisible by stages x virtual "
+                              f"stages ({mesh.shape['stage']} x {v}): bench measures equal "
+                              "stages only; change --layers")
+        return tr
 
     # Every layout is checked (a Trainer compiles nothing) before the first one is measured.
     trainers = [trainer(layout, m) for layout, m in runs]

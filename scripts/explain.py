@@ -142,14 +142,15 @@ def explain(args: argparse.Namespace) -> dict:
         from pipeline.schedules import make_schedule
         from pipeline.simulate import simulate
 
-        sim = simulate(make_schedule(args.schedule, p, m, args.virtual_stages))
+        sched = make_schedule(args.schedule, p, m, args.virtual_stages)
+        sim = simulate(sched)
         ticks, runs = census.action_ticks(args.schedule, p, m, args.virtual_stages)
         out["pipeline_schedule"] = {
             "schedule": args.schedule, "microbatches": m, "virtual_stages": args.virtual_stages,
             "bubble_fraction": sim.bubble_fraction, "timeline": ascii_timeline(sim),
             "ticks": ticks, "actions_per_stage": {k: v.tolist() for k, v in runs.items()},
             "stage_map": [[[r.start, r.stop - 1] for r in chunks]
-                          for chunks in stage_map(cfg.n_layers, p, args.virtual_stages)]}
+                          for chunks in stage_map(trainer.layout, sched)]}
     return out
 
 

@@ -84,6 +84,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="pipeline schedule from a JSON file, as `scripts/schedule.py --json` "
                         "prints it; micro-batches and virtual stages default to the file's")
     p.add_argument("--virtual-stages", type=int, default=None, help="chunks per stage (default 1)")
+    p.add_argument("--stage-layers", default=None, metavar="N,N,...|auto",
+                   help="layers per virtual stage, in model order (e.g. 1,2,2,1), or auto: "
+                        "balanced by cost, the head counted on the last (default: even when "
+                        "the layers divide, else auto)")
     p.add_argument("--remat", choices=["none", "layer", "stage"], default="none")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="split each step's batch into K sequential chunks, one update")
@@ -150,6 +154,7 @@ def hf_config(args: argparse.Namespace):
 
 def build(args: argparse.Namespace):
     from models import ConfigError, build_config
+    from pipeline.layout import parse_stage_layers
     from spmd.data import byte_tokens, check_split, check_vocab, load_tokens, split_heldout
     from spmd.mesh import make_mesh
     from spmd.rules import Rules
@@ -178,6 +183,7 @@ def build(args: argparse.Namespace):
         steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup,
         microbatches=args.microbatches or m, schedule=schedule,
         virtual_stages=args.virtual_stages or v, remat=args.remat,
+        stage_layers=parse_stage_layers(args.stage_layers),
         grad_accum=args.grad_accum,
     )
     encode = byte_tokens
@@ -198,7 +204,7 @@ def print_layout(trainer, params) -> None:
     from spmd.mesh import describe
 
     rows = parameter_table(trainer, params)
-    count = sum(math.prod(r[1]) for r in rows)
+    count = trainer.parameter_count()
     print(f"mesh: {describe(trainer.mesh)}")
     print(f"parameters: {count:,}  ({trainer.cfg.style} style, {trainer.cfg.n_layers} layers)")
     width = max(len(r[0]) for r in rows)
@@ -300,7 +306,7 @@ def main(argv=None) -> int:
             records.append(record)
             profile.after(step, step == steps - 1)
             if manager and ((step + 1) % args.checkpoint_every == 0 or step == steps - 1):
-                manager.save(step, params, opt_state)
+                manager.save(step, *trainer.to_canonical(params, opt_state))
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()

@@ -195,7 +195,9 @@ class CheckpointManager:
     # ---- save / restore ---------------------------------------------------------------
     def save(self, step: int, params, opt_state, info: dict | None = None) -> None:
         """Start saving after step `step` (asynchronous: `wait()` to block until written).
-        Returns once the arrays are in host memory, so they may be donated to the next step."""
+        Returns once the arrays are in host memory, so they may be donated to the next step.
+        Give the canonical state (`Trainer.to_canonical`: uneven stages' padding dropped), so
+        that it restores onto any mesh."""
         if step in self.all_steps():
             raise ConfigError(f"checkpoint {self._path(step)} already exists; delete it first")
         record = {"step": step, "data_position": step + 1, **self._run_info, **(info or {})}
@@ -214,14 +216,15 @@ class CheckpointManager:
                 f"no complete checkpoint {self._path(step)}; saved steps: {self.all_steps()}"
             )
         abstract_params, abstract_opt = _abstract_state(trainer)
+        params_sharding, opt_sharding = trainer.canonical_shardings
         args = ocp.args.Composite(
-            params=ocp.args.StandardRestore(_abstract(abstract_params, trainer.param_shardings)),
-            opt_state=ocp.args.StandardRestore(_abstract(abstract_opt, trainer.opt_shardings)),
+            params=ocp.args.StandardRestore(_abstract(abstract_params, params_sharding)),
+            opt_state=ocp.args.StandardRestore(_abstract(abstract_opt, opt_sharding)),
             run=ocp.args.JsonRestore(),
         )
         out = self._restore(step, args)
         self._check_model(step, out.run)
-        return out.params, out.opt_state, out.run
+        return *trainer.from_canonical(out.params, out.opt_state), out.run
 
     def _restore(self, step: int, args: ocp.args.Composite):
         # Any failure inside Orbax/TensorStore (missing or truncated file, bad JSON, shape

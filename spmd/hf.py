@@ -26,8 +26,8 @@ def _key(path) -> str:
 
 
 def load_params(folder: Folder, trainer: Trainer) -> nnx.State:
-    """The folder's weights as `trainer`'s parameter state, each array sharded as the trainer
-    wants it (the same tree `trainer.init` returns)."""
+    """The folder's weights as `trainer`'s canonical parameter state (`Trainer.to_canonical`:
+    the [L] blocks), each array sharded as the trainer wants it."""
     nodes = layout(trainer.cfg, folder.prefix)
     folder.check(nodes)
 
@@ -37,7 +37,7 @@ def load_params(folder: Folder, trainer: Trainer) -> nnx.State:
                                              lambda index: node.read(folder, index))
         return var.replace(array)
 
-    return jax.tree.map_with_path(place, trainer.param_shardings,
+    return jax.tree.map_with_path(place, trainer.canonical_shardings[0],
                                   is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
@@ -46,8 +46,9 @@ def init_state(path: str | Path, trainer: Trainer):
     the weights read from the folder instead of drawn from a seed."""
     with Folder(path) as folder, jax.set_mesh(trainer.mesh):
         params = load_params(folder, trainer)
-        opt_state = jax.jit(trainer.tx.init, out_shardings=trainer.opt_shardings)(params)
-    return params, opt_state
+        opt_state = jax.jit(trainer.tx.init,
+                            out_shardings=trainer.canonical_shardings[1])(params)
+    return trainer.from_canonical(params, opt_state)
 
 
 def open_model(path: str | Path, mesh_spec: str, seq_len: int):
@@ -58,7 +59,7 @@ def open_model(path: str | Path, mesh_spec: str, seq_len: int):
         mesh = make_mesh(mesh_spec, devices)
         rows = batch_shards(mesh.shape)
         trainer = Trainer(folder.cfg, TrainConfig(), mesh, Rules(), (rows, seq_len))
-        return trainer, load_params(folder, trainer)
+        return trainer, trainer.from_canonical(load_params(folder, trainer))[0]
 
 
 def logits(trainer: Trainer, params, tokens: np.ndarray) -> np.ndarray:

@@ -31,8 +31,9 @@ PARAM_RULES: tuple[Rule, ...] = (
     ("heads", "tensor"),  # column-parallel q (none); row-parallel out-proj (all-reduce of X)
     ("kv_heads", "tensor"),  # column-parallel k, v (none)
     ("mlp", "tensor"),  # column-parallel up/gate (none); row-parallel down (all-reduce of X)
-    # Layer l lives on stage l // (L/p): the canonical [L, ...] is split contiguously over
+    # Layer l lives on stage l // (L/p): the [L, ...] stack is split contiguously over
     # `stage`, so the pipeline's reshape to [p, L/p, ...] moves no data (sends: see pipeline/).
+    # Uneven stages pad the stack to equal slots per stage first (pipeline/layout.py).
     ("layers", "stage"),
 )
 
@@ -64,11 +65,14 @@ class Rules:
         return PartitionSpec(*(table[name] if name else None for name in logical))
 
 
-def param_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules):
-    """NamedShardings for a parameter state, read from each Param's logical `out_sharding`."""
+def param_shardings(abstract_state: nnx.State, mesh: jax.sharding.Mesh, rules: Rules,
+                    unsplit: tuple[str, ...] = ()):
+    """NamedShardings for a parameter state, read from each Param's logical `out_sharding`;
+    the logical names in `unsplit` are left whole."""
 
     def one(var):
         logical = var.get_metadata().get("out_sharding") or (None,) * var.ndim
+        logical = [None if name in unsplit else name for name in logical]
         return var.replace(NamedSharding(mesh, rules.param_spec(tuple(logical))))
 
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -86,7 +90,6 @@ def check_layout(
         (cfg.d_ff, t, "d_ff (mlp width)", "tensor", "d-ff"),
         (cfg.padded_vocab, t, "padded vocabulary", "tensor", "vocab-multiple"),
         (cfg.d_model, mesh_shape["fsdp"], "d_model", "fsdp", "d-model"),
-        (cfg.n_layers, mesh_shape["stage"], "n_layers", "stage", "layers"),
         (batch, dp, "batch size", " x ".join(BATCH_AXES), "batch-size"),
     ]
     if rules.sequence_parallel:

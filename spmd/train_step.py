@@ -7,6 +7,7 @@ buffers and fixed output shardings, so params, gradients and optimizer state kee
 
 import dataclasses
 import functools
+import math
 from typing import Literal
 
 import jax
@@ -33,6 +34,9 @@ class TrainConfig:
     microbatches: int = 1  # pipeline micro-batches per step (m)
     schedule: str = "gpipe"
     virtual_stages: int = 1
+    # Layers per virtual stage (`pipeline.layout`): None: even when they divide, else
+    # balanced; "auto": balanced; or a tuple, e.g. (1, 2, 2, 1).
+    stage_layers: tuple[int, ...] | str | None = None
     remat: Remat = "none"
     grad_accum: int = 1  # sequential chunks per step (gradient accumulation)
 
@@ -60,6 +64,17 @@ def make_optimizer(tc: TrainConfig, params: nnx.State
     return tx, lr
 
 
+def _in_blocks(path) -> bool:
+    """Is this leaf (of the params, or of an optimizer state that mirrors them) a block's?"""
+    return any(getattr(k, "key", None) == "blocks" for k in path)
+
+
+def map_blocks(fn, tree):
+    """`fn` on every array of the stacked blocks in `tree` (params or optimizer state)."""
+    return jax.tree_util.tree_map_with_path(lambda path, a: fn(a) if _in_blocks(path) else a,
+                                            tree)
+
+
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """Token batches (B, T): B split over the data-parallel axes."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
@@ -83,22 +98,38 @@ class Trainer:
         self.cfg, self.tc, self.mesh, self.rules = cfg, tc, mesh, rules
         self.stages = mesh.shape["stage"]
         check_grad_accum(tc.grad_accum, batch_shape[0], dict(mesh.shape))
+        self.layout = None  # pipeline.layout.StageLayout: the layers per virtual stage
         if self.stages > 1:
+            from pipeline.layout import stage_layout
             from pipeline.run import check_pipeline
 
             # Each accumulation chunk goes through the pipeline: it is the pipeline's batch.
             check_pipeline(cfg, tc, dict(mesh.shape), batch_shape[0] // tc.grad_accum)
+            self.layout = stage_layout(cfg, self.stages, tc.virtual_stages, batch_shape[1],
+                                       tc.stage_layers)
+        self.padded = self.layout is not None and self.layout.padded
         with nnx.use_eager_sharding(False):
             abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
-        self.graphdef, abstract_params = nnx.split(abstract)
+        self.graphdef, canonical = nnx.split(abstract)
+        self._canonical = canonical
+        # Uneven stages: the state holds the blocks padded (`pipeline.layout`), so the layers
+        # stay split over `stage`; checkpoints and exports hold the canonical [L] stack, whose
+        # layers are then not split over `stage` (L need not divide by it).
+        abstract_params = jax.eval_shape(self._pad, canonical)
         self.param_shardings = param_shardings(abstract_params, mesh, rules)
         self.tx, self.lr = make_optimizer(tc, abstract_params)
-        abstract_opt = jax.eval_shape(self.tx.init, abstract_params)
         replicated = NamedSharding(mesh, PartitionSpec())
-        self.opt_shardings = optax.tree_map_params(
-            self.tx, lambda _, s: s, abstract_opt, self.param_shardings,
-            transform_non_params=lambda _: replicated,
-        )
+
+        def opt_shardings(abstract_params, shardings):
+            return optax.tree_map_params(
+                self.tx, lambda _, s: s, jax.eval_shape(self.tx.init, abstract_params),
+                shardings, transform_non_params=lambda _: replicated)
+
+        self.opt_shardings = opt_shardings(abstract_params, self.param_shardings)
+        self.canonical_shardings = (self.param_shardings, self.opt_shardings)
+        if self.padded:
+            whole = param_shardings(canonical, mesh, rules, unsplit=("layers",))
+            self.canonical_shardings = (whole, opt_shardings(canonical, whole))
         self.batch_sharding = batch_sharding(mesh)
         self._step = jax.jit(
             self._train_step,
@@ -122,12 +153,37 @@ class Trainer:
 
         def make_params():
             with nnx.use_eager_sharding(False):
-                return nnx.split(Transformer(self.cfg, nnx.Rngs(seed)))[1]
+                return self._pad(nnx.split(Transformer(self.cfg, nnx.Rngs(seed)))[1])
 
         with jax.set_mesh(self.mesh):
             params = jax.jit(make_params, out_shardings=self.param_shardings)()
             opt_state = jax.jit(self.tx.init, out_shardings=self.opt_shardings)(params)
         return params, opt_state
+
+    def _pad(self, tree):
+        return map_blocks(self.layout.pad, tree) if self.padded else tree
+
+    def to_canonical(self, *state):
+        """(params,) or (params, opt_state) with the canonical [L] blocks (what checkpoints
+        and exports hold): uneven stages' padding slots dropped. The same arrays when there
+        are none."""
+        if not self.padded:
+            return state
+        with jax.set_mesh(self.mesh):
+            return jax.jit(functools.partial(map_blocks, self.layout.unpad),
+                           out_shardings=self.canonical_shardings[:len(state)])(state)
+
+    def from_canonical(self, *state):
+        """Inverse of `to_canonical`: in this trainer's layout and shardings."""
+        if not self.padded:
+            return state
+        shardings = (self.param_shardings, self.opt_shardings)[:len(state)]
+        with jax.set_mesh(self.mesh):
+            return jax.jit(self._pad, out_shardings=shardings)(state)
+
+    def parameter_count(self) -> int:
+        """Parameters of the model (uneven stages' padding slots are not parameters)."""
+        return sum(math.prod(a.shape) for a in jax.tree.leaves(self._canonical))
 
     # ---- the traced functions ---------------------------------------------------------
     def loss(self, params, inputs, targets, forward_only: bool = False):
@@ -137,7 +193,8 @@ class Trainer:
             if self.stages > 1:
                 from pipeline.run import pipeline_loss
 
-                return pipeline_loss(model, inputs, targets, self.tc, self.stages, forward_only)
+                return pipeline_loss(model, inputs, targets, self.tc, self.stages, self.layout,
+                                     forward_only)
             x = model.run_blocks(model.embed(inputs), remat=self.tc.remat != "none")
             return cross_entropy(model.logits(x), targets)
 

@@ -50,7 +50,8 @@ def test_same_loss_curve_on_every_mesh(tmp_path, corpus):
     one = [r["loss"] for r in losses(tmp_path, corpus, "one", "--mesh", "data=1", cpu_devices=1)]
     # One run per family through the command line; every layout x schedule is held to one
     # device in-process (tests/test_tensor_parallel.py, tests/test_executor.py).
-    for mesh in ["data=4,tensor=2 --sequence-parallel", "stage=4,tensor=2",
+    # "stage=4,tensor=2": uneven stages, the last with no layer (padding slots only)
+    for mesh in ["data=4,tensor=2 --sequence-parallel", "stage=4,tensor=2 --stage-layers 1,2,1,0",
                  "stage=2,tensor=4 --schedule interleaved --virtual-stages 2",
                  "stage=2,data=4 --schedule zb-h1 --microbatches 2 --sequence-parallel"]:
         curve = [r["loss"] for r in losses(tmp_path, corpus, "m", "--mesh", *mesh.split())]
@@ -74,26 +75,32 @@ def one_line_error(out, *expect):
     (["--mesh", "tensor=8", "--vocab-multiple", "2"], "padded vocabulary (250)"),
     (["--mesh", "data=8", "--batch-size", "12"], "batch size (12)"),
     (["--data", "/no/such/file.txt"], "--data /no/such/file.txt"),
-    (["--mesh", "stage=8", "--layers", "2"], "n_layers (2) is not divisible by the stage axis"),
+    (["--mesh", "stage=2,tensor=4", "--stage-layers", "3,2"],
+     "--stage-layers 3,2 must give 2 numbers (stages x virtual stages = 2 x 1) that sum to "
+     "the 4 layers"),
+    (["--mesh", "stage=2,tensor=4", "--stage-layers", "2,x"], "--stage-layers '2,x'"),
     (["--mesh", "stage=2,tensor=4", "--microbatches", "3"], "--microbatches 3"),
     (["--mesh", "stage=2,tensor=4", "--schedule", "pipedream"], "unknown schedule 'pipedream'"),
     (["--mesh", "stage=2,tensor=4", "--schedule", "interleaved", "--virtual-stages", "2",
       "--microbatches", "1"], "interleaved needs microbatches (1) to be a multiple of stages"),
-    (["--mesh", "stage=2,tensor=4", "--schedule", "interleaved", "--virtual-stages", "4"],
-     "n_layers (4) is not divisible by stages x virtual stages (2 x 4)"),
+    (["--mesh", "stage=2,tensor=4", "--schedule", "interleaved", "--virtual-stages", "2",
+      "--stage-layers", "1,1,2"], "must give 4 numbers (stages x virtual stages = 2 x 2)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, expect, corpus):
     one_line_error(run(*TINY, "--data", corpus, "--steps", "1", *args), expect)
 
 
 def test_resume_continues_the_same_loss_curve(tmp_path, corpus):
-    """Steps 3..5 after resuming from the step-2 checkpoint equal those of the straight run. The
-    same checkpoints then serve the --resume refusals: a finished run, a corrupt latest step."""
+    """Steps 3..5 after resuming from the step-2 checkpoint equal those of the straight run,
+    which ran uneven pipeline stages (the checkpoint holds the unpadded layers: it resumes on
+    tensor=8). The same checkpoints then serve the --resume refusals: a finished run, a
+    corrupt latest step."""
     ckpt = tmp_path / "ckpt"
     ckpt.mkdir()  # exists but empty: --resume starts from step 0 and says so
     metrics = tmp_path / "straight.jsonl"
     out = run(*TINY, "--data", corpus, "--steps", "6", "--metrics", str(metrics),
-              "--checkpoint-dir", str(ckpt), "--checkpoint-every", "3", "--resume")
+              "--checkpoint-dir", str(ckpt), "--checkpoint-every", "3", "--resume",
+              "--mesh", "stage=2,tensor=4", "--stage-layers", "3,1")
     assert out.returncode == 0, out.stderr
     assert f"no checkpoint in {ckpt} yet: starting from step 0" in out.stdout.splitlines()
     straight = [json.loads(line) for line in metrics.read_text().splitlines()]

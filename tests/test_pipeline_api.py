@@ -78,11 +78,13 @@ def unpipelined(kind: str):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(stacked, readout, xs)
 
 
-def pipelined(kind: str, schedule, mesh_spec="data=2,stage=2,tensor=2", remat="none"):
+def pipelined(kind: str, schedule, mesh_spec="data=2,stage=2,tensor=2", remat="none",
+              stage_layers=None):
     layer, stacked, readout, xs, targets = model(kind)
 
     def loss(stacked, readout, xs):
-        return pipelined_loss(layer, stacked, xs, targets, loss_fn, readout, schedule, remat)
+        return pipelined_loss(layer, stacked, xs, targets, loss_fn, readout, schedule, remat,
+                              stage_layers)
 
     with jax.set_mesh(make_mesh(mesh_spec)):
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(stacked, readout, xs)
@@ -91,15 +93,26 @@ def pipelined(kind: str, schedule, mesh_spec="data=2,stage=2,tensor=2", remat="n
 RUNS = [(kind, name) for kind in ("mlp", "conv") for name in SCHEDULES]
 
 
-@pytest.mark.parametrize("kind,name", RUNS, ids=[f"{k}-{n}" for k, n in RUNS])
-def test_any_layer_stack_with_every_schedule_matches_unpipelined(kind, name):
-    v = 2 if name in ("interleaved", "zb-v") else 1
-    loss, grads = pipelined(kind, make_schedule(name, 2, M, v))
+def assert_matches_unpipelined(kind, loss, grads):
     ref_loss, ref_grads = unpipelined(kind)
     assert rel_err(loss, ref_loss) <= RTOL, (loss, ref_loss)
     leaves = jax.tree_util.tree_leaves_with_path(grads)
     for (path, g), r in zip(leaves, jax.tree.leaves(ref_grads), strict=True):
         assert rel_err(g, r) <= RTOL, (jax.tree_util.keystr(path), rel_err(g, r))
+
+
+@pytest.mark.parametrize("kind,name", RUNS, ids=[f"{k}-{n}" for k, n in RUNS])
+def test_any_layer_stack_with_every_schedule_matches_unpipelined(kind, name):
+    v = 2 if name in ("interleaved", "zb-v") else 1
+    assert_matches_unpipelined(kind, *pipelined(kind, make_schedule(name, 2, M, v)))
+
+
+@pytest.mark.parametrize("name,stage_layers", [("zb-h1", (3, 1)), ("zb-v", (1, 2, 0, 1))])
+def test_uneven_stages_match_unpipelined(name, stage_layers):
+    """Layers per virtual stage given: the [L] stack is padded inside, padding slots are
+    skipped (zb-h1: in W too), a virtual stage may hold no layer; gradients come back [L]."""
+    schedule = make_schedule(name, 2, M, len(stage_layers) // 2)
+    assert_matches_unpipelined("mlp", *pipelined("mlp", schedule, stage_layers=stage_layers))
 
 
 def test_bad_sizes_are_one_line():
@@ -111,3 +124,5 @@ def test_bad_sizes_are_one_line():
                                   (make_schedule("1f1b", 8, M), "stage=8", "do not split")):
         with pytest.raises(ConfigError, match=words):
             pipelined("mlp", schedule, mesh)
+    with pytest.raises(ConfigError, match=r"4 layers do not split .* as \[3, 2\]"):
+        pipelined("mlp", make_schedule("1f1b", 2, M), stage_layers=(3, 2))

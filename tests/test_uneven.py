@@ -1,0 +1,94 @@
+"""Uneven pipeline stages (`pipeline.layout`): layers that do not divide by the stages train in
+parity with one device, padding slots stay exactly zero, and checkpoints hold the unpadded
+layers, so they restore onto an even mesh, one device, or another uneven split."""
+
+import dataclasses
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from models.config import ConfigError
+from pipeline.layout import StageLayout, balance, parse_stage_layers, stage_layout
+from spmd.checkpoint import CheckpointManager, run_info
+from spmd.train_step import TrainConfig
+from tests.helpers import TEST_MODEL, assert_matches_reference, batch, trainer
+
+CFG6 = dataclasses.replace(TEST_MODEL, n_layers=6)
+CFG5 = dataclasses.replace(TEST_MODEL, n_layers=5)
+CASES = {  # (model, mesh, train settings)
+    # auto-balanced 1,2,2,1; split backward (W skips padding too), layer remat
+    "zb-h1": (CFG6, "stage=4,tensor=2", dict(schedule="zb-h1", microbatches=4,
+                                             remat="layer")),
+    # V placement, given per virtual stage, one virtual stage with no layer at all
+    "zb-v": (CFG5, "data=2,stage=2,tensor=2", dict(schedule="zb-v", virtual_stages=2,
+                                                   microbatches=2, stage_layers=(2, 1, 0, 2))),
+}
+
+
+@functools.cache
+def uneven(case):
+    cfg, mesh, kw = CASES[case]
+    return trainer(cfg, mesh, **kw)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_uneven_stages_match_one_device(case):
+    tr = uneven(case)
+    assert tr.padded
+    params, _ = tr.init(seed=0)
+    inputs, targets = tr.place(batch(tr.cfg))
+    loss, grads = tr.loss_and_grads(params, inputs, targets)
+    # Padding slots: zero weights (an exact identity) and exactly zero gradients, so AdamW
+    # keeps them zero (its update of a zero gradient and a zero weight is zero).
+    pads = ~tr.layout.active().reshape(-1)
+    for state in (params, grads):
+        for a in jax.tree.leaves(state["blocks"]):
+            assert not np.asarray(a)[pads].any()
+    (canonical,) = tr.to_canonical(grads)
+    assert_matches_reference(tr.cfg, float(loss), jax.device_get(canonical))
+    # Evaluation runs GPipe's forward over the padded stack: the same loss.
+    assert float(tr.eval_loss(params, inputs, targets)) == pytest.approx(float(loss), rel=1e-6)
+
+
+def test_checkpoint_of_uneven_stages_restores_anywhere(tmp_path):
+    tr = uneven("zb-h1")
+    params, opt_state = tr.init(seed=0)
+    canonical = jax.device_get(tr.to_canonical(params, opt_state))
+    with CheckpointManager.open(tmp_path, run_info(CFG6, TrainConfig(), "stage=4,tensor=2", 0)
+                                ) as ckpt:
+        ckpt.save(0, *tr.to_canonical(params, opt_state))
+        ckpt.wait()
+        for target in (trainer(CFG6, "stage=2,tensor=4"), trainer(CFG6, "single"),
+                       trainer(CFG6, "stage=4,tensor=2", stage_layers=(2, 1, 1, 2))):
+            restored = ckpt.restore(0, target)[:2]
+            assert not target.padded or target.layout.counts == (2, 1, 1, 2)
+            back = jax.device_get(target.to_canonical(*restored))
+            jax.tree.map(np.testing.assert_array_equal, back, canonical)
+        restored = ckpt.restore(0, tr)[:2]  # and back onto the run's own layout, padded
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored),
+                     jax.device_get((params, opt_state)))
+
+
+def test_layouts():
+    """Balance by cost: the head weighs on the last virtual stage; ties go to the middle, so
+    the ends get fewer layers. Even when the layers divide, unless asked."""
+    assert balance(6, 4, 0.2) == (1, 2, 2, 1)
+    assert balance(7, 4, 0.2) == (2, 2, 2, 1)
+    assert balance(5, 2, 0.2) == (3, 2)
+    assert balance(8, 4, 1.5) == (2, 3, 2, 1)  # a head as costly as 1.5 layers
+    assert stage_layout(CFG6, 4, 1, 16).counts == (1, 2, 2, 1)
+    assert stage_layout(CFG6, 2, 1, 16).counts == (3, 3)
+    assert stage_layout(CFG6, 2, 1, 16, (4, 2)).counts == (4, 2)
+    layout = StageLayout((1, 2, 0, 2))
+    assert (layout.slots, list(layout.slot_of_layer())) == (8, [0, 2, 3, 6, 7])
+    assert [list(r) for r in layout.ranges()] == [[0], [1, 2], [], [3, 4]]
+    x = np.arange(5, dtype=np.float32)
+    np.testing.assert_array_equal(layout.unpad(layout.pad(x)), x)
+    assert parse_stage_layers("auto") == "auto" and parse_stage_layers("1,0,3") == (1, 0, 3)
+    for bad in ("1,-1", "a,b", ""):
+        with pytest.raises(ConfigError, match="--stage-layers"):
+            parse_stage_layers(bad)
+    with pytest.raises(ConfigError, match=r"must give 4 numbers .* sum to the 6 layers"):
+        stage_layout(CFG6, 4, 1, 16, (1, 2, 2))
