@@ -50,13 +50,15 @@ from pipeline.layout import StageLayout
 from pipeline.schedules import Action as Act, Schedule, make_schedule
 from pipeline.simulate import simulate
 
-IDLE, FWD, BWD_DX, BWD_DW, BWD = 0, 1, 2, 3, 4  # action codes; BWD: both input and weights
-KINDS = {IDLE: "idle", FWD: "F", BWD_DX: "BX", BWD_DW: "BW", BWD: "B"}
-# Table columns per (tick, stage): the action, then the ring-buffer slot of each read and write.
-# An arrival comes from the next stage, the previous one, or the stage itself (V placement's
-# turn, where virtual stages p-1 and p share a stage; the last virtual stage's own dLoss/dy).
-(CODE, MB, CHUNK, FIRST, LAST, DXROW, X_GET, X_NEXT, X_PREV, X_SELF, G_GET, G_NEXT, G_PREV,
- G_SELF, R_GET, R_PUT, I_GET, I_PUT, W_GET, W_PUT) = range(20)
+# Table columns per (tick, stage). A tick runs at most one F, one B and one W (together where the
+# schedule shares a slot: DualPipeV's F beside another micro-batch's full backward), each with
+# its own columns, then the ring-buffer slot of each read and write. An arrival comes from the
+# next stage, the previous one, or the stage itself (V placement's turn, where virtual stages
+# p-1 and p share a stage; the last virtual stage's own dLoss/dy).
+(F_ON, F_MB, F_CHUNK, FIRST, LAST, B_ON, B_CHUNK, DXROW, W_ON, W_CHUNK,
+ X_GET, X_NEXT, X_PREV, X_SELF, G_GET, G_NEXT, G_PREV, G_SELF, R_GET, R_PUT, I_GET, I_PUT,
+ W_GET, W_PUT) = range(24)
+ON = {"F": F_ON, "B": B_ON, "W": W_ON}  # kind → its column: 1 on the ticks that run one
 BUFFERS = {  # buffer → its (read, write...) columns; a slot lives from its write to its read
     "x": (X_GET, X_NEXT, X_PREV, X_SELF),  # stage inputs: arrival → F
     "g": (G_GET, G_NEXT, G_PREV, G_SELF),  # output gradients: arrival → B
@@ -68,7 +70,7 @@ BUFFERS = {  # buffer → its (read, write...) columns; a slot lives from its wr
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-    table: np.ndarray  # [ticks, p, 20] int32
+    table: np.ndarray  # [ticks, p, 24] int32
     slots: dict[str, int]  # per buffer in BUFFERS: slots per stage (excluding the dummy slot)
     chunks: int  # v: chunks per stage
     ring: bool  # looped placement with v > 1: stage p-1 sends to stage 0 and back
@@ -95,9 +97,15 @@ def plan(name: str, p: int, m: int, v: int = 1) -> Plan:
 
 
 def plan_of(sched: Schedule) -> Plan:
-    """The per-tick table and buffer sizes of a schedule."""
+    """The per-tick table and buffer sizes of a schedule: one tick per slot (`simulate`'s
+    lockstep), each action's ring-buffer slots by interval colouring.
+
+    Within a tick the executor runs B, then W, then F (then the head), and the sends come
+    last: so an F may write the residual or input slot that the tick's B or W has just read,
+    and a W reads the output gradient its own slot's B has just written, but a B must not
+    overwrite one that the tick's W still has to read (those spans start half a tick early)."""
     p, m, v = sched.stages, sched.microbatches, sched.virtual_stages
-    st = simulate(sched, {"F": 1, "B": 1, "W": 1}).starts
+    st = simulate(sched, lockstep=True).starts
     ticks, split, n_virtual = max(st.values()) + 1, sched.split_backward, p * v
     spans = {(b, s): [] for b in BUFFERS for s in range(p)}  # (write tick, read tick, key)
     for (s, a), t in st.items():
@@ -109,7 +117,7 @@ def plan_of(sched: Schedule) -> Plan:
         if split:
             w = st[(s, Act("W", *key))]
             spans["i", s].append((t, w, key))
-            spans["w", s].append((b, w, key))
+            spans["w", s].append((b - 0.5, w, key))
         if k > 0:  # the input arrives from virtual stage k-1 (stage 0 reads xs directly)
             ps, pc = sched.place(k - 1)
             spans["x", s].append((st[(ps, Act("F", a.microbatch, pc))], t, key))
@@ -125,36 +133,39 @@ def plan_of(sched: Schedule) -> Plan:
         size[buf] = max(size[buf], n)
     ring = sched.placement == "looped" and v > 1
 
-    def arrival(sender: int, receiver: int, columns: tuple[int, int, int]) -> int:
-        """The column, among (sent to the next stage, sent to the previous, handed to itself),
-        in which `receiver` records what `sender` hands it."""
-        if receiver == sender:
-            return columns[2]
-        down = receiver == sender + 1 or ring and (sender, receiver) == (p - 1, 0)
-        return columns[0] if down else columns[1]
-
-    tab = np.zeros((ticks, p, 20), np.int32)
+    tab = np.zeros((ticks, p, 24), np.int32)
+    dummy = np.zeros(24, np.int32)
     for buf, cols in BUFFERS.items():
-        tab[:, :, list(cols)] = size[buf]  # the dummy slot: reads and writes nobody needs
-    tab[:, :, DXROW] = m
+        dummy[list(cols)] = size[buf]  # the dummy slot: reads and writes nobody needs
+    dummy[DXROW] = m
+    tab[:] = dummy
+
+    def arrive(t: int, sender: int, receiver: int, columns: tuple[int, int, int], value: int):
+        """`receiver` records what `sender` hands it at the end of tick t, in the column among
+        (sent to the next stage, sent to the previous, handed to itself) that says how."""
+        down = receiver == sender + 1 or ring and (sender, receiver) == (p - 1, 0)
+        col = columns[2] if receiver == sender else columns[0] if down else columns[1]
+        assert tab[t, receiver, col] == dummy[col], "two arrivals in one column of a tick"
+        tab[t, receiver, col] = value
+
     for (s, a), t in st.items():
         mb, c = a.microbatch, a.chunk
         k = sched.virtual_stage(s, c)
         row = tab[t, s]
-        row[MB], row[CHUNK], row[FIRST], row[LAST] = mb, c, k == 0, k == n_virtual - 1
         if a.kind == "F":
-            row[CODE], row[R_PUT] = FWD, slot["r", s, mb, c]
+            row[F_ON], row[F_MB], row[F_CHUNK] = 1, mb, c
+            row[FIRST], row[LAST], row[R_PUT] = k == 0, k == n_virtual - 1, slot["r", s, mb, c]
             if split:
                 row[I_PUT] = slot["i", s, mb, c]
             if k > 0:
                 row[X_GET] = slot["x", s, mb, c]
             if k == n_virtual - 1:  # the head's dLoss/dy, for its own B
-                row[G_SELF] = slot["g", s, mb, c]
+                arrive(t, s, s, (G_NEXT, G_PREV, G_SELF), slot["g", s, mb, c])
             else:  # the next virtual stage receives the output at the end of tick t
                 ns, nc = sched.place(k + 1)
-                tab[t, ns, arrival(s, ns, (X_NEXT, X_PREV, X_SELF))] = slot["x", ns, mb, nc]
+                arrive(t, s, ns, (X_NEXT, X_PREV, X_SELF), slot["x", ns, mb, nc])
         elif a.kind == "B":
-            row[CODE] = BWD_DX if split else BWD
+            row[B_ON], row[B_CHUNK] = 1, c
             row[R_GET], row[G_GET] = slot["r", s, mb, c], slot["g", s, mb, c]
             if split:
                 row[W_PUT] = slot["w", s, mb, c]
@@ -162,16 +173,23 @@ def plan_of(sched: Schedule) -> Plan:
                 row[DXROW] = mb
             else:
                 ps, pc = sched.place(k - 1)
-                tab[t, ps, arrival(s, ps, (G_NEXT, G_PREV, G_SELF))] = slot["g", ps, mb, pc]
+                arrive(t, s, ps, (G_NEXT, G_PREV, G_SELF), slot["g", ps, mb, pc])
         else:
-            row[CODE], row[I_GET], row[W_GET] = BWD_DW, slot["i", s, mb, c], slot["w", s, mb, c]
+            row[W_ON], row[W_CHUNK] = 1, c
+            row[I_GET], row[W_GET] = slot["i", s, mb, c], slot["w", s, mb, c]
     return Plan(tab, size, chunks=v, ring=ring, split=split)
 
 
 def action_scope(kind: str) -> str:
-    """The named scope of one action's ops in the compiled program: `KINDS`, and "head" for the
-    head and loss that the last virtual stage runs after its F."""
+    """The named scope of one action's ops in the compiled program: F, B (unsplit), BX (the
+    input gradient) and BW (the weight gradient) of a split backward, "head" for the head and
+    loss that the last virtual stage runs after its F, and "idle"."""
     return f"action_{kind}"
+
+
+def scope_kind(kind: str, split: bool) -> str:
+    """The scope name (`action_scope`) of a schedule's action kind F, B or W."""
+    return {"F": "F", "B": "BX" if split else "B", "W": "BW"}[kind]
 
 
 SENDS = {  # scope → (column of the receiving stage, buffer, to the next stage?)
@@ -192,14 +210,15 @@ def sends(pl: Plan) -> dict[str, np.ndarray]:
 
 
 def action_counts(pl: Plan) -> dict[str, np.ndarray]:
-    """Per action scope, the ticks each stage runs it: [p] counts (idle and the actions sum to
-    the tick count; "head" runs on the F ticks of the last virtual stage); per send scope, the
-    ticks it runs (the same on every stage)."""
-    code = pl.table[:, :, CODE]
-    counts = {action_scope(KINDS[k]): (code == k).sum(0) for k in KINDS
-              if k == IDLE or (code == k).any()}
-    counts[action_scope("head")] = ((code == FWD) & (pl.table[:, :, LAST] == 1)).sum(0)
-    return counts | {name: np.full(code.shape[1], ticks.sum())
+    """Per action scope, the ticks each stage runs it: [p] counts (a tick that runs nothing is
+    "idle"; one that shares a slot counts for each of its actions; "head" runs on the F ticks
+    of the last virtual stage); per send scope, the ticks it runs (the same on every stage)."""
+    on = {kind: pl.table[:, :, col] == 1 for kind, col in ON.items()}
+    counts = {action_scope("idle"): (~(on["F"] | on["B"] | on["W"])).sum(0)}
+    counts |= {action_scope(scope_kind(kind, pl.split)): ticks.sum(0)
+               for kind, ticks in on.items() if ticks.any()}
+    counts[action_scope("head")] = (on["F"] & (pl.table[:, :, LAST] == 1)).sum(0)
+    return counts | {name: np.full(pl.table.shape[1], ticks.sum())
                      for name, ticks in sends(pl).items()}
 
 
@@ -310,8 +329,8 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
         return jnp.asarray(active)[jnp.asarray(virtual)[jax.lax.axis_index("stage"), c]]
 
     def forward(params, xs, xbuf, rbuf, ibuf, r):
-        x = jnp.where(r[FIRST] == 1, xs[r[MB]], xbuf[r[X_GET]])
-        y, stash, inputs = act.forward(chunk_of(params, r[CHUNK]), x, layers_on(r[CHUNK]))
+        x = jnp.where(r[FIRST] == 1, xs[r[F_MB]], xbuf[r[X_GET]])
+        y, stash, inputs = act.forward(chunk_of(params, r[F_CHUNK]), x, layers_on(r[F_CHUNK]))
         return vary((y, put(rbuf, r[R_PUT], stash), put(ibuf, r[I_PUT], inputs)))
 
     def head(hp, y, tgt, acc_h):
@@ -321,7 +340,7 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
         return vary((loss.astype(jnp.float32) / m, g_own, jax.tree.map(jnp.add, acc_h, dh)))
 
     def backward(params, gbuf, rbuf, wbuf, acc_w, dxs, r):
-        c = r[CHUNK]
+        c = r[B_CHUNK]
         dw, dx, deltas = act.backward(chunk_of(params, c), tuple(b[r[R_GET]] for b in rbuf),
                                       gbuf[r[G_GET]])
         acc_w = jax.tree.map(lambda A, d: A.at[c].add(d), acc_w, dw)
@@ -330,7 +349,7 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
         return vary((dx, acc_w, wbuf, dxs.at[r[DXROW]].set(dx)))
 
     def weights(params, ibuf, wbuf, acc_w, r):
-        c = r[CHUNK]
+        c = r[W_CHUNK]
         dw = act.weight_grads(chunk_of(params, c), tuple(b[r[I_GET]] for b in ibuf),
                               tuple(b[r[W_GET]] for b in wbuf), layers_on(c))
         return vary(jax.tree.map(lambda A, d: A.at[c].add(d), acc_w, dw))
@@ -344,7 +363,6 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
     def no_backward(params, gbuf, rbuf, wbuf, acc_w, dxs, r):
         return vary((jnp.zeros_like(gbuf[0]), acc_w, wbuf, dxs))
 
-    b_code = BWD_DX if pl.split else BWD
     tab = jnp.asarray(pl.table)
     sending = sends(pl)  # the send scopes this schedule uses, and their ticks
     turn = (pl.table[:, :, X_SELF] != pl.slots["x"]).any()
@@ -389,19 +407,19 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
             xbuf, gbuf, rbuf, ibuf, wbuf, acc_w, acc_h, dxs, loss = carry
             rows, *send_now = per_tick
             r = rows[s]
-            code = r[CODE]
-            y, rbuf, ibuf = when(code == FWD, "F", forward, no_forward, params, xs, xbuf, rbuf,
-                                 ibuf, r)
-            loss_mb, g_own, acc_h = when((code == FWD) & (r[LAST] == 1), "head", head,
-                                         no_head, hp, y, targets[r[MB]], acc_h)
-            dx, acc_w, wbuf, dxs = when(code == b_code, KINDS[b_code], backward, no_backward,
-                                        params, gbuf, rbuf, wbuf, acc_w, dxs, r)
+            # B, W, then F: see `plan_of` for why this order.
+            dx, acc_w, wbuf, dxs = when(r[B_ON] == 1, scope_kind("B", pl.split), backward,
+                                        no_backward, params, gbuf, rbuf, wbuf, acc_w, dxs, r)
             if pl.split:
-                acc_w = when(code == BWD_DW, "BW", weights, lambda *args: args[-2],
+                acc_w = when(r[W_ON] == 1, "BW", weights, lambda *args: args[-2],
                              params, ibuf, wbuf, acc_w, r)
+            y, rbuf, ibuf = when(r[F_ON] == 1, "F", forward, no_forward, params, xs, xbuf, rbuf,
+                                 ibuf, r)
+            loss_mb, g_own, acc_h = when(r[LAST] == 1, "head", head, no_head, hp, y,
+                                         targets[r[F_MB]], acc_h)
             # What this stage hands itself: dLoss/dy of its head, or on V placement's turn
             # (virtual stages p-1 and p on one stage) the output, and later dx, in between.
-            gbuf = gbuf.at[r[G_SELF]].set(jnp.where(code == FWD, g_own, dx))
+            gbuf = gbuf.at[r[G_SELF]].set(jnp.where(r[LAST] == 1, g_own, dx))
             if turn:
                 xbuf = xbuf.at[r[X_SELF]].set(y)
             for name, flag in zip(sending, send_now, strict=True):

@@ -82,7 +82,7 @@ def main() -> int:
     import jax
 
     from models import PRESETS, ConfigError
-    from pipeline.schedules import make_schedule
+    from pipeline.schedules import chunks_needed, make_schedule
     from pipeline.simulate import simulate
     from spmd import analysis
     from spmd.data import Batches, stdlib_corpus
@@ -126,7 +126,7 @@ def main() -> int:
     def trainer(layout, m):
         spec, schedule, sp = parse_layout("data=1" if layout == "single" else layout)
         mesh = make_mesh(spec, jax.devices()[:1] if layout == "single" else None)
-        v = 2 if schedule in ("interleaved", "zb-v") else 1
+        v = chunks_needed(schedule)
         tc = TrainConfig(microbatches=m, schedule=schedule, virtual_stages=v, remat=args.remat)
         tr = Trainer(cfg, tc, mesh, Rules(sp), shape)
         if tr.padded:  # the closed forms and predictions below assume equal stages

@@ -135,14 +135,14 @@ def predict_lockstep_s(name: str, stages: int, microbatches: int, virtual_stages
                        seconds: dict[str, float]) -> float:
     """The step of this project's executor on p real devices: its ticks run in lockstep (every
     tick ends with the sends, which every stage joins), so a tick lasts as long as the slowest
-    action in it, Σ over ticks of max over stages. `predict_step_s` is the schedule's own
-    makespan, each stage free to run ahead; the two differ where a tick mixes actions of
-    unequal cost (1F1B's steady state: an F beside a B)."""
-    from pipeline.executor import BWD, BWD_DW, BWD_DX, CODE, FWD, plan
+    stage in it (the sum of its actions' costs where a slot holds several), Σ over ticks of max
+    over stages. `predict_step_s` is the schedule's own makespan, each stage free to run ahead;
+    the two differ where a tick mixes actions of unequal cost (1F1B's steady state: an F
+    beside a B)."""
+    from pipeline.executor import ON, plan
 
-    table = plan(name, stages, microbatches, virtual_stages).table[:, :, CODE]
-    kind = {FWD: "F", BWD: "B", BWD_DX: "B", BWD_DW: "W"}
-    cost = np.vectorize(lambda code: seconds[kind[code]] if code in kind else 0.0)(table)
+    table = plan(name, stages, microbatches, virtual_stages).table
+    cost = sum(table[:, :, col] * seconds.get(kind, 0.0) for kind, col in ON.items())
     return float(cost.max(1).sum())
 
 

@@ -15,7 +15,7 @@ from pipeline.actions import StageActions
 from pipeline.executor import pipelined_loss, plan
 from pipeline.gpipe import gpipe, to_microbatches, to_stages
 from pipeline.run import head_parts
-from pipeline.schedules import make_schedule
+from pipeline.schedules import chunks_needed, make_schedule
 from tests.helpers import TEST_MODEL, assert_matches_reference, batch, loss_and_grads, trainer
 
 PIPE_MODEL = dataclasses.replace(TEST_MODEL, n_layers=8)
@@ -52,6 +52,9 @@ CASES = [
     # zb-h2: m = 8 = 2p on p = 4 (24 rows per shard), past the 2p-1 = 7 warm-up on stage 0.
     ("zb-h2", (1, 4, 2), 8, 1, "none", False, "llama"),
     ("zb-h2", (2, 2, 2), 4, 1, "layer", False, "llama"),
+    # dualpipe-v: F beside another micro-batch's full backward in one tick (shared slots).
+    ("dualpipe-v", (1, 4, 2), 8, 2, "none", False, "llama"),
+    ("dualpipe-v", (2, 2, 2), 4, 2, "layer", True, "gpt2"),
 ]
 
 
@@ -94,7 +97,8 @@ def autodiff_gpipe_loss_and_grads(cfg, dpt, m):
 def test_each_stage_forward_runs_once_per_microbatch(monkeypatch, remat, expect):
     """With remat none, F keeps the residuals and B (and W) reuse them: every schedule runs each
     micro-batch's stage forward exactly once per stage; with remat stage, B runs it again.
-    Counted at run time: every block call reports its stage to a callback (p=2, m=4)."""
+    Counted at run time: every block call reports its stage to a callback (p=2, m=4). Uneven
+    stages (3 + 1 layers): padding slots run no block."""
     counts = collections.Counter()
     block_call = transformer.Block.__call__
 
@@ -105,15 +109,17 @@ def test_each_stage_forward_runs_once_per_microbatch(monkeypatch, remat, expect)
 
     monkeypatch.setattr(transformer.Block, "__call__", counted)
     cfg, m = dataclasses.replace(TEST_MODEL, n_layers=4), 4  # 2 blocks per stage
-    for schedule, v in (("1f1b", 1), ("zb-h1", 1), ("interleaved", 2), ("gpipe", 1)):
+    for schedule, layers in (("1f1b", None), ("zb-h1", (3, 1)), ("interleaved", None),
+                             ("gpipe", None), ("dualpipe-v", None)):
         counts.clear()
         tr = trainer(cfg, "stage=2,data=4", shape=(16, 8), microbatches=m, schedule=schedule,
-                     virtual_stages=v, remat=remat)
+                     virtual_stages=chunks_needed(schedule), remat=remat, stage_layers=layers)
         jax.block_until_ready(tr.loss_and_grads(tr.init(seed=0)[0],
                                                 *tr.place(batch(cfg, shape=(16, 8)))))
         jax.effects_barrier()  # every callback has run
-        # Each of the 4 data shards calls it too; 2 blocks per stage forward.
-        runs = {s: n / (4 * 2) for s, n in counts.items()}
+        # Each of the 4 data shards calls it too, once per real layer of the stage.
+        per_stage = (3, 1) if layers else (2, 2)
+        runs = {s: n / (4 * per_stage[s]) for s, n in counts.items()}
         assert runs == {0: expect * m, 1: expect * m}, (schedule, runs)
         if remat == "stage":
             break  # recomputation is one mechanism for every schedule; one is enough
@@ -211,7 +217,6 @@ SWEEP = [(schedule, MESHES[mesh][0], MESHES[mesh][1] * MESHES[mesh][0][1])
 def test_schedule_sweep_matches_single_device(schedule, dpt, m):
     """Schedules x meshes, m = p or 3p (m = 2p: the cases above), held to the single-device
     model."""
-    v = 2 if schedule in ("interleaved", "zb-v") else 1
     loss, grads = loss_and_grads(SWEEP_MODEL, mesh_of(*dpt), shape=SWEEP_SHAPE, microbatches=m,
-                                 schedule=schedule, virtual_stages=v)
+                                 schedule=schedule, virtual_stages=chunks_needed(schedule))
     assert_matches_reference(SWEEP_MODEL, loss, grads, shape=SWEEP_SHAPE)

@@ -98,6 +98,8 @@ BF16_LAYOUTS = {  # every schedule, each with other axes and flags it must compo
                                               sequence_parallel=True)),
     "zb-v": ("stage=2,tensor=4", dict(schedule="zb-v", virtual_stages=2, microbatches=2,
                                       remat="layer")),
+    "dualpipe-v": ("data=2,stage=2,tensor=2", dict(schedule="dualpipe-v", virtual_stages=2,
+                                                   microbatches=4, remat="stage")),
 }
 
 
