@@ -238,17 +238,26 @@ class Block(nnx.Module):
         return x if cache is None else (x, cache)
 
 
-def scan_blocks(block_def: nnx.GraphDef, stacked: nnx.State, x: jax.Array, remat: bool = False,
+def apply_layer(layer, state, x: jax.Array) -> jax.Array:
+    """One layer on x: `layer` is an `nnx.GraphDef` (merged with `state`, its parameters) or a
+    plain function (params, x) -> y (the pipeline API takes either)."""
+    if isinstance(layer, nnx.GraphDef):
+        return nnx.merge(layer, state)(x)
+    return layer(state, x)
+
+
+def scan_blocks(block_def, stacked: nnx.State, x: jax.Array, remat: bool = False,
                 active: jax.Array | None = None):
     """Apply blocks stacked on a leading axis with `lax.scan`: compile time does not grow with L.
 
     A plain function over split state (not `nnx.scan`) so the pipeline can call it on any slice
-    of the `layers` axis. `active` ([L] bools): skip the blocks where it is False (the
-    pipeline's padding slots, `pipeline.layout`), with a `lax.cond`, so they cost nothing.
+    of the `layers` axis; `block_def` as in `apply_layer`. `active` ([L] bools): skip the
+    blocks where it is False (the pipeline's padding slots, `pipeline.layout`), with a
+    `lax.cond`, so they cost nothing.
     """
 
     def one_block(x, layer_state):
-        return nnx.merge(block_def, layer_state)(x)
+        return apply_layer(block_def, layer_state, x)
 
     if remat:
         one_block = jax.checkpoint(one_block)

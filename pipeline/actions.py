@@ -25,21 +25,27 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.transformer import project_hook
+from models.transformer import apply_layer, project_hook
 from pipeline.gpipe import stage_function, vary
 
 
+def _tapped_weight(v) -> bool:
+    """Is this parameter a weight whose products the split backward taps: an `nnx.Variable`
+    that declares `role="weight"` (as every projection in `models/` does)? A plain array (a
+    stage given as a plain function) is not: its gradient is computed whole in B."""
+    return isinstance(v, nnx.Variable) and v.get_metadata().get("role") == "weight"
+
+
 def _is_weight(w) -> list[bool]:
-    """Per array leaf of a block state: is it a weight (multiplied in `project`)? Read from the
-    `role` each parameter declares in `models/`."""
+    """Per array leaf of a block state: is it a tapped weight (`_tapped_weight`)?"""
     variables = jax.tree.leaves(w, is_leaf=lambda v: isinstance(v, nnx.Variable))
-    return [v.get_metadata().get("role") == "weight" for v in variables]
+    return [_tapped_weight(v) for v in variables]
 
 
 class StageActions:
     """F, B and W of one stage's layers (`block_def`, stacked params `w` [L/p, ...])."""
 
-    def __init__(self, block_def: nnx.GraphDef, remat: str, split: bool):
+    def __init__(self, block_def, remat: str, split: bool):
         self.block_def, self.remat, self.split = block_def, remat, split
         self.run_stage = stage_function(block_def, remat)
         # Filled by the first trace of `forward` (the executor traces it once before its loop,
@@ -78,12 +84,14 @@ class StageActions:
             inputs, taps, products = [], iter(pl), []
 
             def hook(spec, a, var):
+                if not _tapped_weight(var):
+                    return jnp.einsum(spec, a, var[...].astype(a.dtype))
                 inputs.append(a)
                 products.append((spec, next(i for i, b in enumerate(wl) if b is var[...])))
                 return jnp.einsum(spec, a, var[...].astype(a.dtype)) + next(taps)
 
             with project_hook(hook):
-                y = nnx.merge(self.block_def, state)(x)
+                y = apply_layer(self.block_def, state, x)
             self._record_products(products, is_w)
             return y, tuple(inputs)
 
@@ -120,12 +128,13 @@ class StageActions:
 
         def hook(spec, a, var):
             y = jnp.einsum(spec, a, var[...].astype(a.dtype))
-            shapes.append(jax.ShapeDtypeStruct(y.shape, y.dtype))
+            if _tapped_weight(var):
+                shapes.append(jax.ShapeDtypeStruct(y.shape, y.dtype))
             return y
 
         def one_layer(w, x):
             with project_hook(hook):
-                return nnx.merge(self.block_def, jax.tree.map(lambda a: a[0], w))(x)
+                return apply_layer(self.block_def, jax.tree.map(lambda a: a[0], w), x)
 
         jax.eval_shape(one_layer, w, x)
         return shapes

@@ -453,9 +453,10 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     """Pipeline any stack of layers: the mean over micro-batches i of
     loss_fn(loss_params, layers applied in order to xs[i], targets[i]), run by `schedule`.
 
-    layer: the `nnx.GraphDef` of one layer, an NNX module mapping x to a y of x's shape;
-    layers: its state stacked on a leading axis [L, ...] (`nnx.split` of a module built with
-    `nnx.vmap`, or of the Transformer's `blocks`).
+    layer: the `nnx.GraphDef` of one layer, an NNX module mapping x to a y of x's shape, or a
+    plain function (layer params, x) -> y; layers: its state (or params) stacked on a leading
+    axis [L, ...] (`nnx.split` of a module built with `nnx.vmap`, or of the Transformer's
+    `blocks`; for a function, any pytree of arrays).
     xs: (m, micro-batch rows, ...); targets: (m, ...). loss_fn(loss_params, y, targets[i]) →
     that micro-batch's mean loss, a scalar: the head goes here (`loss_params` may be ()).
     schedule: a value (`make_schedule`, `read_schedule_file`); its stages must be the mesh's
@@ -465,8 +466,9 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     size; then `layers` is either the [L] stack or already padded to the slots of
     `pipeline.layout.StageLayout(stage_layers)`. Without it, L must divide by p·v.
     Zero-bubble schedules split each layer's backward exactly where its weight products go
-    through `models.transformer.project` on a `role="weight"` parameter (the Transformer's
-    all do); any other parameter's gradient is computed whole in B, which is still correct.
+    through `models.transformer.project` on a `role="weight"` NNX parameter (the Transformer's
+    all do); any other parameter's gradient (all of a plain function's) is computed whole in
+    B, which is still correct.
     Differentiable in layers, loss_params and xs (custom_vjp; the schedule runs in the
     forward, and the backward scales the gradients it kept).
     """

@@ -19,7 +19,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from models.transformer import scan_blocks
@@ -75,7 +74,7 @@ def to_microbatches(x: jax.Array, m: int) -> jax.Array:
     return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
 
 
-def stage_function(block_def: nnx.GraphDef, remat: str):
+def stage_function(block_def, remat: str):
     """One stage's forward: its L/p layers under `lax.scan`, with the chosen recomputation.
 
     remat "none": store every layer's intermediates; "layer": keep each layer's input, recompute
@@ -88,7 +87,7 @@ def stage_function(block_def: nnx.GraphDef, remat: str):
     return jax.checkpoint(run) if remat == "stage" else run
 
 
-def gpipe(block_def: nnx.GraphDef, staged, xs: jax.Array, remat: str = "none",
+def gpipe(block_def, staged, xs: jax.Array, remat: str = "none",
           active=None) -> jax.Array:
     """Run micro-batches `xs` (m, b_mb, T, D) through all stages; returns the last stage's outputs.
     `active`: [p, L/p] bools, False for a padding slot that is skipped (`pipeline.layout`).

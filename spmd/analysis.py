@@ -20,7 +20,7 @@ import re
 
 from models.config import ModelConfig
 from spmd.hlo import Collective
-from spmd.rules import BATCH_AXES, batch_shards
+from spmd.rules import BATCH_AXES, WEIGHT_AXIS, batch_shards
 
 SOURCES = ("embedding", "attention q/k/v", "attention out", "MLP up/gate", "MLP down",
            "sequence-parallel gather", "head", "loss", "pipeline send/recv",
@@ -178,12 +178,12 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
                 for phase in "FB":
                     add("interleaved placement", "collective-permute", chunk, once, ("stage",),
                         phase)
-    fsdp = mesh["fsdp"] > 1
+    fsdp = mesh[WEIGHT_AXIS] > 1
     if fsdp and p == 1:
         # ZeRO-3: each layer's weights gathered over fsdp before its forward and again before
         # its backward (still split over tensor), the head's before its forward (its norm again
         # in the backward); the embedding lookup trades rows for columns (all-to-all) instead.
-        c, f = param_counts(cfg), ("fsdp",)
+        c, f = param_counts(cfg), (WEIGHT_AXIS,)
         for phase in "FB":
             add("FSDP weight gather", ag, layer_bytes(cfg, t), (cfg.n_layers,), f, phase)
         add("FSDP weight gather", ag, 4 * (c["head_tp"] // t + c["head_rep"]), once, f, "F")
@@ -191,7 +191,7 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
         add("embedding", "all-to-all", x_shard, once, f, "F")
         add("embedding", "all-to-all", x_shard, once, f, "B")
         if t > 1:  # the token ids, to the devices holding their rows
-            add("embedding", "collective-permute", b_shard * seq * 4, once, ("fsdp", "tensor"),
+            add("embedding", "collective-permute", b_shard * seq * 4, once, (WEIGHT_AXIS, "tensor"),
                 "F")
     if d > 1:
         axes = tuple(a for a in BATCH_AXES if mesh[a] > 1)
@@ -250,12 +250,12 @@ def attribute(c: Collective) -> str:
         return "interleaved placement"  # the stage's weights to the chunks of other stages
     if c.op == "collective-permute" and "stage" in c.axes:
         return "pipeline send/recv"
-    if c.op == "all-gather" and c.axes == ("fsdp",) and source_of(c.name) != "embedding":
+    if c.op == "all-gather" and c.axes == (WEIGHT_AXIS,) and source_of(c.name) != "embedding":
         return "FSDP weight gather"
     if c.op in ("all-reduce", "reduce-scatter") and "tensor" not in c.axes:
         if "stage" in c.axes:
             return "pipeline boundary"
-        if {"data", "fsdp"} & set(c.axes):
+        if set(BATCH_AXES) & set(c.axes):
             return "gradient reduction"
     source = source_of(c.name)
     if source == "other" and c.op == "all-gather" and c.axes == ("tensor",) \

@@ -25,9 +25,12 @@ def batch_shards(mesh_shape) -> int:
     """Into how many parts the batch is split: the product of the `BATCH_AXES` sizes."""
     return int(np.prod([mesh_shape[axis] for axis in BATCH_AXES]))
 
+# The mesh axis that splits the weights (ZeRO-3): the census and closed forms read it here.
+WEIGHT_AXIS = "fsdp"
+
 PARAM_RULES: tuple[Rule, ...] = (
     ("vocab", "tensor"),  # vocab-parallel embedding (fwd all-reduce of X) and head (none)
-    ("embed", "fsdp"),  # ZeRO-3: all-gather a weight before use, reduce-scatter its gradient
+    ("embed", WEIGHT_AXIS),  # ZeRO-3: all-gather a weight before use, reduce-scatter its gradient
     ("heads", "tensor"),  # column-parallel q (none); row-parallel out-proj (all-reduce of X)
     ("kv_heads", "tensor"),  # column-parallel k, v (none)
     ("mlp", "tensor"),  # column-parallel up/gate (none); row-parallel down (all-reduce of X)
@@ -89,7 +92,7 @@ def check_layout(
         (cfg.n_kv_heads, t, "n_kv_heads", "tensor", "kv-heads"),
         (cfg.d_ff, t, "d_ff (mlp width)", "tensor", "d-ff"),
         (cfg.padded_vocab, t, "padded vocabulary", "tensor", "vocab-multiple"),
-        (cfg.d_model, mesh_shape["fsdp"], "d_model", "fsdp", "d-model"),
+        (cfg.d_model, mesh_shape[WEIGHT_AXIS], "d_model", WEIGHT_AXIS, "d-model"),
         (batch, dp, "batch size", " x ".join(BATCH_AXES), "batch-size"),
     ]
     if rules.sequence_parallel:

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 
 from models.config import ConfigError
-from models.transformer import project
+from models.transformer import apply_layer, project
 from pipeline.executor import pipelined_loss
 from pipeline.schedules import SCHEDULES, chunks_needed, make_schedule
 from spmd.mesh import make_mesh
@@ -45,6 +45,13 @@ class ConvLayer(nnx.Module):
         return x + jnp.tanh(self.conv(x))
 
 
+def plain_layer(params, x):
+    """The MLP layer as a plain function of a dict of arrays (no NNX): the pipeline takes it
+    as it is; its weights' gradients are computed whole in B."""
+    h = jax.nn.gelu(x @ params["w_in"] + params["bias"])
+    return x + h @ params["w_out"]
+
+
 def loss_fn(readout, y, targets):
     """A linear read-out and mean squared error: the 'head' of these models."""
     return jnp.mean((y @ readout - targets) ** 2)
@@ -53,9 +60,12 @@ def loss_fn(readout, y, targets):
 @functools.cache
 def model(kind: str):
     """(layer graphdef, stacked layer state, read-out, xs, targets), fixed by seed."""
-    layer_type = {"mlp": MLPLayer, "conv": ConvLayer}[kind]
+    layer_type = {"mlp": MLPLayer, "plain": MLPLayer, "conv": ConvLayer}[kind]
     states = [nnx.split(layer_type(nnx.Rngs(i)))[1] for i in range(LAYERS)]
     layer = nnx.split(layer_type(nnx.Rngs(0)))[0]
+    if kind == "plain":  # the same weights as plain arrays, and the layer as a function
+        states = [{k: v[...] for k, v in nnx.to_pure_dict(s).items()} for s in states]
+        layer = plain_layer
     stacked = jax.tree.map(lambda *a: jnp.stack(a), *states)
     rng = np.random.default_rng(0)
     readout = jnp.asarray(rng.normal(size=(D, 3)), jnp.float32)
@@ -71,7 +81,7 @@ def unpipelined(kind: str):
 
     def loss(stacked, readout, xs):
         def one(x, t):
-            y = jax.lax.scan(lambda h, s: (nnx.merge(layer, s)(h), None), x, stacked)[0]
+            y = jax.lax.scan(lambda h, s: (apply_layer(layer, s, h), None), x, stacked)[0]
             return loss_fn(readout, y, t)
         return jnp.mean(jax.vmap(one)(xs, targets))
 
@@ -105,6 +115,12 @@ def assert_matches_unpipelined(kind, loss, grads):
 def test_any_layer_stack_with_every_schedule_matches_unpipelined(kind, name):
     schedule = make_schedule(name, 2, M, chunks_needed(name))
     assert_matches_unpipelined(kind, *pipelined(kind, schedule))
+
+
+@pytest.mark.parametrize("name", ["1f1b", "zb-h1"])
+def test_a_plain_function_stage_matches_unpipelined(name):
+    """A stage given as a plain function (params, x) -> y of a pytree of arrays, no NNX."""
+    assert_matches_unpipelined("plain", *pipelined("plain", make_schedule(name, 2, M)))
 
 
 @pytest.mark.parametrize("name,stage_layers", [("zb-h1", (3, 1)), ("zb-v", (1, 2, 0, 1))])
