@@ -251,7 +251,7 @@ def chunk_moves(schedule: Schedule) -> list[list[tuple[int, int, int, int]]]:
     return rounds
 
 
-def to_virtual_stages(stacked, schedule: Schedule):
+def to_virtual_stages(stacked, schedule: Schedule, stage_axis: str = "stage"):
     """[L, ...] → [p, v, L/(v·p), ...]: chunk c of stage s holds the layers of virtual stage
     `schedule.virtual_stage(s, c)` (looped: c·p + s; V: s, then 2p − 1 − s).
 
@@ -269,17 +269,17 @@ def to_virtual_stages(stacked, schedule: Schedule):
             send[src], land[dst] = j, c
         rounds.append(([(src, dst) for src, _, dst, _ in moves], send, land))
 
-    @functools.partial(jax.shard_map, in_specs=P("stage"), out_specs=P("stage"),
-                       axis_names={"stage"})
+    @functools.partial(jax.shard_map, in_specs=P(stage_axis), out_specs=P(stage_axis),
+                       axis_names={stage_axis})
     def place(local):
-        s = jax.lax.axis_index("stage")
+        s = jax.lax.axis_index(stage_axis)
 
         def one(a):
             a = a.reshape(v, a.shape[0] // v, *a.shape[1:])
             padded = jnp.concatenate([a, jnp.zeros_like(a[:1])])
             out = [padded[jnp.asarray(own)[s, c]] for c in range(v)]
             for pairs, send, land in rounds:
-                got = jax.lax.ppermute(a[jnp.asarray(send)[s]], "stage", pairs)
+                got = jax.lax.ppermute(a[jnp.asarray(send)[s]], stage_axis, pairs)
                 out = [o + jnp.where(jnp.asarray(land)[s] == c, got, 0) for c, o in enumerate(out)]
             return jnp.stack(out)[None]
 
@@ -295,9 +295,12 @@ def _buffer(n: int, like) -> jax.Array:
     return jnp.full((n, *like.shape), fill, like.dtype)
 
 
-def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, active):
+def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, active,
+         stage_axis, data_axes):
     """Loss and gradients (blocks, head, inputs) of the whole pipelined step. `active`: None,
-    or [virtual stage, slot] bools, False for the padding slots that every action skips."""
+    or [virtual stage, slot] bools, False for the padding slots that every action skips.
+    `stage_axis`, `data_axes`: the mesh axes that split the stages and the micro-batch rows."""
+    dp = data_axes
     p, m = schedule.stages, schedule.microbatches
     pl = plan_of(schedule)
     act = StageActions(block_def, remat, pl.split)
@@ -330,7 +333,7 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
         """This stage's chunk c's real layers (None: no padding)."""
         if active is None:
             return None
-        return jnp.asarray(active)[jnp.asarray(virtual)[jax.lax.axis_index("stage"), c]]
+        return jnp.asarray(active)[jnp.asarray(virtual)[jax.lax.axis_index(stage_axis), c]]
 
     def forward(params, xs, xbuf, rbuf, ibuf, r):
         x = jnp.where(r[FIRST] == 1, xs[r[F_MB]], xbuf[r[X_GET]])
@@ -374,12 +377,12 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
     def send(flag, value, perm):
         """`ppermute`, or zeros where no stage receives (the same on every stage: a tick
         without a send skips the collective everywhere)."""
-        return jax.lax.cond(flag, lambda v: jax.lax.ppermute(v, "stage", perm), jnp.zeros_like,
-                            value)
+        return jax.lax.cond(flag, lambda v: jax.lax.ppermute(v, stage_axis, perm),
+                            jnp.zeros_like, value)
 
     @functools.partial(
-        jax.shard_map, in_specs=(P("stage"), P(), P(None, DP), P(None, DP)),
-        out_specs=(P("stage"), P(), P(None, DP), P()), axis_names={"stage", *DP},
+        jax.shard_map, in_specs=(P(stage_axis), P(), P(None, dp), P(None, dp)),
+        out_specs=(P(stage_axis), P(), P(None, dp), P()), axis_names={stage_axis, *dp},
     )
     def loop(staged, head_params, xs, targets):
         # This stage's [v, L/(vp), ...] and the head, marked as differing per stage and per data
@@ -387,7 +390,7 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
         # loop, and they are averaged over the data axes once, after it, not once per tick.
         params = vary(jax.tree.map(lambda a: a[0], staged))
         hp = vary(head_params)
-        s = jax.lax.axis_index("stage")
+        s = jax.lax.axis_index(stage_axis)
         x0 = vary(xs[0])
         # Trace F and B once to learn what F and B keep for later actions (and to fix the
         # layout of the pullback that B rebuilds): the buffers are sized from these shapes.
@@ -439,17 +442,19 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
         (*_, acc_w, acc_h, dxs, loss), _ = jax.lax.scan(
             tick, init, (tab, *(jnp.asarray(t) for t in sending.values())))
         # Loss and gradients of the mean over data shards of each shard's mean loss.
-        n_dp = jax.lax.axis_size(DP)
-        mean_dp = functools.partial(jax.lax.pmean, axis_name=DP)
+        n_dp = jax.lax.axis_size(dp)
+        mean_dp = functools.partial(jax.lax.pmean, axis_name=dp)
         return (jax.tree.map(lambda a: mean_dp(a)[None], acc_w),
-                mean_dp(jax.lax.psum(acc_h, "stage")),
-                jax.lax.psum(widen(dxs[:m]), "stage") / n_dp, mean_dp(jax.lax.psum(loss, "stage")))
+                mean_dp(jax.lax.psum(acc_h, stage_axis)),
+                jax.lax.psum(widen(dxs[:m]), stage_axis) / n_dp,
+                mean_dp(jax.lax.psum(loss, stage_axis)))
 
     return loop(staged, head_params, xs, targets)
 
 
 def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: Schedule,
-                   remat: str = "none", stage_layers=None):
+                   remat: str = "none", stage_layers=None, stage_axis: str = "stage",
+                   data_axes: tuple[str, ...] = DP):
     """Pipeline any stack of layers: the mean over micro-batches i of
     loss_fn(loss_params, layers applied in order to xs[i], targets[i]), run by `schedule`.
 
@@ -460,8 +465,10 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     xs: (m, micro-batch rows, ...); targets: (m, ...). loss_fn(loss_params, y, targets[i]) →
     that micro-batch's mean loss, a scalar: the head goes here (`loss_params` may be ()).
     schedule: a value (`make_schedule`, `read_schedule_file`); its stages must be the mesh's
-    `stage` axis. Call it under `jax.set_mesh` of a `spmd.mesh.make_mesh` mesh: layers are split
-    over `stage`, micro-batch rows over the data axes, `tensor` stays automatic inside a layer.
+    `stage_axis`. Call it under `jax.set_mesh` of a mesh (`spmd.mesh.make_mesh`, or any mesh
+    with those axis names): layers are split over `stage_axis`, micro-batch rows over
+    `data_axes` (default this project's `data`, `fsdp`), other axes stay automatic inside a
+    layer (this project's `tensor`).
     stage_layers: layers per virtual stage (model order, p·v numbers), for stages of unequal
     size; then `layers` is either the [L] stack or already padded to the slots of
     `pipeline.layout.StageLayout(stage_layers)`. Without it, L must divide by p·v.
@@ -474,7 +481,9 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     """
     p, m, v = schedule.stages, schedule.microbatches, schedule.virtual_stages
     n_layers = jax.tree.leaves(layers)[0].shape[0]
-    mesh_p = dict(jax.sharding.get_abstract_mesh().shape).get("stage")
+    mesh = dict(jax.sharding.get_abstract_mesh().shape)
+    mesh_p = mesh.get(stage_axis)
+    missing = [a for a in data_axes if a not in mesh]
     layout = None if stage_layers is None else StageLayout(tuple(stage_layers))
     if layout is None:
         fits = n_layers % (p * v) == 0
@@ -486,8 +495,12 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     for bad, message in (
             (xs.shape[0] != m, f"xs holds {xs.shape[0]} micro-batches but the schedule "
                                f"{schedule.name} runs {m}; micro-batch the inputs into {m}"),
-            (mesh_p != p, f"the schedule {schedule.name} has {p} stages but the mesh's stage "
-                          f"axis is {mesh_p}; make them equal"),
+            (mesh_p != p, f"the schedule {schedule.name} has {p} stages but the mesh's "
+                          f"{stage_axis!r} axis is {mesh_p}; make them equal, or name the "
+                          "stage axis with stage_axis="),
+            (bool(missing), f"the mesh has no axis {missing[0] if missing else ''!r}; name "
+                            f"the mesh axes that split the batch with data_axes= (mesh axes: "
+                            f"{', '.join(mesh)})"),
             (not fits, f"{n_layers} layers do not split into {p} stages x {v} virtual stages"
                        f"{'' if layout is None else ' as ' + str(list(layout.counts))}; {fix}")):
         if bad:
@@ -500,15 +513,16 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     if v == 1:
         staged = jax.tree.map(lambda a: a[:, None], to_stages(layers, p))
     else:
-        staged = to_virtual_stages(layers, schedule)
+        staged = to_virtual_stages(layers, schedule, stage_axis)
 
     @jax.custom_vjp
     def f(staged, loss_params, xs, targets):
-        return _run(layer, staged, loss_fn, loss_params, xs, targets, schedule, remat, active)[3]
+        return _run(layer, staged, loss_fn, loss_params, xs, targets, schedule, remat, active,
+                    stage_axis, data_axes)[3]
 
     def fwd(staged, loss_params, xs, targets):
         gw, gh, gx, loss = _run(layer, staged, loss_fn, loss_params, xs, targets, schedule,
-                                remat, active)
+                                remat, active, stage_axis, data_axes)
         return loss, (gw, gh, gx)
 
     def bwd(res, ct):

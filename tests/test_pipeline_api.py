@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import AxisType
 
 from models.config import ConfigError
 from models.transformer import apply_layer, project
@@ -89,14 +90,15 @@ def unpipelined(kind: str):
 
 
 def pipelined(kind: str, schedule, mesh_spec="data=2,stage=2,tensor=2", remat="none",
-              stage_layers=None):
+              stage_layers=None, **axes):
     layer, stacked, readout, xs, targets = model(kind)
 
     def loss(stacked, readout, xs):
         return pipelined_loss(layer, stacked, xs, targets, loss_fn, readout, schedule, remat,
-                              stage_layers)
+                              stage_layers, **axes)
 
-    with jax.set_mesh(make_mesh(mesh_spec)):
+    mesh = make_mesh(mesh_spec) if isinstance(mesh_spec, str) else mesh_spec
+    with jax.set_mesh(mesh):
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(stacked, readout, xs)
 
 
@@ -123,6 +125,16 @@ def test_a_plain_function_stage_matches_unpipelined(name):
     assert_matches_unpipelined("plain", *pipelined("plain", make_schedule(name, 2, M)))
 
 
+def test_any_mesh_axis_names():
+    """A mesh of the caller's own: its axis "pp" splits the stages, "dp" the rows."""
+    mesh = jax.make_mesh((2, 4), ("pp", "dp"), axis_types=(AxisType.Auto,) * 2)
+    schedule = make_schedule("zb-v", 2, M, 2)
+    assert_matches_unpipelined("mlp", *pipelined("mlp", schedule, mesh, stage_axis="pp",
+                                                 data_axes=("dp",)))
+    with pytest.raises(ConfigError, match="no axis 'data'; name the mesh axes"):
+        pipelined("mlp", schedule, mesh, stage_axis="pp")
+
+
 @pytest.mark.parametrize("name,stage_layers", [("zb-h1", (3, 1)), ("zb-v", (1, 2, 0, 1))])
 def test_uneven_stages_match_unpipelined(name, stage_layers):
     """Layers per virtual stage given: the [L] stack is padded inside, padding slots are
@@ -136,7 +148,7 @@ def test_bad_sizes_are_one_line():
     for schedule, mesh, words in ((make_schedule("1f1b", 2, M + 1), "data=2,stage=2,tensor=2",
                                    "micro-batches"),
                                   (make_schedule("1f1b", 4, M), "data=2,stage=2,tensor=2",
-                                   "stage axis is 2"),
+                                   "'stage' axis is 2"),
                                   (make_schedule("1f1b", 8, M), "stage=8", "do not split")):
         with pytest.raises(ConfigError, match=words):
             pipelined("mlp", schedule, mesh)
