@@ -3,8 +3,9 @@
 `pipelined_loss` runs the whole schedule, forward AND backward actions, inside one
 `jax.shard_map` that is manual over `stage` and the data axes (as `pipeline.gpipe`; `tensor`
 stays automatic, so TP works inside each action): a `lax.scan` over the ticks of
-`simulate(schedule, F=B=W=1)`. Each tick every stage reads its row of a small int32 table
-(built here in numpy), runs its F, B or W (each a `lax.cond`; idle runs none), then hands
+`simulate(schedule, lockstep=True)` (one tick per slot). Each tick every stage reads its row
+of a small int32 table (built here in numpy), runs its F, B and W (each a `lax.cond`; a slot
+may hold several, as DualPipeV's F beside a full backward; idle runs none), then hands
 on what it made: activations to the stage that holds the next virtual stage, gradients to the
 one that holds the previous, by `ppermute` to the next or the previous stage (looped
 placement: activations down and around the ring, gradients up; V placement's second chunk:
@@ -47,7 +48,7 @@ from models.config import ConfigError
 from pipeline.actions import StageActions
 from pipeline.gpipe import DP, to_stages, vary, widen
 from pipeline.layout import StageLayout
-from pipeline.schedules import Action as Act, Schedule, make_schedule
+from pipeline.schedules import Action as Act, Schedule, ScheduleError, make_schedule
 from pipeline.simulate import simulate
 
 # Table columns per (tick, stage). A tick runs at most one F, one B and one W (together where the
@@ -78,8 +79,9 @@ class Plan:
 
 
 def _colour(intervals):
-    """intervals: list of (write_tick, last_read_tick, key). A slot written at the end of tick
-    w may reuse one whose last read happened at a tick <= w (reads precede writes in a tick)."""
+    """intervals: list of (write_tick, last_read_tick, key). A slot written at tick w may reuse
+    one whose last read happened at a tick <= w (reads precede writes in a tick; a write that
+    comes before a read of the same tick says so with w half a tick early: `plan_of`)."""
     free_at, out = [], {}
     for w, r, key in sorted(intervals):
         slot = next((i for i, f in enumerate(free_at) if f <= w), None)
@@ -149,7 +151,10 @@ def plan_of(sched: Schedule) -> Plan:
         (sent to the next stage, sent to the previous, handed to itself) that says how."""
         down = receiver == sender + 1 or ring and (sender, receiver) == (p - 1, 0)
         col = columns[2] if receiver == sender else columns[0] if down else columns[1]
-        assert tab[t, receiver, col] == dummy[col], "two arrivals in one column of a tick"
+        if tab[t, receiver, col] != dummy[col]:
+            raise ScheduleError(f"stage {receiver} would receive two hand-offs of one kind at "
+                                f"tick {t}; put the actions of stage {sender} that make them "
+                                "in different slots")
         tab[t, receiver, col] = value
 
     for (s, a), t in st.items():
@@ -349,7 +354,7 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
     def backward(params, gbuf, rbuf, wbuf, acc_w, dxs, r):
         c = r[B_CHUNK]
         dw, dx, deltas = act.backward(chunk_of(params, c), tuple(b[r[R_GET]] for b in rbuf),
-                                      gbuf[r[G_GET]])
+                                      gbuf[r[G_GET]], layers_on(c))
         acc_w = jax.tree.map(lambda A, d: A.at[c].add(d), acc_w, dw)
         if pl.split:
             wbuf = put(wbuf, r[W_PUT], deltas)
@@ -395,8 +400,9 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
         # Trace F and B once to learn what F and B keep for later actions (and to fix the
         # layout of the pullback that B rebuilds): the buffers are sized from these shapes.
         def probe(w, x):
-            _, stash, inputs = act.forward(w, x, None if active is None else layers_on(0))
-            return stash, inputs, act.backward(w, stash, x)[2]
+            on = None if active is None else layers_on(0)
+            _, stash, inputs = act.forward(w, x, on)
+            return stash, inputs, act.backward(w, stash, x, on)[2]
 
         stash, inputs, deltas = jax.eval_shape(probe, jax.tree.map(lambda a: a[0], params), x0)
         # Sends write every tick, into the extra dummy slot when nothing arrives; the actions
@@ -481,10 +487,14 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     """
     p, m, v = schedule.stages, schedule.microbatches, schedule.virtual_stages
     n_layers = jax.tree.leaves(layers)[0].shape[0]
+    data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
     mesh = dict(jax.sharding.get_abstract_mesh().shape)
     mesh_p = mesh.get(stage_axis)
     missing = [a for a in data_axes if a not in mesh]
     layout = None if stage_layers is None else StageLayout(tuple(stage_layers))
+    if layout is not None and min(layout.counts) < 0:
+        raise ConfigError(f"stage_layers {list(layout.counts)} has a negative count; give "
+                          "layers per virtual stage, 0 or more")
     if layout is None:
         fits = n_layers % (p * v) == 0
         fix = "change the layers or the schedule, or give stage_layers"

@@ -7,9 +7,10 @@ axis, split contiguously over `stage` (spmd.rules), so every virtual stage gets 
 of slots, k = max(counts): virtual stage j's layers sit in slots j·k .. j·k + counts[j] − 1,
 and the slots after them are padding. A padding slot holds zeros, and a pre-norm residual block
 with zero weights and biases is exactly the identity (x + 0), so the padded stack computes the
-same function anywhere it is run whole (evaluation, sampling); the training pipeline skips
-padding slots altogether (`active`: a `lax.cond` per slot), so they cost no FLOPs there and get
-exactly zero gradients, which keeps them zero under AdamW (and out of the gradient norm).
+same function anywhere it is run whole (sampling); the training executor and GPipe's forward
+skip padding slots altogether (`active`: a `lax.cond` per slot, `pipeline.actions` runs each
+real slot's own vjp so that the stash holds no copy of the weights), so they cost no FLOPs and
+get exactly zero gradients, which keeps them zero under AdamW (and out of the gradient norm).
 Checkpoints, Hugging Face export and parameter counts use the unpadded [L] stack (`unpad`).
 Why padding and not one stack per stage: a per-stage stack of different lengths cannot be one
 array sharded over `stage`, and the executor's one `shard_map` needs exactly that.
@@ -116,7 +117,13 @@ def stage_layout(cfg: ModelConfig, stages: int, virtual_stages: int, seq_len: in
     """The layout a run uses: `stage_layers` per virtual stage if given; "auto" or None with
     layers that do not divide evenly: `balance`; else even."""
     n = stages * virtual_stages
-    if isinstance(stage_layers, tuple):
+    if isinstance(stage_layers, str) and stage_layers != "auto":
+        stage_layers = parse_stage_layers(stage_layers)
+    if isinstance(stage_layers, (list, tuple)):
+        stage_layers = tuple(stage_layers)
+        if min(stage_layers, default=0) < 0:
+            raise ConfigError(f"--stage-layers {','.join(map(str, stage_layers))} has a "
+                              "negative count; give layers per virtual stage, 0 or more")
         if len(stage_layers) != n or sum(stage_layers) != cfg.n_layers:
             raise ConfigError(
                 f"--stage-layers {','.join(map(str, stage_layers))} must give {n} numbers "

@@ -73,6 +73,10 @@ def explain(args: argparse.Namespace) -> dict:
                      virtual_stages=args.virtual_stages, remat=args.remat)
     shape = (args.batch_size, args.seq_len)
     trainer = Trainer(cfg, tc, mesh, Rules(args.sequence_parallel), shape)
+    if trainer.padded:  # the closed forms and the census's per-stage weights assume them
+        raise ConfigError(f"n_layers ({cfg.n_layers}) is not divisible by stages x virtual "
+                          f"stages ({p} x {args.virtual_stages}): explain reads equal stages "
+                          "only; pick a mesh whose stages divide the layers")
     params, opt_state = trainer.init(seed=0)
     inputs = trainer.place((np.zeros(shape, np.int32),) * 2)  # values do not matter here
     text = trainer.lower_step(params, opt_state, *inputs).compile().as_text()

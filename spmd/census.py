@@ -2,8 +2,8 @@
 program, weighted by how often it really runs.
 
 `spmd.hlo` multiplies loop trip counts but cannot know which branch of a `lax.cond` runs: it
-counts every branch on every trip. The pipeline executor (`pipeline.executor`) runs one action
-per tick on each stage, picked from its schedule table, and names each action's ops
+counts every branch on every trip. The pipeline executor (`pipeline.executor`) runs the actions
+of one slot per tick on each stage, picked from its schedule table, and names each action's ops
 (`action_F`, `action_head`, `action_B`, ...). So an op in action a, counted c times by
 `spmd.hlo` (once per tick of the loop, times any inner trip count), runs c · n_a(s) / ticks
 times on stage s, where n_a(s) is the number of ticks that stage s runs a: the table decides,

@@ -79,7 +79,9 @@ def load(directory: str | Path, mesh_spec: str, seq_len: int, devices=None,
         info = probe.read_info(step)
         cfg = ModelConfig(**_known(ModelConfig, info["model"]))
         _check_length(seq_len, cfg)
-        tc = TrainConfig(**{**_known(TrainConfig, info["train"]), "grad_accum": 1})
+        # Sampling runs without pipeline stages: the run's stage split does not apply.
+        tc = TrainConfig(**{**_known(TrainConfig, info["train"]), "grad_accum": 1,
+                            "stage_layers": None})
         _check_no_stage(mesh_spec)
         mesh = make_mesh(mesh_spec, devices)
         rows = batch_shards(mesh.shape)

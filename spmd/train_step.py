@@ -99,6 +99,9 @@ class Trainer:
         self.stages = mesh.shape["stage"]
         check_grad_accum(tc.grad_accum, batch_shape[0], dict(mesh.shape))
         self.layout = None  # pipeline.layout.StageLayout: the layers per virtual stage
+        if self.stages == 1 and tc.stage_layers not in (None, "auto"):
+            raise ConfigError(f"--stage-layers {tc.stage_layers} needs pipeline stages; add "
+                              "stage=N to the --mesh or drop --stage-layers")
         if self.stages > 1:
             from pipeline.layout import stage_layout
             from pipeline.run import check_pipeline

@@ -110,7 +110,7 @@ def test_each_stage_forward_runs_once_per_microbatch(monkeypatch, remat, expect)
     monkeypatch.setattr(transformer.Block, "__call__", counted)
     cfg, m = dataclasses.replace(TEST_MODEL, n_layers=4), 4  # 2 blocks per stage
     for schedule, layers in (("1f1b", None), ("zb-h1", (3, 1)), ("interleaved", None),
-                             ("gpipe", None), ("dualpipe-v", None)):
+                             ("dualpipe-v", None)):
         counts.clear()
         tr = trainer(cfg, "stage=2,data=4", shape=(16, 8), microbatches=m, schedule=schedule,
                      virtual_stages=chunks_needed(schedule), remat=remat, stage_layers=layers)
