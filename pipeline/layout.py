@@ -82,19 +82,31 @@ def head_cost(cfg: ModelConfig, seq_len: int) -> float:
     return 2 * d * cfg.padded_vocab / layer
 
 
-def balance(n_layers: int, n_virtual: int, last_extra: float) -> tuple[int, ...]:
-    """Layers per virtual stage that minimise the largest stage cost (its layers, plus
-    `last_extra` layers' worth on the last for the head): each layer goes to the virtual
-    stage it makes least costly; ties go to the stage nearest the middle, so the first and
-    last get fewer (the last carries the head, the first the embedding's gradient and, in
-    1F1B-like schedules, the most micro-batches in flight)."""
+def balance(n_layers: int, n_virtual: int, last_extra: float,
+            device_of: list[int] | None = None) -> tuple[int, ...]:
+    """Layers per virtual stage that keep the busiest device's cost low: a device's cost is
+    the layers of the virtual stages it holds (`device_of[k]`: the stage holding virtual stage
+    k; default one each), plus `last_extra` layers' worth for the head on the last virtual
+    stage. Greedy: each layer goes where it leaves the smallest largest device cost, then the
+    smallest cost of its own device, then the fewest slots per virtual stage (padding), then
+    nearest the middle, so the first and last virtual stages get fewer (the last carries the
+    head, the first the embedding's gradient and, in 1F1B-like schedules, the most
+    micro-batches in flight). With V placement the middle virtual stages share a device."""
+    device_of = list(range(n_virtual)) if device_of is None else list(device_of)
     counts = [0] * n_virtual
     extra = [0.0] * n_virtual
     extra[-1] += last_extra
     middle = (n_virtual - 1) / 2
+
+    def after(k):
+        new = counts[:k] + [counts[k] + 1] + counts[k + 1:]
+        load = {d: 0.0 for d in device_of}
+        for j, d in enumerate(device_of):
+            load[d] += new[j] + extra[j]
+        return max(load.values()), load[device_of[k]], max(new), abs(k - middle), k
+
     for _ in range(n_layers):
-        k = min(range(n_virtual), key=lambda j: (counts[j] + 1 + extra[j], abs(j - middle), j))
-        counts[k] += 1
+        counts[min(range(n_virtual), key=after)] += 1
     return tuple(counts)
 
 
@@ -113,9 +125,11 @@ def parse_stage_layers(text: str | None) -> tuple[int, ...] | str | None:
 
 
 def stage_layout(cfg: ModelConfig, stages: int, virtual_stages: int, seq_len: int,
-                 stage_layers: tuple[int, ...] | str | None = None) -> StageLayout:
+                 stage_layers: tuple[int, ...] | str | None = None,
+                 device_of: list[int] | None = None) -> StageLayout:
     """The layout a run uses: `stage_layers` per virtual stage if given; "auto" or None with
-    layers that do not divide evenly: `balance`; else even."""
+    layers that do not divide evenly: `balance` (over the devices of `device_of`, the stage
+    that holds each virtual stage); else even."""
     n = stages * virtual_stages
     if isinstance(stage_layers, str) and stage_layers != "auto":
         stage_layers = parse_stage_layers(stage_layers)
@@ -132,4 +146,4 @@ def stage_layout(cfg: ModelConfig, stages: int, virtual_stages: int, seq_len: in
         return StageLayout(stage_layers)
     if stage_layers is None and cfg.n_layers % n == 0:
         return StageLayout((cfg.n_layers // n,) * n)
-    return StageLayout(balance(cfg.n_layers, n, head_cost(cfg, seq_len)))
+    return StageLayout(balance(cfg.n_layers, n, head_cost(cfg, seq_len), device_of))

@@ -105,11 +105,14 @@ class Trainer:
         if self.stages > 1:
             from pipeline.layout import stage_layout
             from pipeline.run import check_pipeline
+            from pipeline.schedules import make_schedule
 
             # Each accumulation chunk goes through the pipeline: it is the pipeline's batch.
             check_pipeline(cfg, tc, dict(mesh.shape), batch_shape[0] // tc.grad_accum)
+            sched = make_schedule(tc.schedule, self.stages, tc.microbatches, tc.virtual_stages)
+            device_of = [sched.place(k)[0] for k in range(self.stages * tc.virtual_stages)]
             self.layout = stage_layout(cfg, self.stages, tc.virtual_stages, batch_shape[1],
-                                       tc.stage_layers)
+                                       tc.stage_layers, device_of)
         self.padded = self.layout is not None and self.layout.padded
         with nnx.use_eager_sharding(False):
             abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))

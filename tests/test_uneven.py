@@ -76,12 +76,15 @@ def test_checkpoint_of_uneven_stages_restores_anywhere(tmp_path):
 
 
 def test_layouts():
-    """Balance by cost: the head weighs on the last virtual stage; ties go to the middle, so
-    the ends get fewer layers. Even when the layers divide, unless asked."""
+    """Balance by cost per device: the head weighs on the last virtual stage; ties go to the
+    middle, so the ends get fewer layers. Even when the layers divide, unless asked."""
     assert balance(6, 4, 0.2) == (1, 2, 2, 1)
     assert balance(7, 4, 0.2) == (2, 2, 2, 1)
     assert balance(5, 2, 0.2) == (3, 2)
     assert balance(8, 4, 1.5) == (2, 3, 2, 1)  # a head as costly as 1.5 layers
+    # V placement, p = 2: device 0 holds virtual stages 0 and 3, device 1 stages 1 and 2;
+    # by device 2 + 1 + head against 2 + 1 (1, 2, 2, 1 would put 4 layers on device 1)
+    assert balance(6, 4, 0.14, [0, 1, 1, 0]) == (2, 2, 1, 1)
     assert stage_layout(CFG6, 4, 1, 16).counts == (1, 2, 2, 1)
     assert stage_layout(CFG6, 2, 1, 16).counts == (3, 3)
     assert stage_layout(CFG6, 2, 1, 16, (4, 2)).counts == (4, 2)
