@@ -301,11 +301,10 @@ def _buffer(n: int, like) -> jax.Array:
 
 
 def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, active,
-         stage_axis, data_axes):
+         stage_axis, dp):
     """Loss and gradients (blocks, head, inputs) of the whole pipelined step. `active`: None,
     or [virtual stage, slot] bools, False for the padding slots that every action skips.
-    `stage_axis`, `data_axes`: the mesh axes that split the stages and the micro-batch rows."""
-    dp = data_axes
+    `stage_axis`, `dp`: the mesh axes that split the stages and the micro-batch rows."""
     p, m = schedule.stages, schedule.microbatches
     pl = plan_of(schedule)
     act = StageActions(block_def, remat, pl.split)
