@@ -135,11 +135,13 @@ def test_any_mesh_axis_names():
         pipelined("mlp", schedule, mesh, stage_axis="pp")
 
 
-@pytest.mark.parametrize("name,stage_layers", [("zb-h1", (3, 1)), ("zb-v", (1, 2, 0, 1))])
-def test_uneven_stages_match_unpipelined(name, stage_layers):
-    """Layers per virtual stage given: the [L] stack is padded inside, padding slots are
-    skipped (zb-h1: in W too), a virtual stage may hold no layer; gradients come back [L]."""
-    schedule = make_schedule(name, 2, M, len(stage_layers) // 2)
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_uneven_stages_match_unpipelined(name):
+    """Layers per virtual stage given, with every schedule: the [L] stack is padded inside,
+    padding slots are skipped (split schedules: in W too), a virtual stage may hold no layer
+    (two chunks: 1, 2, 0, 1); gradients come back [L]."""
+    stage_layers = {1: (3, 1), 2: (1, 2, 0, 1)}[chunks_needed(name)]
+    schedule = make_schedule(name, 2, M, chunks_needed(name))
     assert_matches_unpipelined("mlp", *pipelined("mlp", schedule, stage_layers=stage_layers))
 
 
