@@ -182,3 +182,16 @@ def test_bench_bad_layout_is_one_line(args, expect):
     assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert out.stderr.splitlines() == [out.stderr.strip()], out.stderr
     assert out.stderr.startswith("error: " + expect), out.stderr
+
+
+def test_explain_refuses_uneven_stages_in_one_line():
+    """scripts/explain.py reads equal stages only (its closed forms assume them): the tiny
+    model's 2 layers on 4 stages are refused in one line, exit 2."""
+    cmd = [sys.executable, str(ROOT / "scripts" / "explain.py"), "--preset", "tiny",
+           "--mesh", "stage=4,data=2"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         check=False)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
+    assert out.stderr.splitlines() == [
+        "error: n_layers (2) is not divisible by stages x virtual stages (4 x 1): explain reads "
+        "equal stages only; pick a mesh whose stages divide the layers"], out.stderr
