@@ -136,6 +136,14 @@ class Trainer:
         if self.padded:
             whole = param_shardings(canonical, mesh, rules, unsplit=("layers",))
             self.canonical_shardings = (whole, opt_shardings(canonical, whole))
+            # Built once, for (params,) and (params, opt_state): a jit made at each call
+            # compiled again at every checkpoint save (measured: ~0.5 s per save and restore
+            # on the test model).
+            unpad = functools.partial(map_blocks, self.layout.unpad)
+            own = (self.param_shardings, self.opt_shardings)
+            self._unpad = {n: jax.jit(unpad, out_shardings=self.canonical_shardings[:n])
+                           for n in (1, 2)}
+            self._repad = {n: jax.jit(self._pad, out_shardings=own[:n]) for n in (1, 2)}
         self.batch_sharding = batch_sharding(mesh)
         self._step = jax.jit(
             self._train_step,
@@ -176,16 +184,14 @@ class Trainer:
         if not self.padded:
             return state
         with jax.set_mesh(self.mesh):
-            return jax.jit(functools.partial(map_blocks, self.layout.unpad),
-                           out_shardings=self.canonical_shardings[:len(state)])(state)
+            return self._unpad[len(state)](state)
 
     def from_canonical(self, *state):
         """Inverse of `to_canonical`: in this trainer's layout and shardings."""
         if not self.padded:
             return state
-        shardings = (self.param_shardings, self.opt_shardings)[:len(state)]
         with jax.set_mesh(self.mesh):
-            return jax.jit(self._pad, out_shardings=shardings)(state)
+            return self._repad[len(state)](state)
 
     def parameter_count(self) -> int:
         """Parameters of the model (uneven stages' padding slots are not parameters)."""
