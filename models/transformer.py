@@ -246,6 +246,12 @@ def apply_layer(layer, state, x: jax.Array) -> jax.Array:
     return layer(state, x)
 
 
+# The named scope of a layer that runs in a stack with skipped slots (`active` below): the
+# compiled program counts both branches of the `lax.cond` on every slot, so `spmd.census` weights
+# the ops in this scope by the real layers only.
+ACTIVE_SCOPE = "active_layer"
+
+
 def scan_blocks(block_def, stacked: nnx.State, x: jax.Array, remat: bool = False,
                 active: jax.Array | None = None):
     """Apply blocks stacked on a leading axis with `lax.scan`: compile time does not grow with L.
@@ -253,7 +259,7 @@ def scan_blocks(block_def, stacked: nnx.State, x: jax.Array, remat: bool = False
     A plain function over split state (not `nnx.scan`) so the pipeline can call it on any slice
     of the `layers` axis; `block_def` as in `apply_layer`. `active` ([L] bools): skip the
     blocks where it is False (the pipeline's padding slots, `pipeline.layout`), with a
-    `lax.cond`, so they cost nothing.
+    `lax.cond`, so they cost nothing; the block that runs is named `ACTIVE_SCOPE`.
     """
 
     def one_block(x, layer_state):
@@ -267,7 +273,8 @@ def scan_blocks(block_def, stacked: nnx.State, x: jax.Array, remat: bool = False
 
     def body(x, layer):
         layer_state, on = layer
-        return jax.lax.cond(on, one_block, lambda x, _: x, x, layer_state), None
+        return jax.lax.cond(on, jax.named_scope(ACTIVE_SCOPE)(one_block), lambda x, _: x, x,
+                            layer_state), None
 
     return jax.lax.scan(body, x, (stacked, active))[0]
 

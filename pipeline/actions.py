@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.transformer import apply_layer, project_hook
+from models.transformer import ACTIVE_SCOPE, apply_layer, project_hook
 from pipeline.gpipe import stage_function, vary
 
 
@@ -107,7 +107,7 @@ class StageActions:
 
         def slot(x, a):
             wi, on = a
-            y, stash, inputs = jax.lax.cond(on, real, skip, wi, x)
+            y, stash, inputs = jax.lax.cond(on, jax.named_scope(ACTIVE_SCOPE)(real), skip, wi, x)
             return y, (stash, inputs)
 
         y, (stash, inputs) = jax.lax.scan(slot, x, (w, active))
@@ -131,7 +131,7 @@ class StageActions:
                     shapes = jax.eval_shape(run, x, wl, ol, pl)[1]
                     return x, vary(tuple(jnp.zeros(a.shape, a.dtype) for a in shapes))
 
-                return jax.lax.cond(on, run, skip, x, wl, ol, pl)
+                return jax.lax.cond(on, jax.named_scope(ACTIVE_SCOPE)(run), skip, x, wl, ol, pl)
 
         def stage(weights, others, x, perts):
             layers = (weights, others, perts) + (() if active is None else (active,))
@@ -209,7 +209,8 @@ class StageActions:
 
         def slot(g, a):
             wi, res, on = a
-            dwi, dx, deltas = jax.lax.cond(on, self._pullback, skip, wi, res, g)
+            dwi, dx, deltas = jax.lax.cond(on, jax.named_scope(ACTIVE_SCOPE)(self._pullback),
+                                           skip, wi, res, g)
             return dx, (dwi, deltas)
 
         dx, (dw, deltas) = jax.lax.scan(slot, g, (w, stash, active), reverse=True)
@@ -246,8 +247,8 @@ class StageActions:
             else:
                 def maybe(args, one=one):
                     *args, on = args
-                    return jax.lax.cond(on, one, lambda a, d, wi: vary(jnp.zeros_like(wi)),
-                                        *args)
+                    return jax.lax.cond(on, jax.named_scope(ACTIVE_SCOPE)(one),
+                                        lambda a, d, wi: vary(jnp.zeros_like(wi)), *args)
                 grads[i] = grads[i] + jax.lax.map(maybe, (a, d, params[i], active))
         return jax.tree.unflatten(jax.tree.structure(w), grads)
 

@@ -45,6 +45,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from models.config import ConfigError
+from models.transformer import ACTIVE_SCOPE
 from pipeline.actions import StageActions
 from pipeline.gpipe import DP, to_stages, vary, widen
 from pipeline.layout import StageLayout
@@ -76,6 +77,7 @@ class Plan:
     chunks: int  # v: chunks per stage
     ring: bool  # looped placement with v > 1: stage p-1 sends to stage 0 and back
     split: bool  # B is the input gradient only, W the weight gradient
+    virtual: np.ndarray  # [p, v]: the virtual stage of each stage's chunk
 
 
 def _colour(intervals):
@@ -186,7 +188,8 @@ def plan_of(sched: Schedule) -> Plan:
         else:
             row[W_ON], row[W_CHUNK] = 1, c
             row[I_GET], row[W_GET] = slot["i", s, mb, c], slot["w", s, mb, c]
-    return Plan(tab, size, chunks=v, ring=ring, split=split)
+    virtual = np.array([[sched.virtual_stage(s, c) for c in range(v)] for s in range(p)])
+    return Plan(tab, size, chunks=v, ring=ring, split=split, virtual=virtual)
 
 
 def action_scope(kind: str) -> str:
@@ -218,15 +221,28 @@ def sends(pl: Plan) -> dict[str, np.ndarray]:
     return {name: ticks for name, ticks in out.items() if ticks.any()}
 
 
-def action_counts(pl: Plan) -> dict[str, np.ndarray]:
+CHUNK = {"F": F_CHUNK, "B": B_CHUNK, "W": W_CHUNK}  # kind → the column of its chunk
+
+
+def action_counts(pl: Plan, stage_layers=None) -> dict[str, np.ndarray]:
     """Per action scope, the ticks each stage runs it: [p] counts (a tick that runs nothing is
     "idle"; one that shares a slot counts for each of its actions; "head" runs on the F ticks
-    of the last virtual stage); per send scope, the ticks it runs (the same on every stage)."""
+    of the last virtual stage); per send scope, the ticks it runs (the same on every stage).
+    With uneven stages (`stage_layers`: real layers per virtual stage), per action scope also
+    "<scope>/<ACTIVE_SCOPE>": [p] ticks x the fraction of the padded slots that hold a real
+    layer, summed over the ticks (which chunk each runs decides)."""
     on = {kind: pl.table[:, :, col] == 1 for kind, col in ON.items()}
     counts = {action_scope("idle"): (~(on["F"] | on["B"] | on["W"])).sum(0)}
     counts |= {action_scope(scope_kind(kind, pl.split)): ticks.sum(0)
                for kind, ticks in on.items() if ticks.any()}
     counts[action_scope("head")] = (on["F"] & (pl.table[:, :, LAST] == 1)).sum(0)
+    if stage_layers is not None:
+        layers = np.asarray(stage_layers)
+        stages = np.arange(pl.table.shape[1])
+        for kind, ticks in on.items():
+            real = layers[pl.virtual[stages, pl.table[:, :, CHUNK[kind]]]] / layers.max()
+            counts[f"{action_scope(scope_kind(kind, pl.split))}/{ACTIVE_SCOPE}"] = (
+                ticks * real).sum(0)
     return counts | {name: np.full(pl.table.shape[1], ticks.sum())
                      for name, ticks in sends(pl).items()}
 
@@ -308,8 +324,7 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
     p, m = schedule.stages, schedule.microbatches
     pl = plan_of(schedule)
     act = StageActions(block_def, remat, pl.split)
-    virtual = np.array([[schedule.virtual_stage(s, c) for c in range(pl.chunks)]
-                        for s in range(p)])
+    virtual = pl.virtual
     to_next = [(i, (i + 1) % p) for i in range(p if pl.ring else p - 1)]
     perms = {True: to_next, False: [(j, i) for i, j in to_next]}  # to the next stage?
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)

@@ -81,7 +81,7 @@ def main() -> int:
 
     import jax
 
-    from models import PRESETS, ConfigError
+    from models import PRESETS
     from pipeline.schedules import chunks_needed, make_schedule
     from pipeline.simulate import simulate
     from spmd import analysis
@@ -103,9 +103,10 @@ def main() -> int:
     action_s = functools.cache(lambda layers, b_mb, split: time_actions(
         cfg, layers, b_mb, args.seq_len, args.remat, split))
 
-    def predict(layout, sizes, schedule, m, v) -> dict:
+    def predict(layout, sizes, schedule, m, v, padded) -> dict:
         """Predicted step on real devices: one device's F+B of all layers (single), or the
-        simulated makespan of the schedule (pipelines); None for other layouts."""
+        simulated makespan of the schedule (pipelines of equal stages: the simulator takes one
+        cost per action kind); None for other layouts."""
         rows_per_mb = args.batch_size // batch_shards(sizes) // m
         p = sizes["stage"]
         if layout == "single":
@@ -113,7 +114,7 @@ def main() -> int:
             return {"action_layers": cfg.n_layers, "action_rows": args.batch_size,
                     "action_s": costs, "predicted_step_s": costs["F"] + costs["B"],
                     "predicted_lockstep_s": costs["F"] + costs["B"]}
-        if p == 1:
+        if p == 1 or padded:
             return {"action_layers": None, "action_rows": None, "action_s": None,
                     "predicted_step_s": None, "predicted_lockstep_s": None}
         sched = make_schedule(schedule, p, m, v)
@@ -128,12 +129,7 @@ def main() -> int:
         mesh = make_mesh(spec, jax.devices()[:1] if layout == "single" else None)
         v = chunks_needed(schedule)
         tc = TrainConfig(microbatches=m, schedule=schedule, virtual_stages=v, remat=args.remat)
-        tr = Trainer(cfg, tc, mesh, Rules(sp), shape)
-        if tr.padded:  # the closed forms and predictions below assume equal stages
-            raise ConfigError(f"n_layers ({cfg.n_layers}) is not divisible by stages x virtual "
-                              f"stages ({mesh.shape['stage']} x {v}): bench measures equal "
-                              "stages only; change --layers")
-        return tr
+        return Trainer(cfg, tc, mesh, Rules(sp), shape)
 
     # Every layout is checked (a Trainer compiles nothing) before the first one is measured.
     trainers = [trainer(layout, m) for layout, m in runs]
@@ -143,19 +139,20 @@ def main() -> int:
         mesh, sp = tr.mesh, tr.rules.sequence_parallel
         schedule, v = tr.tc.schedule, tr.tc.virtual_stages
         p = mesh.shape["stage"]
+        layers = tr.layout.counts if tr.padded else None  # uneven stages: per virtual stage
         expected = analysis.expected(cfg, dict(mesh.shape), *shape, m, schedule, v, sp,
-                                     args.remat)
+                                     args.remat, layers)
         comm = sum(c["bytes"] for c in result["collectives"].values())
         want = sum(e.total_bytes for e in expected)
         bubble = simulate(make_schedule(schedule, p, m, v)).bubble_fraction if p > 1 else 0.0
-        predicted = predict(layout, mesh.shape, schedule, m, v)
+        predicted = predict(layout, mesh.shape, schedule, m, v, tr.padded)
         rows.append({"layout": layout, "schedule": schedule if p > 1 else "-",
                      "microbatches": m, "virtual_stages": v, "sequence_parallel": sp,
                      "devices": mesh.size, **result, "comm_bytes": comm,
                      "comm_bytes_analytical": want, "bubble_fraction": bubble,
                      "model_flops": model_flops,
                      "recompute_flops_analytical": analysis.recompute_flops(
-                         cfg, *shape, args.remat, p, v), **predicted})
+                         cfg, *shape, args.remat, p, v, layers), **predicted})
         print(f"measured {layout} m={m}: {result['step_s']:.3f} s/step, "
               f"compile {result['compile_s']:.1f} s", file=sys.stderr)
     base = rows[0]

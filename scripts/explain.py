@@ -73,14 +73,11 @@ def explain(args: argparse.Namespace) -> dict:
                      virtual_stages=args.virtual_stages, remat=args.remat)
     shape = (args.batch_size, args.seq_len)
     trainer = Trainer(cfg, tc, mesh, Rules(args.sequence_parallel), shape)
-    if trainer.padded:  # the closed forms and the census's per-stage weights assume them
-        raise ConfigError(f"n_layers ({cfg.n_layers}) is not divisible by stages x virtual "
-                          f"stages ({p} x {args.virtual_stages}): explain reads equal stages "
-                          "only; pick a mesh whose stages divide the layers")
+    layers = trainer.layout.counts if trainer.padded else None  # uneven: per virtual stage
     params, opt_state = trainer.init(seed=0)
     inputs = trainer.place((np.zeros(shape, np.int32),) * 2)  # values do not matter here
     text = trainer.lower_step(params, opt_state, *inputs).compile().as_text()
-    where = (mesh, args.schedule, m, args.virtual_stages)
+    where = (mesh, args.schedule, m, args.virtual_stages, layers)
     measured = census.collectives(text, *where)
     table = parameter_table(trainer, params)
 
@@ -109,7 +106,7 @@ def explain(args: argparse.Namespace) -> dict:
         modules.append({"module": name, "parallel": how if mesh.shape["tensor"] > 1 else
                         "replicated (tensor=1)", "params": rows, "collectives": cols})
     exp = analysis.expected(cfg, dict(mesh.shape), *shape, m, args.schedule,
-                            args.virtual_stages, args.sequence_parallel, args.remat)
+                            args.virtual_stages, args.sequence_parallel, args.remat, layers)
     meas_kind, exp_kind = census.by_kind(measured), census.by_kind(exp)
     flops = census.flops(text, *where)
     stages = []
@@ -136,7 +133,7 @@ def explain(args: argparse.Namespace) -> dict:
         "stages": stages,
         "model_flops": model,
         "recompute_flops_analytical": analysis.recompute_flops(cfg, *shape, args.remat, p,
-                                                               args.virtual_stages),
+                                                               args.virtual_stages, layers),
         "executed_flops": sum(flops["dot"].values()),
         "executed_flops_by_phase": flops["dot"],
         "elementwise_flops": sum(flops["elementwise"].values()),
@@ -148,7 +145,7 @@ def explain(args: argparse.Namespace) -> dict:
 
         sched = make_schedule(args.schedule, p, m, args.virtual_stages)
         sim = simulate(sched)
-        ticks, runs = census.action_ticks(args.schedule, p, m, args.virtual_stages)
+        ticks, runs = census.action_ticks(args.schedule, p, m, args.virtual_stages, layers)
         out["pipeline_schedule"] = {
             "schedule": args.schedule, "microbatches": m, "virtual_stages": args.virtual_stages,
             "bubble_fraction": sim.bubble_fraction, "timeline": ascii_timeline(sim),
@@ -201,11 +198,12 @@ def render(r: dict) -> str:
                   f"v={ps['virtual_stages']}, {ps['ticks']} ticks, bubble fraction "
                   f"{ps['bubble_fraction']:.3f}"]
         for s, chunks in enumerate(ps["stage_map"]):
-            acts = ", ".join(f"{k.removeprefix('action_')} {v[s]}"
-                             for k, v in ps["actions_per_stage"].items() if v[s])
+            acts = ", ".join(f"{k.removeprefix('action_')} {v[s]}"  # "<action>/<scope>": JSON
+                             for k, v in ps["actions_per_stage"].items() if v[s] and "/" not in k)
             work = ", ".join(f"{k} {v:,.0f}" for k, v in r["stages"][s]["bytes_by_source"].items()
                              if v)
-            lines.append(f"  stage {s}: layers " + ", ".join(f"{a}..{b}" for a, b in chunks)
+            lines.append(f"  stage {s}: layers " + ", ".join(f"{a}..{b}" if b >= a else "none"
+                                                            for a, b in chunks)
                          + f"; ticks per action: {acts}")
             lines.append(f"    bytes per device: {work}")
         lines += [ps["timeline"]]

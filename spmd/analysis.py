@@ -83,13 +83,15 @@ def layer_bytes(cfg: ModelConfig, t: int) -> int:
     return 4 * (c["layer_tp"] // t + c["layer_rep"])
 
 
-def grad_bytes_per_device(cfg: ModelConfig, mesh: dict[str, int], seq: int) -> int:
+def grad_bytes_per_device(cfg: ModelConfig, mesh: dict[str, int], seq: int,
+                          slots: int | None = None) -> int:
     """Gradient bytes one device all-reduces over data: its parameter shard, float32
     (≈ |θ|/(t·p); embedding, head and norms are not split over stage). Of gpt2's learned
-    positions only the `seq` rows in use have a gradient that is not known to be zero."""
+    positions only the `seq` rows in use have a gradient that is not known to be zero. Uneven
+    stages reduce their padding slots' (zero) gradients too: `slots` layers in all."""
     c, t, p = param_counts(cfg), mesh["tensor"], mesh["stage"]
     positions = min(seq, cfg.max_seq_len) * cfg.d_model if c["positions"] else 0
-    return (layer_bytes(cfg, t) * cfg.n_layers // p
+    return (layer_bytes(cfg, t) * (slots or cfg.n_layers) // p
             + 4 * (c["embedding"] // t + positions + c["head_tp"] // t + c["head_rep"]))
 
 
@@ -100,18 +102,34 @@ def head_bytes_per_device(cfg: ModelConfig, t: int) -> int:
     return 4 * (c["head_rep"] + (c["head_tp"] or c["embedding"]) // t)
 
 
+def stage_layer_counts(cfg: ModelConfig, p: int, schedule: str = "gpipe", microbatches: int = 1,
+                       virtual_stages: int = 1, stage_layers=None) -> tuple[int, ...]:
+    """Real layers on each stage: L/p, or with uneven stages (`stage_layers`: layers per
+    virtual stage) the layers of the virtual stages that the schedule places on it."""
+    if stage_layers is None:
+        return (cfg.n_layers // p,) * p
+    from pipeline.schedules import make_schedule
+
+    sched, out = make_schedule(schedule, p, microbatches, virtual_stages), [0] * p
+    for k, n in enumerate(stage_layers):
+        out[sched.place(k)[0]] += n
+    return tuple(out)
+
+
 def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, microbatches: int = 1,
              schedule: str = "gpipe", virtual_stages: int = 1,
-             sequence_parallel: bool = False, remat: str = "none") -> list[Expected]:
+             sequence_parallel: bool = False, remat: str = "none",
+             stage_layers=None) -> list[Expected]:
     """DESIGN section 2's collectives for one train step: bytes per device and executions on
-    each stage (every stage runs every micro-batch through its L/p layers; the last stage also
-    runs the head and the loss, once per micro-batch)."""
+    each stage (every stage runs every micro-batch through its layers, L/p or, uneven, its
+    `stage_layers`; the last stage also runs the head and the loss, once per micro-batch)."""
     d, p, t = batch_shards(mesh), mesh["stage"], mesh["tensor"]
     m = microbatches if p > 1 else 1
     e, h, sp = cfg.dtype.itemsize, cfg.d_model, sequence_parallel
     b_shard = batch // d
     x_shard, x_mb = b_shard * seq * h * e, b_shard // m * seq * h * e
-    runs = (cfg.n_layers // p * m,) * p  # layer executions per stage
+    runs = tuple(n * m for n in stage_layer_counts(cfg, p, schedule, m, virtual_stages,
+                                                   stage_layers))  # layer executions per stage
     twice = tuple(2 * r for r in runs)
     last = (0,) * (p - 1) + (m,)  # the head and the loss: the last stage, per micro-batch
     once = (1,) * p
@@ -138,7 +156,7 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
                     ag, x_mb, runs, tp, "B")
         if sp:  # norm (and gpt2 bias) gradients of sequence-sharded blocks
             add("other", ar, param_counts(cfg)["layer_rep"] * 4, runs, tp, "B")
-        if _whole_forward_again(cfg, remat, p, virtual_stages):  # B re-runs the stage forward
+        if _whole_forward_again(cfg, remat, p, virtual_stages, stage_layers):  # B re-runs it
             for source, op, counts in layer_fwd:
                 add(source, op, x_mb, counts, tp, "recompute")
         elif remat != "none":  # each layer re-run in its backward, its output not needed
@@ -173,7 +191,9 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
             from pipeline.executor import chunk_moves
             from pipeline.schedules import make_schedule
 
-            chunk = layer_bytes(cfg, t) * cfg.n_layers // (p * virtual_stages)
+            # A chunk moves whole, with its padding slots (uneven stages).
+            slots = max(stage_layers) if stage_layers else cfg.n_layers // (p * virtual_stages)
+            chunk = layer_bytes(cfg, t) * slots
             for _ in chunk_moves(make_schedule(schedule, p, m, virtual_stages)):
                 for phase in "FB":
                     add("interleaved placement", "collective-permute", chunk, once, ("stage",),
@@ -200,8 +220,9 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
             extra = 4 + (param_counts(cfg)["embedding"] // t * 4 if cfg.tie_embeddings else 0)
         elif fsdp:  # the embedding's gradient left with its all-to-all
             extra = -4 * param_counts(cfg)["embedding"] // t
-        add("gradient reduction", ar, grad_bytes_per_device(cfg, mesh, seq) + extra, once, axes,
-            "step")
+        slots = len(stage_layers) * max(stage_layers) if stage_layers else None
+        add("gradient reduction", ar, grad_bytes_per_device(cfg, mesh, seq, slots) + extra, once,
+            axes, "step")
     return rows
 
 
@@ -214,23 +235,25 @@ def model_flops(cfg: ModelConfig, batch: int, seq: int) -> float:
     return batch * seq * (6 * n + 12 * cfg.n_layers * cfg.d_model * seq)
 
 
-def _whole_forward_again(cfg: ModelConfig, remat: str, stages: int, virtual_stages: int) -> bool:
+def _whole_forward_again(cfg: ModelConfig, remat: str, stages: int, virtual_stages: int,
+                         stage_layers=None) -> bool:
     """Whether the backward re-runs every product of the forward. remat "layer" re-runs each
     layer in its backward but not its last product (the MLP down-projection: its output is not
     needed there); so does "stage" when a stage holds one layer (XLA drops the loop of one trip,
-    then the unused product). With more layers, layer i's output is layer i+1's input, and the
-    loop body, the same for every layer, computes it for all."""
-    return remat == "stage" and stages > 1 and cfg.n_layers // (stages * virtual_stages) > 1
+    then the unused product). With more layers (or slots, uneven), layer i's output is layer
+    i+1's input, and the loop body, the same for every layer, computes it for all."""
+    slots = max(stage_layers) if stage_layers else cfg.n_layers // (stages * virtual_stages)
+    return remat == "stage" and stages > 1 and slots > 1
 
 
 def recompute_flops(cfg: ModelConfig, batch: int, seq: int, remat: str, stages: int,
-                    virtual_stages: int = 1) -> float:
+                    virtual_stages: int = 1, stage_layers=None) -> float:
     """The forward matmul FLOPs that rematerialisation runs again, all devices together."""
     if remat == "none":
         return 0.0
     c, h = param_counts(cfg), cfg.d_model
     matmuls = c["layer_matmul"]
-    if not _whole_forward_again(cfg, remat, stages, virtual_stages):
+    if not _whole_forward_again(cfg, remat, stages, virtual_stages, stage_layers):
         matmuls -= cfg.d_ff * h
     return batch * seq * cfg.n_layers * (2 * matmuls + 4 * h * seq)
 

@@ -24,9 +24,11 @@ import re
 
 import numpy as np
 
+from models.transformer import ACTIVE_SCOPE
 from spmd import analysis, hlo
 
 _ACTION = re.compile(r"(?:^|/)action_(idle|F|head|B|BX|BW)(?=/|$)")
+_ACTIVE = re.compile(rf"(?:^|[/(]){ACTIVE_SCOPE}(?=[/)]|$)")
 _SEND = re.compile(r"(?:^|/)((?:send_activation|send_gradient)(?:_back)?)(?=/|$)")
 PHASES = ("F", "B", "W", "head/loss", "recompute", "step")
 
@@ -52,24 +54,29 @@ class Executed:
         return self.bytes * self.count
 
 
-def action_ticks(schedule: str, stages: int, microbatches: int, virtual_stages: int):
+def action_ticks(schedule: str, stages: int, microbatches: int, virtual_stages: int,
+                 stage_layers=None):
     """(ticks, {action scope: [p] ticks that each stage runs it}) of the executor's table, or
-    None without a pipeline."""
+    None without a pipeline. `stage_layers`: real layers per virtual stage, for uneven stages
+    (`pipeline.executor.action_counts`)."""
     if stages == 1:
         return None
     from pipeline.executor import action_counts, plan
 
     pl = plan(schedule, stages, microbatches, virtual_stages)
-    return len(pl.table), action_counts(pl)
+    return len(pl.table), action_counts(pl, stage_layers)
 
 
 def _counts(name: str, count: int, ticks, p: int) -> tuple[float, ...]:
-    """Per stage executions of an op that `spmd.hlo` counts `count` times."""
+    """Per stage executions of an op that `spmd.hlo` counts `count` times. A layer of an uneven
+    stage (`ACTIVE_SCOPE`: `spmd.hlo` counts it on every padded slot) by its real layers."""
     action, send = _ACTION.search(name), _SEND.search(name)
     if ticks is None or not (action or send):
         return (float(count),) * p
     n, per_stage = ticks
     scope = send.group(1) if send else f"action_{action.group(1)}"
+    if _ACTIVE.search(name) and f"{scope}/{ACTIVE_SCOPE}" in per_stage:
+        scope = f"{scope}/{ACTIVE_SCOPE}"
     return tuple(float(count * r / n) for r in per_stage[scope])
 
 
@@ -100,10 +107,10 @@ def phase(name: str, source: str) -> str:
 
 
 def collectives(compiled_text: str, mesh, schedule: str = "gpipe", microbatches: int = 1,
-                virtual_stages: int = 1) -> list[Executed]:
+                virtual_stages: int = 1, stage_layers=None) -> list[Executed]:
     """Every collective of a compiled train step with its executions on each stage."""
     p = mesh.shape["stage"]
-    ticks = action_ticks(schedule, p, microbatches, virtual_stages)
+    ticks = action_ticks(schedule, p, microbatches, virtual_stages, stage_layers)
     out = []
     for c in hlo.collectives(compiled_text, mesh):
         if not c.axes:  # groups of one device each: XLA kept it, but it moves nothing
@@ -115,10 +122,10 @@ def collectives(compiled_text: str, mesh, schedule: str = "gpipe", microbatches:
 
 
 def flops(compiled_text: str, mesh, schedule: str = "gpipe", microbatches: int = 1,
-          virtual_stages: int = 1) -> dict[str, dict[str, float]]:
+          virtual_stages: int = 1, stage_layers=None) -> dict[str, dict[str, float]]:
     """{"dot" | "elementwise": {phase: FLOPs per step of all devices together}}."""
     p = mesh.shape["stage"]
-    ticks = action_ticks(schedule, p, microbatches, virtual_stages)
+    ticks = action_ticks(schedule, p, microbatches, virtual_stages, stage_layers)
     out = {"dot": dict.fromkeys(PHASES, 0.0), "elementwise": dict.fromkeys(PHASES, 0.0)}
     for f in hlo.flops(compiled_text):
         source = analysis.source_of(f.name)

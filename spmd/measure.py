@@ -76,7 +76,8 @@ def executed(trainer: Trainer, text: str) -> dict:
     """What the compiled step runs (`spmd.census`): collectives per op kind (executions and
     bytes per device per step, the mean over stages) and FLOPs of all devices by phase."""
     tc = trainer.tc
-    where = (trainer.mesh, tc.schedule, tc.microbatches, tc.virtual_stages)
+    where = (trainer.mesh, tc.schedule, tc.microbatches, tc.virtual_stages,
+             trainer.layout.counts if trainer.padded else None)
     flops = census.flops(text, *where)
     return {"collectives": hlo.census(census.collectives(text, *where)),
             "executed_flops": sum(flops["dot"].values()),
