@@ -119,8 +119,8 @@ class Trainer:
         self.graphdef, canonical = nnx.split(abstract)
         self._canonical = canonical
         # Uneven stages: the state holds the blocks padded (`pipeline.layout`), so the layers
-        # stay split over `stage`; checkpoints and exports hold the canonical [L] stack, whose
-        # layers are then not split over `stage` (L need not divide by it).
+        # stay split over `stage`; checkpoints and exports hold the canonical [L] stack, split
+        # over `stage` too where L divides by it, else whole on every stage while it is saved.
         abstract_params = jax.eval_shape(self._pad, canonical)
         self.param_shardings = param_shardings(abstract_params, mesh, rules)
         self.tx, self.lr = make_optimizer(tc, abstract_params)
@@ -134,7 +134,8 @@ class Trainer:
         self.opt_shardings = opt_shardings(abstract_params, self.param_shardings)
         self.canonical_shardings = (self.param_shardings, self.opt_shardings)
         if self.padded:
-            whole = param_shardings(canonical, mesh, rules, unsplit=("layers",))
+            unsplit = ("layers",) if cfg.n_layers % self.stages else ()
+            whole = param_shardings(canonical, mesh, rules, unsplit=unsplit)
             self.canonical_shardings = (whole, opt_shardings(canonical, whole))
             # Built once, for (params,) and (params, opt_state): a jit made at each call
             # compiled again at every checkpoint save (measured: ~0.5 s per save and restore

@@ -69,9 +69,14 @@ def test_checkpoint_of_uneven_stages_restores_anywhere(tmp_path, caplog):
         ckpt.save(0, *again)
         ckpt.wait()
         for target in (trainer(CFG6, "stage=2,tensor=4"), trainer(CFG6, "single"),
-                       trainer(CFG6, "stage=4,tensor=2", stage_layers=(2, 1, 1, 2))):
+                       trainer(CFG6, "stage=4,tensor=2", stage_layers=(2, 1, 1, 2)),
+                       trainer(CFG6, "stage=2,tensor=4", stage_layers=(4, 2))):
             restored = ckpt.restore(0, target)[:2]
-            assert not target.padded or target.layout.counts == (2, 1, 1, 2)
+            assert target.padded == (target.stages > 1 and target.tc.stage_layers is not None)
+            # Uneven: the canonical layers stay split over `stage` where it divides them (6 on
+            # 2 stages), else they are whole (6 on 4).
+            spec = jax.tree.leaves(target.canonical_shardings[0]["blocks"])[0].spec
+            assert not target.padded or (spec[0] == "stage") == (target.stages == 2), spec
             back = jax.device_get(target.to_canonical(*restored))
             jax.tree.map(np.testing.assert_array_equal, back, canonical)
         restored = ckpt.restore(0, tr)[:2]  # and back onto the run's own layout, padded
