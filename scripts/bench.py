@@ -103,10 +103,12 @@ def main() -> int:
     action_s = functools.cache(lambda layers, b_mb, split: time_actions(
         cfg, layers, b_mb, args.seq_len, args.remat, split))
 
-    def predict(layout, sizes, schedule, m, v, padded) -> dict:
+    def predict(layout, sizes, schedule, m, v, layers) -> dict:
         """Predicted step on real devices: one device's F+B of all layers (single), or the
-        simulated makespan of the schedule (pipelines of equal stages: the simulator takes one
-        cost per action kind); None for other layouts."""
+        simulated makespan of the schedule and the executor's lockstep ticks (pipelines); for
+        uneven stages (`layers` per virtual stage) the lockstep ticks only, each action costed
+        for its own virtual stage's layers (the simulator takes one cost per action kind);
+        None for other layouts."""
         rows_per_mb = args.batch_size // batch_shards(sizes) // m
         p = sizes["stage"]
         if layout == "single":
@@ -114,10 +116,15 @@ def main() -> int:
             return {"action_layers": cfg.n_layers, "action_rows": args.batch_size,
                     "action_s": costs, "predicted_step_s": costs["F"] + costs["B"],
                     "predicted_lockstep_s": costs["F"] + costs["B"]}
-        if p == 1 or padded:
+        if p == 1:
             return {"action_layers": None, "action_rows": None, "action_s": None,
                     "predicted_step_s": None, "predicted_lockstep_s": None}
         sched = make_schedule(schedule, p, m, v)
+        if layers:
+            costs = {n: action_s(n, rows_per_mb, sched.split_backward) for n in set(layers) if n}
+            return {"action_layers": max(layers), "action_rows": rows_per_mb,
+                    "action_s": costs[max(layers)], "predicted_step_s": None,
+                    "predicted_lockstep_s": predict_lockstep_s(schedule, p, m, v, costs, layers)}
         layers = cfg.n_layers // (p * v)
         costs = action_s(layers, rows_per_mb, sched.split_backward)
         return {"action_layers": layers, "action_rows": rows_per_mb, "action_s": costs,
@@ -145,7 +152,7 @@ def main() -> int:
         comm = sum(c["bytes"] for c in result["collectives"].values())
         want = sum(e.total_bytes for e in expected)
         bubble = simulate(make_schedule(schedule, p, m, v)).bubble_fraction if p > 1 else 0.0
-        predicted = predict(layout, mesh.shape, schedule, m, v, tr.padded)
+        predicted = predict(layout, mesh.shape, schedule, m, v, layers)
         rows.append({"layout": layout, "schedule": schedule if p > 1 else "-",
                      "microbatches": m, "virtual_stages": v, "sequence_parallel": sp,
                      "devices": mesh.size, **result, "comm_bytes": comm,
@@ -193,8 +200,9 @@ def main() -> int:
             print(f"{r['layout']} m={r['microbatches']}: {r['action_layers']} layers x "
                   f"{r['action_rows']} rows, " + ", ".join(
                       f"{k} {s * 1e3:.2f} ms" for k, s in r["action_s"].items())
-                  + f"; predicted {r['predicted_step_s'] * 1e3:.1f} ms (schedule), "
-                  f"{r['predicted_lockstep_s'] * 1e3:.1f} ms (this executor, lockstep ticks), "
+                  + (f"; predicted {r['predicted_step_s'] * 1e3:.1f} ms (schedule), "
+                     if r["predicted_step_s"] else "; predicted ")
+                  + f"{r['predicted_lockstep_s'] * 1e3:.1f} ms (this executor, lockstep ticks), "
                   f"measured {r['step_s'] * 1e3:.1f} ms")
     out = {"results": rows}
     if args.generate:

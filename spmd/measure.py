@@ -133,17 +133,27 @@ def time_actions(cfg, layers: int, b_mb: int, seq: int, remat: str = "none",
 
 
 def predict_lockstep_s(name: str, stages: int, microbatches: int, virtual_stages: int,
-                       seconds: dict[str, float]) -> float:
+                       seconds: dict, stage_layers=None) -> float:
     """The step of this project's executor on p real devices: its ticks run in lockstep (every
     tick ends with the sends, which every stage joins), so a tick lasts as long as the slowest
     stage in it (the sum of its actions' costs where a slot holds several), Σ over ticks of max
     over stages. `predict_step_s` is the schedule's own makespan, each stage free to run ahead;
     the two differ where a tick mixes actions of unequal cost (1F1B's steady state: an F
-    beside a B)."""
-    from pipeline.executor import ON, plan
+    beside a B). `seconds`: {kind: s} for equal stages; with uneven stages (`stage_layers`,
+    real layers per virtual stage) {n: {kind: s}} for a virtual stage of n layers (none for 0:
+    a stage of padding only costs nothing)."""
+    from pipeline.executor import CHUNK, ON, plan
 
-    table = plan(name, stages, microbatches, virtual_stages).table
-    cost = sum(table[:, :, col] * seconds.get(kind, 0.0) for kind, col in ON.items())
+    pl = plan(name, stages, microbatches, virtual_stages)
+    if stage_layers is None:
+        cost = sum(pl.table[:, :, col] * seconds.get(kind, 0.0) for kind, col in ON.items())
+    else:
+        cost = 0.0
+        for kind, col in ON.items():  # the layers of the virtual stage each action runs
+            n = np.asarray(stage_layers)[pl.virtual[np.arange(stages),
+                                                    pl.table[:, :, CHUNK[kind]]]]
+            each = np.vectorize(lambda k, kind=kind: seconds.get(int(k), {}).get(kind, 0.0))(n)
+            cost = cost + pl.table[:, :, col] * each
     return float(cost.max(1).sum())
 
 

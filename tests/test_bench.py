@@ -49,3 +49,19 @@ def test_lockstep_prediction(p, m):
     equal = {"F": b, "B": b}
     assert predict_lockstep_s("1f1b", p, m, 1, equal) == pytest.approx(
         predict_step_s(make_schedule("1f1b", p, m), equal), rel=1e-9)
+
+
+@pytest.mark.parametrize("m", [2, 5])
+def test_lockstep_prediction_of_uneven_stages(m):
+    """Each action costs its own virtual stage's layers. GPipe on 2 stages of 2 and 1 layers
+    (per layer F = f, B = b): the forward ticks last 2f while stage 0 works (m of them) and f on
+    the last, the backward alike: (2m + 1)(f + b). A stage of padding only costs nothing: 2 and
+    0 layers take 2m(f + b). Equal counts give the equal-stage prediction."""
+    f, b = 1e-3, 3e-3
+    per_layers = {n: {"F": n * f, "B": n * b} for n in (1, 2)}
+    assert predict_lockstep_s("gpipe", 2, m, 1, per_layers, (2, 1)) == pytest.approx(
+        (2 * m + 1) * (f + b), rel=1e-9)
+    assert predict_lockstep_s("gpipe", 2, m, 1, per_layers, (2, 0)) == pytest.approx(
+        2 * m * (f + b), rel=1e-9)
+    assert predict_lockstep_s("1f1b", 2, m, 1, per_layers, (1, 1)) == pytest.approx(
+        predict_lockstep_s("1f1b", 2, m, 1, per_layers[1]), rel=1e-9)
