@@ -224,6 +224,13 @@ def sends(pl: Plan) -> dict[str, np.ndarray]:
 CHUNK = {"F": F_CHUNK, "B": B_CHUNK, "W": W_CHUNK}  # kind → the column of its chunk
 
 
+def layers_run(pl: Plan, stage_layers, kind: str) -> np.ndarray:
+    """[ticks, p]: the real layers of the virtual stage whose `kind` action each stage's tick
+    runs (uneven stages: `stage_layers` per virtual stage; read where `ON[kind]` is 1)."""
+    chunk = pl.table[:, :, CHUNK[kind]]
+    return np.asarray(stage_layers)[pl.virtual[np.arange(chunk.shape[1]), chunk]]
+
+
 def action_counts(pl: Plan, stage_layers=None) -> dict[str, np.ndarray]:
     """Per action scope, the ticks each stage runs it: [p] counts (a tick that runs nothing is
     "idle"; one that shares a slot counts for each of its actions; "head" runs on the F ticks
@@ -237,10 +244,8 @@ def action_counts(pl: Plan, stage_layers=None) -> dict[str, np.ndarray]:
                for kind, ticks in on.items() if ticks.any()}
     counts[action_scope("head")] = (on["F"] & (pl.table[:, :, LAST] == 1)).sum(0)
     if stage_layers is not None:
-        layers = np.asarray(stage_layers)
-        stages = np.arange(pl.table.shape[1])
         for kind, ticks in on.items():
-            real = layers[pl.virtual[stages, pl.table[:, :, CHUNK[kind]]]] / layers.max()
+            real = layers_run(pl, stage_layers, kind) / max(stage_layers)
             counts[f"{action_scope(scope_kind(kind, pl.split))}/{ACTIVE_SCOPE}"] = (
                 ticks * real).sum(0)
     return counts | {name: np.full(pl.table.shape[1], ticks.sum())
@@ -324,7 +329,6 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
     p, m = schedule.stages, schedule.microbatches
     pl = plan_of(schedule)
     act = StageActions(block_def, remat, pl.split)
-    virtual = pl.virtual
     to_next = [(i, (i + 1) % p) for i in range(p if pl.ring else p - 1)]
     perms = {True: to_next, False: [(j, i) for i, j in to_next]}  # to the next stage?
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
@@ -352,7 +356,7 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
         """This stage's chunk c's real layers (None: no padding)."""
         if active is None:
             return None
-        return jnp.asarray(active)[jnp.asarray(virtual)[jax.lax.axis_index(stage_axis), c]]
+        return jnp.asarray(active)[jnp.asarray(pl.virtual)[jax.lax.axis_index(stage_axis), c]]
 
     def forward(params, xs, xbuf, rbuf, ibuf, r):
         x = jnp.where(r[FIRST] == 1, xs[r[F_MB]], xbuf[r[X_GET]])

@@ -19,6 +19,7 @@ import dataclasses
 import re
 
 from models.config import ModelConfig
+from pipeline.layout import StageLayout
 from spmd.hlo import Collective
 from spmd.rules import BATCH_AXES, WEIGHT_AXIS, batch_shards
 
@@ -84,14 +85,15 @@ def layer_bytes(cfg: ModelConfig, t: int) -> int:
 
 
 def grad_bytes_per_device(cfg: ModelConfig, mesh: dict[str, int], seq: int,
-                          slots: int | None = None) -> int:
+                          slots: int) -> int:
     """Gradient bytes one device all-reduces over data: its parameter shard, float32
     (≈ |θ|/(t·p); embedding, head and norms are not split over stage). Of gpt2's learned
     positions only the `seq` rows in use have a gradient that is not known to be zero. Uneven
-    stages reduce their padding slots' (zero) gradients too: `slots` layers in all."""
+    stages reduce their padding slots' (zero) gradients too: `slots` layers in all, L
+    when even."""
     c, t, p = param_counts(cfg), mesh["tensor"], mesh["stage"]
     positions = min(seq, cfg.max_seq_len) * cfg.d_model if c["positions"] else 0
-    return (layer_bytes(cfg, t) * (slots or cfg.n_layers) // p
+    return (layer_bytes(cfg, t) * slots // p
             + 4 * (c["embedding"] // t + positions + c["head_tp"] // t + c["head_rep"]))
 
 
@@ -108,12 +110,18 @@ def stage_layer_counts(cfg: ModelConfig, p: int, schedule: str = "gpipe", microb
     virtual stage) the layers of the virtual stages that the schedule places on it."""
     if stage_layers is None:
         return (cfg.n_layers // p,) * p
+    from pipeline.run import stage_map
     from pipeline.schedules import make_schedule
 
-    sched, out = make_schedule(schedule, p, microbatches, virtual_stages), [0] * p
-    for k, n in enumerate(stage_layers):
-        out[sched.place(k)[0]] += n
-    return tuple(out)
+    sched = make_schedule(schedule, p, microbatches, virtual_stages)
+    return tuple(sum(map(len, chunks)) for chunks in stage_map(StageLayout(stage_layers), sched))
+
+
+def _slots(cfg: ModelConfig, p: int, virtual_stages: int, stage_layers=None) -> int:
+    """Layer slots per virtual stage: L/(p·v), or uneven, the largest count (padded to it)."""
+    if stage_layers is None:
+        return cfg.n_layers // (p * virtual_stages)
+    return StageLayout(tuple(stage_layers)).slots_per_stage
 
 
 def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, microbatches: int = 1,
@@ -192,8 +200,7 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
             from pipeline.schedules import make_schedule
 
             # A chunk moves whole, with its padding slots (uneven stages).
-            slots = max(stage_layers) if stage_layers else cfg.n_layers // (p * virtual_stages)
-            chunk = layer_bytes(cfg, t) * slots
+            chunk = layer_bytes(cfg, t) * _slots(cfg, p, virtual_stages, stage_layers)
             for _ in chunk_moves(make_schedule(schedule, p, m, virtual_stages)):
                 for phase in "FB":
                     add("interleaved placement", "collective-permute", chunk, once, ("stage",),
@@ -220,7 +227,7 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
             extra = 4 + (param_counts(cfg)["embedding"] // t * 4 if cfg.tie_embeddings else 0)
         elif fsdp:  # the embedding's gradient left with its all-to-all
             extra = -4 * param_counts(cfg)["embedding"] // t
-        slots = len(stage_layers) * max(stage_layers) if stage_layers else None
+        slots = StageLayout(tuple(stage_layers)).slots if stage_layers else cfg.n_layers
         add("gradient reduction", ar, grad_bytes_per_device(cfg, mesh, seq, slots) + extra, once,
             axes, "step")
     return rows
@@ -242,8 +249,8 @@ def _whole_forward_again(cfg: ModelConfig, remat: str, stages: int, virtual_stag
     needed there); so does "stage" when a stage holds one layer (XLA drops the loop of one trip,
     then the unused product). With more layers (or slots, uneven), layer i's output is layer
     i+1's input, and the loop body, the same for every layer, computes it for all."""
-    slots = max(stage_layers) if stage_layers else cfg.n_layers // (stages * virtual_stages)
-    return remat == "stage" and stages > 1 and slots > 1
+    return remat == "stage" and stages > 1 and _slots(cfg, stages, virtual_stages,
+                                                      stage_layers) > 1
 
 
 def recompute_flops(cfg: ModelConfig, batch: int, seq: int, remat: str, stages: int,

@@ -142,18 +142,17 @@ def predict_lockstep_s(name: str, stages: int, microbatches: int, virtual_stages
     beside a B). `seconds`: {kind: s} for equal stages; with uneven stages (`stage_layers`,
     real layers per virtual stage) {n: {kind: s}} for a virtual stage of n layers (none for 0:
     a stage of padding only costs nothing)."""
-    from pipeline.executor import CHUNK, ON, plan
+    from pipeline.executor import ON, layers_run, plan
 
     pl = plan(name, stages, microbatches, virtual_stages)
-    if stage_layers is None:
-        cost = sum(pl.table[:, :, col] * seconds.get(kind, 0.0) for kind, col in ON.items())
-    else:
-        cost = 0.0
-        for kind, col in ON.items():  # the layers of the virtual stage each action runs
-            n = np.asarray(stage_layers)[pl.virtual[np.arange(stages),
-                                                    pl.table[:, :, CHUNK[kind]]]]
-            each = np.vectorize(lambda k, kind=kind: seconds.get(int(k), {}).get(kind, 0.0))(n)
-            cost = cost + pl.table[:, :, col] * each
+    cost = 0.0
+    for kind, col in ON.items():
+        if stage_layers is None:
+            each = seconds.get(kind, 0.0)
+        else:
+            each = np.vectorize(lambda n, kind=kind: seconds.get(int(n), {}).get(kind, 0.0))(
+                layers_run(pl, stage_layers, kind))
+        cost = cost + pl.table[:, :, col] * each
     return float(cost.max(1).sum())
 
 
