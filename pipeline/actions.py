@@ -18,7 +18,7 @@ with respect to (non-weight parameters, x, perturbations), the weights held fixe
 pullback gives the input gradient, the gradients of the norm gains and biases (cheap:
 elementwise, computed in B) and every product's output gradient δ, and no weight-gradient
 matmul. W computes exactly those matmuls, each product's inputᵀ·δ, batched over the stage's
-layers. So F + B + W do the work of F + one full backward (DESIGN section 7).
+layers. So F + B + W do the work of F + one full backward (docs/design.md §5).
 """
 
 import functools

@@ -6,7 +6,7 @@ Two ways to run the blocks:
   order. The last stage needs dLoss/dy for each micro-batch as soon as its forward is done, so
   there the head and loss run inside the loop, on the last stage, in that micro-batch's F.
 - `forward_only` (evaluation): the forward tick loop of `pipeline.gpipe`. Embedding and head run
-  outside the loop (DESIGN section 1); the head runs per micro-batch, split over `stage` (stage
+  outside the loop (docs/design.md §1); the head runs per micro-batch, split over `stage` (stage
   as extra data parallelism there) whenever p divides m. `jax.grad` of this loop is GPipe too,
   the readable reference that the tests hold the executor to; it is not the training path
   because its transpose keeps every tick's residuals, bubble ticks included: measured 1.15x the

@@ -3,7 +3,7 @@
 Symbols: p stages, m micro-batches, v virtual chunks per stage. Where the chunks sit
 (`Schedule.placement`, one of PLACEMENTS):
 - looped (default): chunk c of stage s holds the layers of virtual stage k = c·p + s (the
-  interleaved layer map of DESIGN §3), so a micro-batch visits stages 0..p-1 with chunk 0,
+  interleaved layer map of docs/design.md §3), so a micro-batch visits stages 0..p-1 with chunk 0,
   then again with chunk 1, and so on.
 - v (v = 2 only): chunk 0 of stage s is virtual stage s, chunk 1 is 2p-1-s, so a micro-batch
   goes down the stages with chunk 0 and back up with chunk 1: virtual stages p-1 and p are

@@ -6,7 +6,7 @@ A layout is a mesh spec, optionally `:schedule` and `+sp` (sequence parallelism)
 `data=2,stage=2,tensor=2:1f1b` or `data=2,tensor=4+sp`. Every layout is compiled first, then
 their steps are timed in turns (`spmd.measure.measure`). Prints a markdown table of ratios
 (step time; CPU time, which is the emulated devices' total work without their waits at
-collectives; communicated bytes against DESIGN section 2's closed forms; FLOPs against one
+collectives; communicated bytes against docs/design.md §2's closed forms; FLOPs against one
 device) and the step time that p real devices would take (`predicted_step_s`: the simulator's
 makespan with each action's cost timed alone; `predicted_lockstep_s`: the same costs through
 this executor's lockstep ticks; see BENCHMARKS.md), and, with --json FILE, every

@@ -6,7 +6,7 @@
 Compiles the real train step on emulated CPU devices, reads what it executes from the compiled
 HLO (`spmd.census`: loop trip counts, and for pipelines the ticks of the schedule table that
 run each action, per stage), attributes each collective to a module (`spmd.analysis.attribute`)
-and sets the bytes per op kind and mesh axes beside DESIGN section 2's closed forms
+and sets the bytes per op kind and mesh axes beside docs/design.md §2's closed forms
 (`spmd.analysis.expected`), and the executed matmul FLOPs beside the model's.
 """
 
@@ -189,7 +189,7 @@ def render(r: dict) -> str:
                        ("interleaved placement", "interleaved_placement"),
                        ("FSDP weight gather", "fsdp_weight_gather"),
                        ("gradient reduction", "gradient_reduction"),
-                       ("other (not in DESIGN's closed forms)", "other")):
+                       ("other (not in the closed forms)", "other")):
         if r[key] or key in ("pipeline", "gradient_reduction") and p > 1:
             lines += ["", f"{title}:"] + _colls(r[key], p)
     if "pipeline_schedule" in r:

@@ -1,7 +1,7 @@
-"""Closed forms of DESIGN section 2 (collectives) and the model FLOPs, and attribution of each
+"""Closed forms of docs/design.md §2 (collectives) and the model FLOPs, and attribution of each
 measured collective to the part of the model that causes it.
 
-Symbols as in DESIGN: b global batch, m micro-batches, s sequence, h width, L layers,
+Symbols as in docs/design.md: b global batch, m micro-batches, s sequence, h width, L layers,
 d = data x fsdp, p stage, t tensor. X_mb = (b/d/m)·s·h·e bytes with e the compute dtype's size.
 Collectives are given per device and per train step, as executions on each stage: what the
 step runs (`spmd.census` reads the same from the compiled program, weighting each pipeline
@@ -128,7 +128,7 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
              schedule: str = "gpipe", virtual_stages: int = 1,
              sequence_parallel: bool = False, remat: str = "none",
              stage_layers=None) -> list[Expected]:
-    """DESIGN section 2's collectives for one train step: bytes per device and executions on
+    """docs/design.md §2's collectives for one train step: bytes per device and executions on
     each stage (every stage runs every micro-batch through its layers, L/p or, uneven, its
     `stage_layers`; the last stage also runs the head and the loss, once per micro-batch)."""
     d, p, t = batch_shards(mesh), mesh["stage"], mesh["tensor"]

@@ -1,4 +1,4 @@
-"""What the compiled step executes (`spmd.census`) against DESIGN section 2's closed forms
+"""What the compiled step executes (`spmd.census`) against docs/design.md §2's closed forms
 (`spmd.analysis.expected`) for every schedule and the tensor, SP and FSDP layouts; the executed
 FLOPs against the model's and, a second way, against each pipeline action compiled alone times
 the schedule table; and `scripts/explain.py --json` end to end."""

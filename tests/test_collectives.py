@@ -1,4 +1,4 @@
-"""The compiled tensor-parallel step holds exactly Megatron's collectives (DESIGN section 2),
+"""The compiled tensor-parallel step holds exactly Megatron's collectives (docs/design.md §2),
 and no parameter is ever all-gathered (a check shown to catch a deliberate weight gather)."""
 
 import pytest
