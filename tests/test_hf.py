@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from models.hf import Folder, layout, load_tokenizer
+from models import ConfigError
+from models.hf import Folder, config_from_hf, layout, load_tokenizer
 from scripts import hf as hf_script
 from scripts import train as train_script
 from spmd import hf
@@ -159,14 +160,79 @@ def _config(old: str, new: str):
      ["gate_proj.weight has shape (128, 64) but config.json implies (96, 64)"]),
     (_config('"rope_type": "default"', '"rope_type": "yarn"'),
      ["rope_scaling type='yarn' is not supported"]),
+    (_config('"hidden_size": 64', '"hidden_size": "64"'),
+     ["hidden_size='64' is not valid; expected a positive integer"]),
 ], ids=["no-weights", "corrupt-weights", "missing-shard", "unknown-architecture",
-        "shape-mismatch", "rope-scaling"])
+        "shape-mismatch", "rope-scaling", "wrong-type"])
 def test_bad_folder_is_one_line(tmp_path, capfd, edit, expect):
     folder = tmp_path / "model"
     shutil.copytree(FIXTURES / "llama", folder)
     edit(folder)
     code = hf_script.main(["logits", "--model", str(folder), "--tokens", "1 2 3", "--json"])
     one_line_error(capfd, code, str(folder), *expect)
+
+
+def _fixture_config(style: str) -> dict:
+    return json.loads((FIXTURES / style / "config.json").read_text())
+
+
+BAD_CONFIGS = [
+    ("llama", {"hidden_size": "64"}, "hidden_size='64' is not valid; expected a positive integer"),
+    ("llama", {"num_attention_heads": 0}, "num_attention_heads=0 is not valid"),
+    ("llama", {"num_hidden_layers": -1}, "num_hidden_layers=-1 is not valid"),
+    ("llama", {"intermediate_size": [128]}, "intermediate_size=[128] is not valid"),
+    ("llama", {"hidden_size": True}, "hidden_size=True is not valid"),
+    ("llama", {"rope_scaling": "linear"}, "rope_scaling='linear' is not valid; expected an object"),
+    ("llama", {"rms_norm_eps": float("nan")}, "rms_norm_eps=nan is not valid; expected a positive"),
+    ("llama", {"tie_word_embeddings": "false"}, "tie_word_embeddings='false' is not valid"),
+    ("llama", {"max_position_embeddings": None}, "max_position_embeddings is missing"),
+    ("llama", {"hidden_size": 60}, "hidden_size=60 is not divisible by num_attention_heads=16"),
+    ("llama", {"hidden_size": 128}, "head_dim=4 but hidden_size=128 / num_attention_heads=16 = 8"),
+    ("llama", {"num_key_value_heads": 5}, "num_attention_heads=16 is not a multiple of "
+                                          "num_key_value_heads=5"),
+    ("llama", {"architectures": "LlamaForCausalLM"}, "architectures='LlamaForCausalLM' is not valid"),
+    ("gpt2", {"vocab_size": -300}, "vocab_size=-300 is not valid; expected a positive integer"),
+    ("gpt2", {"n_positions": 64.0}, "n_positions=64.0 is not valid"),
+    ("gpt2", {"n_embd": 60}, "n_embd=60 is not divisible by n_head=8"),
+]
+
+
+@pytest.mark.parametrize("style,edit,expect", BAD_CONFIGS,
+                         ids=[f"{style}-{next(iter(edit))}" for style, edit, _ in BAD_CONFIGS])
+def test_config_json_bad_values_are_named(style, edit, expect):
+    """In-process, on a dict: a wrong type, count or width in config.json is one message naming
+    the key, the value and what is expected (not a TypeError, nor blamed on another key)."""
+    with pytest.raises(ConfigError) as err:
+        config_from_hf({**_fixture_config(style), **edit}, Path("m/config.json"))
+    assert str(err.value).startswith("m/config.json") and expect in str(err.value), err.value
+
+
+def _weights(names_to_drop=(), **replace):
+    """The Llama fixture's tensors, less some, with some replaced, as a folder edit."""
+    def edit(d: Path) -> None:
+        tensors = load_file(d / "model.safetensors")
+        tensors = {k: replace.get(k.replace(".", "_"), v) for k, v in tensors.items()
+                   if k not in names_to_drop}
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+    return edit
+
+
+@pytest.mark.parametrize("edit,expect", [
+    (lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": ["a", "b"]}'),
+     ["weight_map is a list, not an object"]),
+    (_config('"hidden_size": 64', '"hidden_size": 96'),
+     ["hidden_size=96 but the embedding's weights are 64 wide; set hidden_size to 64"]),
+    (_weights(["model.layers.1.mlp.up_proj.weight"]),
+     ["tensor model.layers.1.mlp.up_proj.weight is missing"]),
+], ids=["weight-map-list", "hidden-size-vs-weights", "missing-tensor"])
+def test_bad_folder_fails_at_open(tmp_path, edit, expect):
+    """Checked when the folder is opened, before any mesh exists (in-process, cheap)."""
+    shutil.copytree(FIXTURES / "llama", tmp_path / "m")
+    edit(tmp_path / "m")
+    with pytest.raises(ConfigError) as err:
+        Folder(tmp_path / "m")
+    assert all(e in str(err.value) for e in expect), err.value
 
 
 def test_tokenizer_encodes_as_tokenizers_does():
