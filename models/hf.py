@@ -37,6 +37,7 @@ from models.config import ConfigError, ModelConfig
 Index = tuple[slice, ...]
 LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+FLOATS = ("F16", "BF16", "F32", "F64")  # safetensors dtypes a weight may be stored in
 EMBEDDINGS = ("model.embed_tokens.weight", "embed_tokens.weight", "transformer.wte.weight",
               "wte.weight")  # (vocab, width) in either layout, with or without the prefix
 
@@ -125,6 +126,9 @@ class Leaf(Node):
             block += [hi - lo, *(self.view[a] for a in group[1:])]
             inner += [slice(None), *(slice(*view_bounds[a]) for a in group[1:])]
         data = folder.read(self.name, tuple(hf_index)).astype(np.float32)
+        if not np.isfinite(data).all():  # per block as it is read: no extra pass over the file
+            raise ConfigError(f"{folder.path}: tensor {self.name} holds NaN or infinite values; "
+                              "replace the weights")
         return data.reshape(block)[tuple(inner)].transpose(self.perm)
 
     def write(self, array, out):
@@ -487,18 +491,21 @@ class Folder:
         return self._open[file]
 
     def check(self, nodes: dict[str, Node]) -> dict[str, tuple[int, ...]]:
-        """Every tensor the layout needs is present with the shape config.json
+        """Every tensor the layout needs is present, of a float type, with the shape config.json
         implies: read from the headers only, before anything is placed or written. Returns the
         tensors and their shapes."""
         shapes = {}
         for node in nodes.values():
             for leaf in node.leaves():
                 tensor = self._slice(leaf.name)
-                shape = tuple(tensor.get_shape())
+                shape, dtype = tuple(tensor.get_shape()), tensor.get_dtype()
                 if shape != leaf.hf_shape:
                     raise ConfigError(
                         f"{self.path}: tensor {leaf.name} has shape {shape} but config.json "
                         f"implies {leaf.hf_shape}; the config and the weights disagree")
+                if dtype not in FLOATS:
+                    raise ConfigError(f"{self.path}: tensor {leaf.name} is {dtype}, not a float "
+                                      f"type ({', '.join(FLOATS)}); replace the weights")
                 shapes[leaf.name] = shape
         return shapes
 

@@ -207,15 +207,29 @@ def test_config_json_bad_values_are_named(style, edit, expect):
     assert str(err.value).startswith("m/config.json") and expect in str(err.value), err.value
 
 
-def _weights(names_to_drop=(), **replace):
-    """The Llama fixture's tensors, less some, with some replaced, as a folder edit."""
+def _weights(drop=(), change=None):
+    """A folder edit: the fixture's tensors, less those in `drop`, `change(name, array)` applied."""
     def edit(d: Path) -> None:
         tensors = load_file(d / "model.safetensors")
-        tensors = {k: replace.get(k.replace(".", "_"), v) for k, v in tensors.items()
-                   if k not in names_to_drop}
+        tensors = {k: change(k, v) if change else v for k, v in tensors.items() if k not in drop}
         save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
 
     return edit
+
+
+def _poison(name: str, value, dtype=None):
+    """Tensor `name` with one element set to `value` (late in the tensor: one device's block),
+    or cast to `dtype`."""
+    def change(key, array):
+        if key != name:
+            return array
+        if dtype is not None:
+            return array.astype(dtype)
+        array = array.copy()
+        array.reshape(-1)[-3] = value
+        return array
+
+    return change
 
 
 @pytest.mark.parametrize("edit,expect", [
@@ -223,7 +237,7 @@ def _weights(names_to_drop=(), **replace):
      ["weight_map is a list, not an object"]),
     (_config('"hidden_size": 64', '"hidden_size": 96'),
      ["hidden_size=96 but the embedding's weights are 64 wide; set hidden_size to 64"]),
-    (_weights(["model.layers.1.mlp.up_proj.weight"]),
+    (_weights(drop=["model.layers.1.mlp.up_proj.weight"]),
      ["tensor model.layers.1.mlp.up_proj.weight is missing"]),
 ], ids=["weight-map-list", "hidden-size-vs-weights", "missing-tensor"])
 def test_bad_folder_fails_at_open(tmp_path, edit, expect):
@@ -233,6 +247,24 @@ def test_bad_folder_fails_at_open(tmp_path, edit, expect):
     with pytest.raises(ConfigError) as err:
         Folder(tmp_path / "m")
     assert all(e in str(err.value) for e in expect), err.value
+
+
+@pytest.mark.parametrize("change,expect", [
+    (_poison("model.layers.1.mlp.down_proj.weight", np.nan), "tensor model.layers.1.mlp.down_proj"
+                                                             ".weight holds NaN or infinite"),
+    (_poison("lm_head.weight", -np.inf), "tensor lm_head.weight holds NaN or infinite"),
+    (_poison("model.norm.weight", 0, np.int32), "tensor model.norm.weight is I32, not a float"),
+    (_poison("model.embed_tokens.weight", 0, np.bool_), "model.embed_tokens.weight is BOOL"),
+], ids=["nan", "inf", "int32", "bool"])
+def test_bad_weights_are_one_line(tmp_path, capfd, change, expect):
+    """NaN/Inf found in the block a device reads (no extra pass); an integer or bool tensor from
+    the header, when the folder opens. On a mesh, so the bad value sits in one device's shard."""
+    folder = tmp_path / "model"
+    shutil.copytree(FIXTURES / "llama", folder)
+    _weights(change=change)(folder)
+    code = hf_script.main(["logits", "--model", str(folder), "--tokens", "1 2 3", "--mesh",
+                           "tensor=4", "--json"])
+    one_line_error(capfd, code, str(folder), expect)
 
 
 def test_tokenizer_encodes_as_tokenizers_does():
