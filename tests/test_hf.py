@@ -287,6 +287,30 @@ def test_logits_cli_json():
     assert got.shape == want.shape and rel_err(got, want) < RTOL
 
 
+@pytest.mark.parametrize("style,flags,follow", [
+    ("gpt2", [], r"give (--seq-len \d+) or less"),  # learned positions: only a shorter --seq-len
+    ("llama", ["--seq-len", "256"], r"pass (--max-seq-len \d+)"),  # rotary: no table to outgrow
+], ids=STYLES[::-1])
+def test_init_from_hf_seq_len_error_can_be_followed(tmp_path, style, flags, follow):
+    """train.py --init-from-hf with a --seq-len past the folder's positions (GPT-2 by default:
+    128 > n_positions 64) is refused with a fix, and the run built with that fix is accepted
+    (in-process, up to the Trainer; nothing compiles). It used to ask GPT-2 for a --max-seq-len
+    that the next run refused as conflicting with config.json."""
+    import re
+
+    text = tmp_path / "text.txt"
+    text.write_text((ROOT / "README.md").read_text()[:20_000])
+    run = ["--init-from-hf", str(FIXTURES / style), "--tokenizer", str(FIXTURES / style),
+           "--data", str(text), "--steps", "1", "--batch-size", "8", "--mesh", "data=8",
+           "--eval-every", "0", *flags]
+    with pytest.raises(ConfigError) as err:
+        train_script.build(train_script.parse_args(run))
+    fix = re.search(follow, str(err.value))
+    assert fix and "--seq-len" in str(err.value), err.value
+    trainer, _ = train_script.build(train_script.parse_args([*run, *fix[1].split()]))
+    assert trainer.cfg.max_seq_len == {"gpt2": 64, "llama": 256}[style]  # Trainer checked it
+
+
 def test_fine_tune_from_hf_then_export(tmp_path, capfd):
     """train.py --init-from-hf --tokenizer trains two steps (also through zb-h1 in bfloat16,
     from the same loss); scripts/hf.py exports the saved
