@@ -236,7 +236,9 @@ def initial_state(args, trainer):
     if args.init_from_hf:
         from spmd.hf import init_state
 
-        return init_state(args.init_from_hf, trainer)
+        params, opt_state, loaded = init_state(args.init_from_hf, trainer)
+        print(f"loaded {loaded} from {args.init_from_hf}")
+        return params, opt_state
     return trainer.init(args.seed)
 
 

@@ -267,6 +267,19 @@ def test_bad_weights_are_one_line(tmp_path, capfd, change, expect):
     one_line_error(capfd, code, str(folder), expect)
 
 
+def _loaded_line(folder) -> str:
+    """What a load from `folder` prints: every tensor of the fixture file is read."""
+    tensors = load_file(Path(folder) / "model.safetensors")
+    return (f"loaded {len(tensors)} tensors ({sum(t.size for t in tensors.values()):,} "
+            f"parameters) from {folder}")
+
+
+def test_logits_prints_what_it_loaded(capfd):
+    gpt2 = str(FIXTURES / "gpt2")
+    assert hf_script.main(["logits", "--model", gpt2, "--tokens", "1 2 3"]) == 0
+    assert capfd.readouterr().out.splitlines()[0] == _loaded_line(gpt2)
+
+
 def test_tokenizer_encodes_as_tokenizers_does():
     from tokenizers import Tokenizer
 
@@ -327,6 +340,7 @@ def test_fine_tune_from_hf_then_export(tmp_path, capfd):
     assert train_script.main([*run, "--mesh", "data=2,tensor=4", "--checkpoint-dir", str(ckpt),
                               "--checkpoint-every", "1", "--metrics",
                               str(tmp_path / "f32.jsonl")]) == 0
+    assert _loaded_line(llama) in capfd.readouterr().out
     # The same start through a pipeline schedule in bfloat16: step 1's loss is the loaded
     # model's on the first batch, so it differs from float32's by bf16 rounding only.
     assert train_script.main([*run, "--mesh", "data=2,stage=2,tensor=2", "--schedule", "zb-h1",
