@@ -190,7 +190,8 @@ BAD_CONFIGS = [
     ("llama", {"hidden_size": 128}, "head_dim=4 but hidden_size=128 / num_attention_heads=16 = 8"),
     ("llama", {"num_key_value_heads": 5}, "num_attention_heads=16 is not a multiple of "
                                           "num_key_value_heads=5"),
-    ("llama", {"architectures": "LlamaForCausalLM"}, "architectures='LlamaForCausalLM' is not valid"),
+    ("llama", {"architectures": "LlamaForCausalLM"},
+     "architectures='LlamaForCausalLM' is not valid"),
     ("gpt2", {"vocab_size": -300}, "vocab_size=-300 is not valid; expected a positive integer"),
     ("gpt2", {"n_positions": 64.0}, "n_positions=64.0 is not valid"),
     ("gpt2", {"n_embd": 60}, "n_embd=60 is not divisible by n_head=8"),
