@@ -37,6 +37,9 @@ from models.config import ConfigError, ModelConfig
 Index = tuple[slice, ...]
 LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"
 SINGLE, INDEX = "model.safetensors", "model.safetensors.index.json"
+FLOATS = ("F16", "BF16", "F32", "F64")  # safetensors dtypes a weight may be stored in
+EMBEDDINGS = ("model.embed_tokens.weight", "embed_tokens.weight", "transformer.wte.weight",
+              "wte.weight")  # (vocab, width) in either layout, with or without the prefix
 
 
 def _bounds(index: Index, shape: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -123,6 +126,9 @@ class Leaf(Node):
             block += [hi - lo, *(self.view[a] for a in group[1:])]
             inner += [slice(None), *(slice(*view_bounds[a]) for a in group[1:])]
         data = folder.read(self.name, tuple(hf_index)).astype(np.float32)
+        if not np.isfinite(data).all():  # per block as it is read: no extra pass over the file
+            raise ConfigError(f"{folder.path}: tensor {self.name} holds NaN or infinite values; "
+                              "replace the weights")
         return data.reshape(block)[tuple(inner)].transpose(self.perm)
 
     def write(self, array, out):
@@ -255,35 +261,114 @@ def hf_shapes(node: Node) -> dict[str, tuple[int, ...]]:
 
 
 # ---- config.json ----------------------------------------------------------------------------
+_EXPECT = {  # what a config.json value must be → its test (bool is not a number here)
+    "a positive integer": lambda v: type(v) is int and v > 0,
+    "a positive number": lambda v: type(v) in (int, float) and math.isfinite(v) and v > 0,
+    "true or false": lambda v: type(v) is bool,
+    "an object (or null)": lambda v: isinstance(v, dict),
+}
+_INT, _NUM, _BOOL, _OBJ = _EXPECT
+# config.json keys this loader reads → (what they must be, required). An optional key may be
+# absent or null (transformers writes null for "the default"). Checked before any use, so a
+# string, list, zero or negative value is one line naming the key, not a TypeError later.
+_KEYS = {
+    LLAMA: {"vocab_size": (_INT, True), "hidden_size": (_INT, True),
+            "intermediate_size": (_INT, True), "num_hidden_layers": (_INT, True),
+            "num_attention_heads": (_INT, True), "max_position_embeddings": (_INT, True),
+            "num_key_value_heads": (_INT, False), "head_dim": (_INT, False),
+            "rms_norm_eps": (_NUM, False), "rope_theta": (_NUM, False),
+            "tie_word_embeddings": (_BOOL, False), "rope_scaling": (_OBJ, False),
+            "rope_parameters": (_OBJ, False)},
+    GPT2: {"vocab_size": (_INT, True), "n_embd": (_INT, True), "n_layer": (_INT, True),
+           "n_head": (_INT, True), "n_positions": (_INT, True), "n_inner": (_INT, False),
+           "layer_norm_epsilon": (_NUM, False), "tie_word_embeddings": (_BOOL, False)},
+}
+# The HF names of the widths our checks speak of, so that an error names the key to fix.
+_NAMES = {LLAMA: ("hidden_size", "num_attention_heads", "num_key_value_heads"),
+          GPT2: ("n_embd", "n_head", "n_head")}
+
+
 def _refuse(path: Path, key: str, value, fix: str) -> ConfigError:
     return ConfigError(f"{path}: {key}={value!r} is not supported; {fix}")
 
 
-def config_from_hf(hf: dict, path: Path, **overrides) -> ModelConfig:
-    """A `ModelConfig` from a config.json dict, refusing what this model does not compute."""
+def _check_value(path: Path, key: str, value, expect: str) -> None:
+    if not _EXPECT[expect](value):
+        raise ConfigError(f"{path}: {key}={value!r} is not valid; expected {expect}")
+
+
+def _get(hf: dict, key: str, default):
+    """`hf[key]`, or `default` where it is absent or null."""
+    return default if hf.get(key) is None else hf[key]
+
+
+def _check_keys(hf: dict, path: Path, arch: str, embed_width: int | None) -> None:
+    """Types first (the table above), then what the layout needs of the widths, named by the
+    HF key: a hidden size that disagrees with the embedding's width or is not divisible by the
+    heads is the hidden size's fault, not a head_dim mismatch found later."""
+    for key, (expect, required) in _KEYS[arch].items():
+        if hf.get(key) is not None:
+            _check_value(path, key, hf[key], expect)
+        elif required:
+            raise ConfigError(f"{path}: {key} is missing; expected {expect} (is it a complete "
+                              "config.json?)")
+    width, heads, kv = _NAMES[arch]
+    d, n = hf[width], hf[heads]
+    k = hf.get(kv) or n
+    if embed_width is not None and embed_width != d:
+        raise ConfigError(f"{path}: {width}={d} but the embedding's weights are {embed_width} "
+                          f"wide; set {width} to {embed_width}")
+    if d % n:
+        raise ConfigError(f"{path}: {width}={d} is not divisible by {heads}={n}; fix {width} "
+                          f"or {heads}")
+    if n % k:
+        raise ConfigError(f"{path}: {heads}={n} is not a multiple of {kv}={k}; fix {kv}")
+    if arch == LLAMA and hf.get("head_dim") not in (None, d // n):
+        raise ConfigError(f"{path}: head_dim={hf['head_dim']} but {width}={d} / {heads}={n} = "
+                          f"{d // n}; this loader needs them equal: fix {width} if it is wrong (a "
+                          "model whose head_dim differs is not supported)")
+    if arch == LLAMA and (d // n) % 2:
+        raise ConfigError(f"{path}: {width}={d} / {heads}={n} gives an odd head size {d // n}; "
+                          "rotary positions need an even one")
+
+
+def config_from_hf(hf: dict, path: Path, embed_width: int | None = None,
+                   **overrides) -> ModelConfig:
+    """A `ModelConfig` from a config.json dict, refusing what this model does not compute and
+    values of the wrong type. `embed_width`: the stored embedding's width, if known."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"{path} holds a JSON {type(hf).__name__}, not an object; give a "
+                          "model's config.json")
     by_type = {"llama": LLAMA, "gpt2": GPT2}  # a config without architectures names its type
-    arch = (hf.get("architectures") or [by_type.get(hf.get("model_type"))])[0]
+    archs = hf.get("architectures") or [by_type.get(hf.get("model_type"))]
+    if not isinstance(archs, list):
+        raise ConfigError(f"{path}: architectures={archs!r} is not valid; expected a list such "
+                          f"as [\"{LLAMA}\"]")
+    arch = archs[0]
+    if arch not in (LLAMA, GPT2):  # == only: an unhashable entry is refused here too
+        raise ConfigError(f"{path}: architectures={hf.get('architectures')!r} is not supported; "
+                          f"this loader reads {LLAMA} and {GPT2}")
+    _check_keys(hf, path, arch, embed_width)
     if arch == LLAMA:
         rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
         kind = rope.get("rope_type", rope.get("type", "default"))
         if kind != "default":
             raise _refuse(path, "rope_scaling type", kind,
                           "only plain RoPE (rope_type 'default') is implemented")
-        heads = hf["num_attention_heads"]
+        theta = hf.get("rope_theta") or rope.get("rope_theta", 10_000.0)
+        _check_value(path, "rope_theta", theta, _NUM)
         checks = {"hidden_act": (hf.get("hidden_act", "silu"), "silu"),
                   "attention_bias": (hf.get("attention_bias", False), False),
-                  "mlp_bias": (hf.get("mlp_bias", False), False),
-                  "head_dim": (hf.get("head_dim") or hf["hidden_size"] // heads,
-                               hf["hidden_size"] // heads)}
+                  "mlp_bias": (hf.get("mlp_bias", False), False)}
+        heads = hf["num_attention_heads"]
         cfg = ModelConfig(style="llama", vocab_size=hf["vocab_size"], d_model=hf["hidden_size"],
                           n_layers=hf["num_hidden_layers"], n_heads=heads,
                           n_kv_heads=hf.get("num_key_value_heads") or heads,
                           d_ff=hf["intermediate_size"],
                           max_seq_len=hf["max_position_embeddings"],
-                          norm_eps=hf.get("rms_norm_eps", 1e-6),
-                          rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10_000.0)),
-                          tie_embeddings=hf.get("tie_word_embeddings", False))
-    elif arch == GPT2:
+                          norm_eps=hf.get("rms_norm_eps") or 1e-6, rope_theta=theta,
+                          tie_embeddings=_get(hf, "tie_word_embeddings", False))
+    else:
         d = hf["n_embd"]
         checks = {"activation_function": (hf.get("activation_function", "gelu_new"), "gelu_new"),
                   "scale_attn_weights": (hf.get("scale_attn_weights", True), True),
@@ -292,11 +377,8 @@ def config_from_hf(hf: dict, path: Path, **overrides) -> ModelConfig:
         cfg = ModelConfig(style="gpt2", vocab_size=hf["vocab_size"], d_model=d,
                           n_layers=hf["n_layer"], n_heads=hf["n_head"], n_kv_heads=hf["n_head"],
                           d_ff=hf.get("n_inner") or 4 * d, max_seq_len=hf["n_positions"],
-                          norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                          tie_embeddings=hf.get("tie_word_embeddings", True))
-    else:
-        raise ConfigError(f"{path}: architectures={hf.get('architectures')!r} is not supported; "
-                          f"this loader reads {LLAMA} and {GPT2}")
+                          norm_eps=hf.get("layer_norm_epsilon") or 1e-5,
+                          tie_embeddings=_get(hf, "tie_word_embeddings", True))
     for key, (value, wanted) in checks.items():
         if value != wanted:
             raise _refuse(path, key, value, f"{arch} is read with {key}={wanted!r} only")
@@ -346,28 +428,41 @@ class Folder:
             hf = json.loads(config.read_text())
         except (OSError, ValueError) as err:
             raise ConfigError(f"{config} is not readable JSON ({err}); fix or replace it") from err
-        try:
-            self.cfg = config_from_hf(hf, config, **overrides)
-        except KeyError as err:
-            raise ConfigError(f"{config} has no {err}; is it a complete config.json?") from err
         self.files: dict[str, str] = {}  # tensor name → file
         self._open: dict[str, object] = {}  # file → its safe_open handle (memory-mapped)
         if (self.path / INDEX).is_file():
-            try:
-                weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
-            except (OSError, ValueError, KeyError) as err:
-                raise ConfigError(f"{self.path / INDEX} has no readable weight_map ({err}); "
-                                  "fix or replace it") from err
-            self.files = {name: str(self.path / file) for name, file in weight_map.items()}
+            self.files = self._index(self.path / INDEX)
         elif (self.path / SINGLE).is_file():
             self.files = dict.fromkeys(self._handle(str(self.path / SINGLE)).keys(),
                                        str(self.path / SINGLE))
         else:
             raise ConfigError(f"{self.path}: neither {SINGLE} nor {INDEX}; this loader reads "
                               "safetensors only (save the model with safe_serialization)")
+        embed = [n for n in EMBEDDINGS if n in self.files]
+        width = self._slice(embed[0]).get_shape()[-1] if embed else None
+        self.cfg = config_from_hf(hf, config, width, **overrides)
         style = {"llama": ("model.", "embed_tokens.weight"), "gpt2": ("transformer.", "wte.weight")}
         prefix, probe = style[self.cfg.style]
         self.prefix = prefix if prefix + probe in self.files else ""
+        self.stored = self.check(layout(self.cfg, self.prefix))
+
+    def _index(self, index: Path) -> dict[str, str]:
+        """The weight_map of a sharded folder's index: tensor name → file."""
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"{index} has no readable weight_map ({err!r}); fix or replace "
+                              "it") from err
+        if not (isinstance(weight_map, dict)
+                and all(isinstance(f, str) for f in weight_map.values())):
+            raise ConfigError(f"{index}: weight_map is a {type(weight_map).__name__}, not an "
+                              "object of tensor name → file name; fix or replace it")
+        return {name: str(self.path / file) for name, file in weight_map.items()}
+
+    def summary(self) -> str:
+        """"N tensors (P parameters)": what the layout reads from the folder."""
+        count = sum(math.prod(shape) for shape in self.stored.values())
+        return f"{len(self.stored)} tensors ({count:,} parameters)"
 
     def __enter__(self) -> Self:
         return self
@@ -395,15 +490,24 @@ class Folder:
                                   "replace it") from err
         return self._open[file]
 
-    def check(self, nodes: dict[str, Node]) -> None:
-        """Every tensor the layout needs is present with the shape config.json implies."""
+    def check(self, nodes: dict[str, Node]) -> dict[str, tuple[int, ...]]:
+        """Every tensor the layout needs is present, of a float type, with the shape config.json
+        implies: read from the headers only, before anything is placed or written. Returns the
+        tensors and their shapes."""
+        shapes = {}
         for node in nodes.values():
             for leaf in node.leaves():
-                shape = tuple(self._slice(leaf.name).get_shape())
+                tensor = self._slice(leaf.name)
+                shape, dtype = tuple(tensor.get_shape()), tensor.get_dtype()
                 if shape != leaf.hf_shape:
                     raise ConfigError(
                         f"{self.path}: tensor {leaf.name} has shape {shape} but config.json "
                         f"implies {leaf.hf_shape}; the config and the weights disagree")
+                if dtype not in FLOATS:
+                    raise ConfigError(f"{self.path}: tensor {leaf.name} is {dtype}, not a float "
+                                      f"type ({', '.join(FLOATS)}); replace the weights")
+                shapes[leaf.name] = shape
+        return shapes
 
     def read(self, name: str, index: Index) -> np.ndarray:
         return self._slice(name)[index]

@@ -58,7 +58,7 @@ def run_logits(args) -> None:
 
     tokens = parse_tokens(args.tokens)
     with Folder(args.model) as folder:  # the checks that need no mesh, before any is made
-        cfg = folder.cfg
+        cfg, loaded = folder.cfg, folder.summary()
     if max(tokens) >= cfg.vocab_size or len(tokens) > cfg.max_seq_len:
         raise ConfigError(f"--tokens: {len(tokens)} ids up to {max(tokens)}, but {args.model} "
                           f"takes ids below {cfg.vocab_size} and at most {cfg.max_seq_len} "
@@ -68,6 +68,7 @@ def run_logits(args) -> None:
     if args.json:
         print(json.dumps({"tokens": tokens, "logits": out.tolist()}))
         return
+    print(f"loaded {loaded} from {args.model}")
     for pos, row in enumerate(out):
         print(f"position {pos}: token {tokens[pos]} -> most likely next {int(row.argmax())} "
               f"(logit {row.max():.4f})")

@@ -130,7 +130,12 @@ def configure_devices(args: argparse.Namespace) -> None:
 
 def hf_config(args: argparse.Namespace):
     """The model of --init-from-hf DIR. Its shape comes from DIR/config.json, so a model flag
-    that says otherwise is refused (one that agrees is fine); --vocab-multiple is only padding."""
+    that says otherwise is refused (one that agrees is fine). Two flags set no shape and may
+    differ: --vocab-multiple (padding) and, for Llama, --max-seq-len (only a limit: rotary
+    positions have no table; GPT-2's n_positions is the rows of its position table). A --seq-len
+    past the positions is refused here with the fix that works for DIR's kind of model."""
+    import dataclasses
+
     from models import ConfigError
     from models.hf import Folder
 
@@ -140,6 +145,9 @@ def hf_config(args: argparse.Namespace):
     if args.preset is not None:
         raise ConfigError(f"--preset conflicts with --init-from-hf {args.init_from_hf} (the "
                           "model comes from its config.json); drop --preset")
+    llama, positions = cfg.style == "llama", cfg.max_seq_len
+    if llama and args.max_seq_len:
+        cfg = dataclasses.replace(cfg, max_seq_len=args.max_seq_len)
     given = {k: getattr(args, k) for k in [*MODEL_FLAGS, "tie_embeddings"]}
     for flag, value in given.items():
         field = FIELD.get(flag, flag)
@@ -149,6 +157,13 @@ def hf_config(args: argparse.Namespace):
             raise ConfigError(f"{text} conflicts with {args.init_from_hf}/config.json "
                               f"({field}={getattr(cfg, field)!r}); the model shape comes from "
                               "--init-from-hf: drop the flag")
+    if args.seq_len > cfg.max_seq_len:
+        why = (f"max_position_embeddings={positions}" if llama
+               else f"n_positions={positions}, the rows of its learned position table")
+        fix = f", or pass --max-seq-len {args.seq_len} to train past it" if llama else ""
+        raise ConfigError(f"--seq-len {args.seq_len} is longer than the {cfg.max_seq_len} "
+                          f"positions of {args.init_from_hf} ({why}); give --seq-len "
+                          f"{cfg.max_seq_len} or less{fix}")
     return cfg
 
 
@@ -221,7 +236,9 @@ def initial_state(args, trainer):
     if args.init_from_hf:
         from spmd.hf import init_state
 
-        return init_state(args.init_from_hf, trainer)
+        params, opt_state, loaded = init_state(args.init_from_hf, trainer)
+        print(f"loaded {loaded} from {args.init_from_hf}")
+        return params, opt_state
     return trainer.init(args.seed)
 
 

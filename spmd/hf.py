@@ -42,13 +42,14 @@ def load_params(folder: Folder, trainer: Trainer) -> nnx.State:
 
 
 def init_state(path: str | Path, trainer: Trainer):
-    """(params, opt_state) to fine-tune from the folder at `path`: `Trainer.init`'s pair, with
-    the weights read from the folder instead of drawn from a seed."""
+    """(params, opt_state, what was loaded) to fine-tune from the folder at `path`:
+    `Trainer.init`'s pair, with the weights read from the folder instead of drawn from a seed,
+    and `Folder.summary()` for the run's log."""
     with Folder(path) as folder, jax.set_mesh(trainer.mesh):
         params = load_params(folder, trainer)
         opt_state = jax.jit(trainer.tx.init,
                             out_shardings=trainer.canonical_shardings[1])(params)
-    return trainer.from_canonical(params, opt_state)
+        return *trainer.from_canonical(params, opt_state), folder.summary()
 
 
 def open_model(path: str | Path, mesh_spec: str, seq_len: int):

@@ -15,7 +15,8 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from models.hf import Folder, layout, load_tokenizer
+from models import ConfigError
+from models.hf import Folder, config_from_hf, layout, load_tokenizer
 from scripts import hf as hf_script
 from scripts import train as train_script
 from spmd import hf
@@ -159,14 +160,125 @@ def _config(old: str, new: str):
      ["gate_proj.weight has shape (128, 64) but config.json implies (96, 64)"]),
     (_config('"rope_type": "default"', '"rope_type": "yarn"'),
      ["rope_scaling type='yarn' is not supported"]),
+    (_config('"hidden_size": 64', '"hidden_size": "64"'),
+     ["hidden_size='64' is not valid; expected a positive integer"]),
 ], ids=["no-weights", "corrupt-weights", "missing-shard", "unknown-architecture",
-        "shape-mismatch", "rope-scaling"])
+        "shape-mismatch", "rope-scaling", "wrong-type"])
 def test_bad_folder_is_one_line(tmp_path, capfd, edit, expect):
     folder = tmp_path / "model"
     shutil.copytree(FIXTURES / "llama", folder)
     edit(folder)
     code = hf_script.main(["logits", "--model", str(folder), "--tokens", "1 2 3", "--json"])
     one_line_error(capfd, code, str(folder), *expect)
+
+
+def _fixture_config(style: str) -> dict:
+    return json.loads((FIXTURES / style / "config.json").read_text())
+
+
+BAD_CONFIGS = [
+    ("llama", {"hidden_size": "64"}, "hidden_size='64' is not valid; expected a positive integer"),
+    ("llama", {"num_attention_heads": 0}, "num_attention_heads=0 is not valid"),
+    ("llama", {"num_hidden_layers": -1}, "num_hidden_layers=-1 is not valid"),
+    ("llama", {"intermediate_size": [128]}, "intermediate_size=[128] is not valid"),
+    ("llama", {"hidden_size": True}, "hidden_size=True is not valid"),
+    ("llama", {"rope_scaling": "linear"}, "rope_scaling='linear' is not valid; expected an object"),
+    ("llama", {"rms_norm_eps": float("nan")}, "rms_norm_eps=nan is not valid; expected a positive"),
+    ("llama", {"tie_word_embeddings": "false"}, "tie_word_embeddings='false' is not valid"),
+    ("llama", {"max_position_embeddings": None}, "max_position_embeddings is missing"),
+    ("llama", {"hidden_size": 60}, "hidden_size=60 is not divisible by num_attention_heads=16"),
+    ("llama", {"hidden_size": 128}, "head_dim=4 but hidden_size=128 / num_attention_heads=16 = 8"),
+    ("llama", {"num_key_value_heads": 5}, "num_attention_heads=16 is not a multiple of "
+                                          "num_key_value_heads=5"),
+    ("llama", {"architectures": "LlamaForCausalLM"},
+     "architectures='LlamaForCausalLM' is not valid"),
+    ("gpt2", {"vocab_size": -300}, "vocab_size=-300 is not valid; expected a positive integer"),
+    ("gpt2", {"n_positions": 64.0}, "n_positions=64.0 is not valid"),
+    ("gpt2", {"n_embd": 60}, "n_embd=60 is not divisible by n_head=8"),
+]
+
+
+@pytest.mark.parametrize("style,edit,expect", BAD_CONFIGS,
+                         ids=[f"{style}-{next(iter(edit))}" for style, edit, _ in BAD_CONFIGS])
+def test_config_json_bad_values_are_named(style, edit, expect):
+    """In-process, on a dict: a wrong type, count or width in config.json is one message naming
+    the key, the value and what is expected (not a TypeError, nor blamed on another key)."""
+    with pytest.raises(ConfigError) as err:
+        config_from_hf({**_fixture_config(style), **edit}, Path("m/config.json"))
+    assert str(err.value).startswith("m/config.json") and expect in str(err.value), err.value
+
+
+def _weights(drop=(), change=None):
+    """A folder edit: the fixture's tensors, less those in `drop`, `change(name, array)` applied."""
+    def edit(d: Path) -> None:
+        tensors = load_file(d / "model.safetensors")
+        tensors = {k: change(k, v) if change else v for k, v in tensors.items() if k not in drop}
+        save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+    return edit
+
+
+def _poison(name: str, value, dtype=None):
+    """Tensor `name` with one element set to `value` (late in the tensor: one device's block),
+    or cast to `dtype`."""
+    def change(key, array):
+        if key != name:
+            return array
+        if dtype is not None:
+            return array.astype(dtype)
+        array = array.copy()
+        array.reshape(-1)[-3] = value
+        return array
+
+    return change
+
+
+@pytest.mark.parametrize("edit,expect", [
+    (lambda d: (d / "model.safetensors.index.json").write_text('{"weight_map": ["a", "b"]}'),
+     ["weight_map is a list, not an object"]),
+    (_config('"hidden_size": 64', '"hidden_size": 96'),
+     ["hidden_size=96 but the embedding's weights are 64 wide; set hidden_size to 64"]),
+    (_weights(drop=["model.layers.1.mlp.up_proj.weight"]),
+     ["tensor model.layers.1.mlp.up_proj.weight is missing"]),
+], ids=["weight-map-list", "hidden-size-vs-weights", "missing-tensor"])
+def test_bad_folder_fails_at_open(tmp_path, edit, expect):
+    """Checked when the folder is opened, before any mesh exists (in-process, cheap)."""
+    shutil.copytree(FIXTURES / "llama", tmp_path / "m")
+    edit(tmp_path / "m")
+    with pytest.raises(ConfigError) as err:
+        Folder(tmp_path / "m")
+    assert all(e in str(err.value) for e in expect), err.value
+
+
+@pytest.mark.parametrize("change,expect", [
+    (_poison("model.layers.1.mlp.down_proj.weight", np.nan), "tensor model.layers.1.mlp.down_proj"
+                                                             ".weight holds NaN or infinite"),
+    (_poison("lm_head.weight", -np.inf), "tensor lm_head.weight holds NaN or infinite"),
+    (_poison("model.norm.weight", 0, np.int32), "tensor model.norm.weight is I32, not a float"),
+    (_poison("model.embed_tokens.weight", 0, np.bool_), "model.embed_tokens.weight is BOOL"),
+], ids=["nan", "inf", "int32", "bool"])
+def test_bad_weights_are_one_line(tmp_path, capfd, change, expect):
+    """NaN/Inf found in the block a device reads (no extra pass); an integer or bool tensor from
+    the header, when the folder opens. On a mesh, so the bad value sits in one device's shard."""
+    folder = tmp_path / "model"
+    shutil.copytree(FIXTURES / "llama", folder)
+    _weights(change=change)(folder)
+    code = hf_script.main(["logits", "--model", str(folder), "--tokens", "1 2 3", "--mesh",
+                           "tensor=4", "--json"])
+    one_line_error(capfd, code, str(folder), expect)
+
+
+def _loaded_line(folder) -> str:
+    """What a load from `folder` prints: every tensor of the fixture file is read."""
+    tensors = load_file(Path(folder) / "model.safetensors")
+    return (f"loaded {len(tensors)} tensors ({sum(t.size for t in tensors.values()):,} "
+            f"parameters) from {folder}")
+
+
+def test_logits_prints_what_it_loaded(capfd):
+    gpt2 = str(FIXTURES / "gpt2")
+    assert hf_script.main(["logits", "--model", gpt2, "--tokens", "1 2 3"]) == 0
+    assert capfd.readouterr().out.splitlines()[0] == _loaded_line(gpt2)
 
 
 def test_tokenizer_encodes_as_tokenizers_does():
@@ -189,6 +301,30 @@ def test_logits_cli_json():
     assert got.shape == want.shape and rel_err(got, want) < RTOL
 
 
+@pytest.mark.parametrize("style,flags,follow", [
+    ("gpt2", [], r"give (--seq-len \d+) or less"),  # learned positions: only a shorter --seq-len
+    ("llama", ["--seq-len", "256"], r"pass (--max-seq-len \d+)"),  # rotary: no table to outgrow
+], ids=STYLES[::-1])
+def test_init_from_hf_seq_len_error_can_be_followed(tmp_path, style, flags, follow):
+    """train.py --init-from-hf with a --seq-len past the folder's positions (GPT-2 by default:
+    128 > n_positions 64) is refused with a fix, and the run built with that fix is accepted
+    (in-process, up to the Trainer; nothing compiles). It used to ask GPT-2 for a --max-seq-len
+    that the next run refused as conflicting with config.json."""
+    import re
+
+    text = tmp_path / "text.txt"
+    text.write_text((ROOT / "README.md").read_text()[:20_000])
+    run = ["--init-from-hf", str(FIXTURES / style), "--tokenizer", str(FIXTURES / style),
+           "--data", str(text), "--steps", "1", "--batch-size", "8", "--mesh", "data=8",
+           "--eval-every", "0", *flags]
+    with pytest.raises(ConfigError) as err:
+        train_script.build(train_script.parse_args(run))
+    fix = re.search(follow, str(err.value))
+    assert fix and "--seq-len" in str(err.value), err.value
+    trainer, _ = train_script.build(train_script.parse_args([*run, *fix[1].split()]))
+    assert trainer.cfg.max_seq_len == {"gpt2": 64, "llama": 256}[style]  # Trainer checked it
+
+
 def test_fine_tune_from_hf_then_export(tmp_path, capfd):
     """train.py --init-from-hf --tokenizer trains two steps (also through zb-h1 in bfloat16,
     from the same loss); scripts/hf.py exports the saved
@@ -205,6 +341,7 @@ def test_fine_tune_from_hf_then_export(tmp_path, capfd):
     assert train_script.main([*run, "--mesh", "data=2,tensor=4", "--checkpoint-dir", str(ckpt),
                               "--checkpoint-every", "1", "--metrics",
                               str(tmp_path / "f32.jsonl")]) == 0
+    assert _loaded_line(llama) in capfd.readouterr().out
     # The same start through a pipeline schedule in bfloat16: step 1's loss is the loaded
     # model's on the first batch, so it differs from float32's by bf16 rounding only.
     assert train_script.main([*run, "--mesh", "data=2,stage=2,tensor=2", "--schedule", "zb-h1",
