@@ -203,11 +203,13 @@ def sends_from_actions(sched) -> dict[str, int]:
     ticks: dict[str, set[int]] = collections.defaultdict(set)
     for (s, a), t in simulate(sched, lockstep=True).starts.items():
         k = p * a.chunk + s if sched.placement == "looped" else (s, 2 * p - 1 - s)[a.chunk]
-        assert holder(sched.placement, p, k) == (s, a.chunk)
-        to = {"F": k + 1, "B": k - 1}.get(a.kind)
-        if to is None or not 0 <= to < p * v or holder(sched.placement, p, to)[0] == s:
+        assert holder(sched.placement, p, k) == (s, a.chunk)  # the two readings agree
+        to = {"F": k + 1, "B": k - 1}.get(a.kind)  # W sends nothing
+        if to is None or not 0 <= to < p * v:
             continue
         r = holder(sched.placement, p, to)[0]
+        if r == s:  # V's turn: handed over within the stage
+            continue
         down = r == s + 1 or ring and (s, r) == (p - 1, 0)
         ticks[{("F", True): "send_activation", ("F", False): "send_activation_back",
                ("B", True): "send_gradient_back", ("B", False): "send_gradient"}[
