@@ -6,6 +6,7 @@ the schedule table; and `scripts/explain.py --json` end to end."""
 import collections
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,8 @@ from models import Transformer
 from pipeline.actions import StageActions
 from pipeline.executor import action_counts, plan
 from pipeline.run import head_parts
+from pipeline.schedules import SCHEDULES, chunks_needed, make_schedule
+from pipeline.simulate import simulate
 from spmd import analysis, census, hlo
 from spmd.rules import batch_shards
 from tests.helpers import BATCH, SEQ, TEST_MODEL, compiled, weight_gathers
@@ -176,6 +179,95 @@ def test_pipeline_moves_activations_only():
     n = 2 + 2 - 2
     assert sorted((c.source, c.phase, c.bytes, c.axes, c.counts) for c in sends) == [
         ("pipeline send/recv", phase, x_mb, ("stage",), (n, n)) for phase in "BF"]
+
+
+def holder(placement: str, p: int, k: int) -> tuple[int, int]:
+    """(stage, chunk) of virtual stage k, as the README defines the placements (not
+    `Schedule.place`): looped, chunk c of stage s is c·p + s; V, stage s holds s and
+    2p − 1 − s."""
+    if placement == "v":
+        return (k, 0) if k < p else (2 * p - 1 - k, 1)
+    return k % p, k // p
+
+
+def sends_from_actions(sched) -> dict[str, int]:
+    """Per send scope, the ticks on which some stage sends, derived from the schedule's actions
+    alone: an F of virtual stage k < pv − 1 hands its activation to the holder of k + 1, a B
+    (the input gradient) of k > 0 its gradient to the holder of k − 1, in the tick the action
+    runs (lockstep: one slot a tick); nothing moves where both are on one stage (V's turn).
+    Scopes by direction (`executor.SENDS`): to the next stage (looped: p − 1 to 0 around the
+    ring) `send_activation` and `send_gradient_back`, to the previous one `send_activation_back`
+    and `send_gradient` (on a ring of 2 stages next and previous are one: named as the next)."""
+    p, v = sched.stages, sched.virtual_stages
+    ring = sched.placement == "looped" and v > 1
+    ticks: dict[str, set[int]] = collections.defaultdict(set)
+    for (s, a), t in simulate(sched, lockstep=True).starts.items():
+        k = p * a.chunk + s if sched.placement == "looped" else (s, 2 * p - 1 - s)[a.chunk]
+        assert holder(sched.placement, p, k) == (s, a.chunk)  # the two readings agree
+        to = {"F": k + 1, "B": k - 1}.get(a.kind)  # W sends nothing
+        if to is None or not 0 <= to < p * v:
+            continue
+        r = holder(sched.placement, p, to)[0]
+        if r == s:  # V's turn: handed over within the stage
+            continue
+        down = r == s + 1 or ring and (s, r) == (p - 1, 0)
+        ticks[{("F", True): "send_activation", ("F", False): "send_activation_back",
+               ("B", True): "send_gradient_back", ("B", False): "send_gradient"}[
+                   a.kind, down]].add(t)
+    return {name: len(t) for name, t in ticks.items()}
+
+
+SEND_CASES = [(name, p, m) for name in SCHEDULES for p, m in ((2, 4), (4, 8), (3, 6))
+              if not (name == "interleaved" and m % p)]
+
+
+@pytest.mark.parametrize("name,p,m", SEND_CASES)
+def test_send_ticks_follow_from_the_actions(name, p, m):
+    """The ticks the executor sends on (which the census and the closed forms both count),
+    against the schedule's actions: a tick on which no stage sends runs no `ppermute`."""
+    v = chunks_needed(name)
+    want = sends_from_actions(make_schedule(name, p, m, v))
+    assert analysis.send_ticks(name, p, m, v) == want
+
+
+def unconditional(text: str) -> set[str]:
+    """The computations of a compiled program that run whenever their caller does: reached
+    from ENTRY without entering a `conditional`'s branches."""
+    comps, entry = hlo._parse_computations(text)
+    seen, todo = set(), [entry]
+    while todo:
+        c = todo.pop()
+        if c in seen or c not in comps:
+            continue
+        seen.add(c)
+        for ins in comps[c]:
+            if ins.opcode != "conditional":
+                todo += re.findall(r"%?([\w.\-]+)", " ".join(
+                    [b for _, b in hlo._CALL_ONE.findall(ins.attrs)]
+                    + hlo._CALL_MANY.findall(ins.attrs)))
+    return seen
+
+
+@pytest.mark.parametrize("case", ["gpipe", "zb-h1", "interleaved"])
+def test_census_sends_equal_the_actions_and_skip_empty_ticks(case):
+    """Each send scope of the compiled step runs on exactly the ticks its schedule's actions
+    send (`sends_from_actions`), on every stage; and its `ppermute` sits only inside a
+    `lax.cond` branch, so the ticks without a send skip it (were it in the tick loop's body
+    proper, it would run on every tick, which the census would not see)."""
+    tr, got, _, _ = executed(case)
+    tc = tr.tc
+    want = sends_from_actions(make_schedule(tc.schedule, tr.stages, tc.microbatches,
+                                            tc.virtual_stages))
+    sends = [r for r in got if r.op == "collective-permute" and r.source == "pipeline send/recv"]
+    counted = {census._SEND.search(r.name).group(1): r.counts for r in sends}
+    assert len(counted) == len(sends)
+    assert counted == {k: (float(n),) * tr.stages for k, n in want.items()}, (counted, want)
+    text = compiled(*CASES[case][:2], cfg=CASES[case][2], **CASES[case][3])[3]
+    comps, _ = hlo._parse_computations(text)
+    always = unconditional(text)
+    where = {c for c, instrs in comps.items() for ins in instrs
+             if ins.opcode == "collective-permute" and census._SEND.search(ins.attrs)}
+    assert where and not where & always, sorted(where & always)
 
 
 def test_explain_json_reports_what_each_stage_runs():

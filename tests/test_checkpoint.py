@@ -243,3 +243,40 @@ def test_corrupt_checkpoint_is_a_clear_error(tr, initial, tmp_path, damage):
     with CheckpointManager.open(tmp_path, INFO, resume=True) as ckpt:
         assert ckpt.latest_step() == 0
         ckpt.restore(0, tr)
+
+
+def bounds(index, shape) -> tuple[tuple[int, int], ...]:
+    """(start, stop) per dimension of a shard's index (a whole dimension: (0, n))."""
+    return tuple(sl.indices(n)[:2] for sl, n in zip(index, shape, strict=True))
+
+
+def test_restore_reads_each_device_only_its_shards(after_one_step, monkeypatch):
+    """Counted where Orbax reads a stored array: every read is one shard of the target sharding
+    (its index, onto exactly the devices that hold that index), each shard once. A restore that
+    read whole arrays onto one device and resharded afterwards would read indices the target
+    does not have, onto devices that are not theirs."""
+    from orbax.checkpoint._src.serialization import serialization
+
+    directory, host_state, _ = after_one_step
+    tr = trainer(TEST_MODEL, "tensor=8")
+    reads = []  # (global shape, index bounds, device ids), one per read
+    read = serialization._read_array_index_and_device_put
+
+    async def counting_read(devices, index, t, *, global_shape, **kw):
+        shape = tuple(global_shape)
+        reads.append((shape, bounds(index, shape), frozenset(d.id for d in devices)))
+        return await read(devices, index, t, global_shape=global_shape, **kw)
+
+    monkeypatch.setattr(serialization, "_read_array_index_and_device_put", counting_read)
+    with CheckpointManager.open(directory, INFO, resume=True) as ckpt:
+        params, opt_state, _ = ckpt.restore(0, tr)
+    assert_restored(tr, (params, opt_state), host_state)
+    want = []
+    for leaf, sharding in zip(jax.tree.leaves(host_state),
+                              jax.tree.leaves((tr.param_shardings, tr.opt_shardings)), strict=True):
+        holders = {}
+        for device, index in sharding.devices_indices_map(leaf.shape).items():
+            holders.setdefault(bounds(index, leaf.shape), set()).add(device.id)
+        want += [(leaf.shape, key, frozenset(ids)) for key, ids in holders.items()]
+    assert sorted(reads, key=str) == sorted(want, key=str)
+    assert any(len(ids) == 1 for _, _, ids in want)  # shards that one device alone holds

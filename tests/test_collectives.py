@@ -59,3 +59,19 @@ def test_no_weight_is_ever_all_gathered():
                 if c.op == "all-gather"]
     assert gathers and all(c.bytes == x_shard for c in gathers), gathers
     assert weight_gathers("data=2,tensor=4", sequence_parallel=True) == []
+
+
+def test_vocab_parallel_loss_reduces_max_sum_exp_and_target_logit(tensor_only):
+    """Megatron's vocab-parallel cross-entropy reduces exactly three per-token statistics over
+    `tensor`, once each: the max (the shift that keeps exp finite), the sum of exponentials and
+    the target logit. Dropping the shift removes the max's all-reduce and nothing else fails
+    on ordinary logits (`test_reference.test_loss_is_stable_for_large_logits` shows the cost)."""
+    stat_bytes = BATCH * SEQ * 4
+    loss = [c for c in tensor_only if c.op == "all-reduce" and "jvp(loss)/" in c.name]
+    reductions = sorted(c.name.rsplit("jvp(loss)/", 1)[1].rstrip(")") for c in loss)
+    assert reductions == ["reduce_max", "reduce_sum", "reduce_sum"], [c.name for c in loss]
+    assert all(c.count == 1 and c.axes == ("tensor",) for c in loss), loss
+    # The max and the sum of exponentials alone; XLA may combine the target logit's sum with
+    # the optimizer's few gradient-norm scalars, so that one holds at least B·T floats.
+    assert sorted(c.bytes for c in loss)[:2] == [stat_bytes] * 2, loss
+    assert all(c.bytes >= stat_bytes for c in loss), loss

@@ -24,10 +24,13 @@ DECAYED = {
 def test_weight_decay_skips_norm_gains_and_biases(style):
     """One AdamW step on zero gradients moves a parameter only through weight decay: the
     weights shrink by lr·wd·w exactly, every gain and bias (stacked (L, ...) ones included)
-    stays bit-identical."""
+    stays bit-identical. Every leaf first gets random values in [0.5, 1.5): at init biases are
+    0 and gains 1, so decaying a bias would move nothing and go unseen."""
     cfg = dataclasses.replace(TEST_MODEL, style=style, tie_embeddings=style == "gpt2")
     tr = trainer(cfg, "single", warmup_steps=0, learning_rate=1e-2, weight_decay=0.1)
     params, opt_state = tr.init(seed=0)
+    rng = np.random.default_rng(0)
+    params = jax.tree.map(lambda a: jnp.asarray(rng.uniform(0.5, 1.5, a.shape), a.dtype), params)
     zeros = jax.tree.map(jnp.zeros_like, params)
     updates, _ = jax.jit(tr.tx.update)(zeros, opt_state, params)
     lr_wd = 1e-2 * 0.1

@@ -13,7 +13,8 @@ import pytest
 from models import build_config
 from scripts import sample
 from spmd.checkpoint import CheckpointManager, run_info
-from spmd.sampling import generate, generation_speed
+from spmd import analysis, hlo
+from spmd.sampling import _buffer, _sampler, generate, generation_speed
 from spmd.train_step import TrainConfig
 
 from .helpers import trainer
@@ -92,6 +93,33 @@ def test_cache_is_sharded_over_batch_and_kv_heads(model):
         assert a.shape == (cfg.n_layers, 2, 8, cfg.n_kv_heads, cfg.head_dim)
         assert a.sharding.shard_shape(a.shape) == (cfg.n_layers, 1, 8, cfg.n_kv_heads // 4,
                                                    cfg.head_dim)
+
+
+def test_kv_cache_does_a_tokens_work_per_token():
+    """Read from the compiled programs (matmul FLOPs, loop trip counts included), not timed.
+    Without the cache each of the N new tokens re-runs the model over the whole buffer of S =
+    prompt + N positions: N forward passes of S tokens. With it, the prefill runs the P − 1
+    prompt tokens before the last (its logits unused, so without the head) and each step one
+    token, each attending to the S cached positions: (P − 1 + N) tokens' work in all, about 1/S
+    of the uncached. A cached step that recomputed the prefix would cost the uncached's."""
+    cfg = config("llama")
+    tr, params = on_mesh(cfg, initial("llama")[0], "single")
+    buffer = _buffer(tr, PROMPT, NEW)
+    rows, length = buffer.shape
+    dots = {}
+    with jax.set_mesh(tr.mesh):
+        for cache in (True, False):
+            run = _sampler(tr, PROMPT.size, length, 0.0, 0, cache)
+            text = run.lower(params, tr.place(buffer), jax.random.key(0)).compile().as_text()
+            dots[cache] = sum(f.flops * f.count for f in hlo.flops(text) if f.kind == "dot")
+    # One forward pass over the whole buffer, per token 2N + 4·L·h·S (PaLM's 6N + 12·L·h·s
+    # of a train step, less its backward: a third).
+    forward = analysis.model_flops(cfg, rows, length) / 3
+    head = 2 * rows * analysis.param_counts(cfg)["head_tp"]  # per token
+    assert dots[False] == pytest.approx(NEW * forward, rel=1e-6), dots
+    tokens = PROMPT.size - 1 + NEW
+    want = tokens / length * forward - (PROMPT.size - 1) * head
+    assert dots[True] == pytest.approx(want, rel=1e-6), dots
 
 
 def test_generation_speed_reports_both_paths():

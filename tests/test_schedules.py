@@ -286,6 +286,50 @@ def test_dualpipe_v_is_deepseeks_order():
                 assert deferred == [Action("W", b.microbatch, b.chunk) for b in order]
 
 
+TORCH_DUALPIPEV = Path(__file__).parent / "fixtures" / "torch_dualpipev.json"
+
+
+def in_torch_notation(sch, s: int) -> list[str]:
+    """Stage s's slots as torch prints its `_Action`s: virtual stage (V: stage s holds s and
+    2p − 1 − s), kind, micro-batch; a B alone is torch's input gradient "I", a B with its own
+    W the full backward "B", a slot F + full backward torch's OVERLAP_F_B."""
+    p = sch.stages
+
+    def one(a, kind=None) -> str:
+        return f"{(s, 2 * p - 1 - s)[a.chunk]}{kind or a.kind}{a.microbatch}"
+
+    def full(b, w) -> bool:
+        return (b.kind, w.kind, b.microbatch, b.chunk) == ("B", "W", w.microbatch, w.chunk)
+
+    out = []
+    for slot in sch.slots(s):
+        if len(slot) == 1:
+            out.append(one(slot[0], "I" if slot[0].kind == "B" else None))
+        elif len(slot) == 2 and full(*slot):
+            out.append(one(slot[0]))
+        elif len(slot) == 3 and slot[0].kind == "F" and full(*slot[1:]):
+            out.append(f"({one(slot[0])};{one(slot[1])})OVERLAP_F_B")
+        else:
+            out.append("+".join(map(str, slot)))  # matches nothing torch prints
+    return out
+
+
+def test_dualpipe_v_is_torchs_order():
+    """Rank by rank, action by action, the order that torch's own `ScheduleDualPipeV` builds
+    (`_calculate_single_rank_operations`, run from torch 2.9.1's source by
+    `scripts/torch_dualpipev.py`), including torch's (and DeepSeek's) two separate actions
+    for the last rank's first forward and full backward of step 4."""
+    data = json.loads(TORCH_DUALPIPEV.read_text())
+    assert data["source"]["function"] == "ScheduleDualPipeV._calculate_single_rank_operations"
+    assert len(data["orders"]) >= 4
+    for size, ranks in data["orders"].items():
+        p, m = (int(x.split("=")[1]) for x in size.split(","))
+        sch = make_schedule("dualpipe-v", p, m, 2)
+        assert len(ranks) == p
+        for s, want in enumerate(ranks):
+            assert in_torch_notation(sch, s) == want, (size, s)
+
+
 def test_dualpipe_v_closed_form_and_deepseek_memory():
     """F=B=W=1 per chunk action, a slot's members one after another (F+B+W: 3 ticks). A step
     takes 6m+p-1 ticks, the least any V schedule can (ZB-V's); every stage s runs from tick s
