@@ -1,0 +1,117 @@
+"""What every script's command line shares: the one-line error, range checks, output paths.
+
+The project's rule for bad input is one line, `error: ...`, naming the value and the fix, exit
+code 2, no traceback, nothing written. This module imports no jax, so a script checks its flags
+(and a test checks them, in-process) before the seconds that importing jax and compiling take.
+"""
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+# What matplotlib writes without extra packages; a path is checked against these at start, so a
+# typo does not cost the whole run (matplotlib would refuse it only when it saves).
+IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """`--help` shows each default, except where there is none to show (None, a switch that is
+    off) or the help text already says it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse reports a bad flag as two lines (usage, then the error); the project's rule is
+    one line naming the value, exit 2, like every other bad setting."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def flag(name: str) -> str:
+    """`cpu_devices` → `--cpu-devices`."""
+    return "--" + name.replace("_", "-")
+
+
+def check_limits(parser: argparse.ArgumentParser, args: argparse.Namespace,
+                 limits: dict[str, tuple]) -> None:
+    """Refuse numbers that would do nothing, crash later or be silently ignored: `limits` maps
+    a flag's dest to (smallest, largest or None); a value of None (not given) is not checked.
+    A list value (nargs="+") is checked item by item."""
+    for name, (low, high) in limits.items():
+        value = getattr(args, name)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and (v < low or high is not None and v > high or
+                                  isinstance(v, float) and not math.isfinite(v)):
+                bound = f"at least {low}" if high is None else f"between {low} and {high}"
+                parser.error(f"{flag(name)} must be {bound}, got {v}")
+
+
+def output_error(option: str, path: str | None, suffixes: tuple = ()) -> str | None:
+    """Why `path` cannot take the file that `option` writes (None: it can, or no path given):
+    a folder, a missing or unwritable folder, or (with `suffixes`) an extension not among them.
+    Checked at start, so the run does not fail after its work."""
+    if path is None:
+        return None
+    p, parent = Path(path), Path(path).parent
+    if p.is_dir():
+        return f"{option} {path}: is a folder; give a file in an existing folder"
+    if suffixes and p.suffix.lower() not in suffixes:
+        return (f"{option} {path}: unsupported file type {p.suffix or '(none)'!r}; end the name "
+                f"in one of {', '.join(suffixes)}")
+    if not parent.is_dir():
+        return (f"{option} {path}: its folder {parent} does not exist; give a file in an "
+                "existing folder")
+    if not os.access(parent, os.W_OK) or p.exists() and not os.access(p, os.W_OK):
+        return f"{option} {path}: not writable; give a file in a folder you can write"
+    return None
+
+
+def output_dir_error(option: str, path: str | None) -> str | None:
+    """Why folder `path` (created if missing) cannot be written (None: it can): it, or the
+    nearest part of it that exists, is a file or not writable."""
+    if path is None:
+        return None
+    p = Path(path).absolute()
+    while not p.exists():
+        p = p.parent
+    if not p.is_dir():
+        return f"{option} {path}: {p} is a file; give a folder"
+    if not os.access(p, os.W_OK):
+        return f"{option} {path}: {p} is not writable; give a folder you can write"
+    return None
+
+
+def check_outputs(parser: argparse.ArgumentParser, *checks: str | None) -> None:
+    """parser.error on the first problem that `output_error` / `output_dir_error` found."""
+    for problem in checks:
+        if problem:
+            parser.error(problem)
+
+
+def configure_devices(cpu_devices: int | None) -> None:
+    """Must run before jax is imported: XLA reads the flag once, at backend start.
+
+    An explicit --cpu-devices wins (and selects the CPU); otherwise an existing
+    --xla_force_host_platform_device_count in XLA_FLAGS is kept, else 8 devices.
+    """
+    flags = os.environ.get("XLA_FLAGS", "").split()
+    count = "--xla_force_host_platform_device_count"
+    if cpu_devices is not None:
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        flags = [f for f in flags if not f.startswith(count)]
+    if not any(f.startswith(count) for f in flags):
+        flags.append(f"{count}={cpu_devices or 8}")
+    os.environ["XLA_FLAGS"] = " ".join(flags)
