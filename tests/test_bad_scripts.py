@@ -1,0 +1,37 @@
+"""Bad input to the scripts other than train.py (tests/test_bad_inputs.py): one line
+`error: ...` naming the value and a flag the script has, exit code 2, nothing written. Checked
+in-process through each script's parse_args (milliseconds); a real process only where the
+behaviour needs one."""
+
+import pytest
+
+from scripts import schedule
+
+
+def refused(parse, argv, capsys) -> str:
+    """The one line that `parse(argv)` printed on its way to exit code 2."""
+    with pytest.raises(SystemExit) as stop:
+        parse(argv)
+    assert stop.value.code == 2
+    out = capsys.readouterr()
+    lines = out.err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and not out.out, out
+    return lines[0].removeprefix("error: ")
+
+
+SCHEDULE = ["--schedule", "1f1b", "--stages", "2", "--microbatches", "4"]
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--stages", "100000"], "--stages must be between 1 and 64, got 100000"),
+    (["--microbatches", "100000"], "--microbatches must be between 1 and 512, got 100000"),
+    (["--microbatches", "0"], "--microbatches must be between 1 and 512, got 0"),
+    (["--virtual-stages", "-1"], "--virtual-stages must be between 1 and 8, got -1"),
+    (["--png", "{d}/x.xyz"], "--png {d}/x.xyz: unsupported file type '.xyz'"),
+    (["--png", "{d}/no/x.png"], "--png {d}/no/x.png: its folder {d}/no does not exist"),
+])
+def test_schedule(args, expect, tmp_path, capsys):
+    """Sizes are capped (a typo of m = 100000 would simulate for minutes), and --png is
+    checked before the simulation, not after it."""
+    argv = SCHEDULE + [a.format(d=tmp_path) for a in args]
+    assert refused(schedule.parse_args, argv, capsys).startswith(expect.format(d=tmp_path))
