@@ -35,6 +35,12 @@ class Parser(argparse.ArgumentParser):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, formatter_class=HelpFormatter, **kwargs)
 
+    def format_help(self) -> str:
+        for action in self._actions:  # argparse shows no default for a flag without help text
+            if not action.help and action.default not in (None, False, argparse.SUPPRESS):
+                action.help = "(default: %(default)s)"
+        return super().format_help()
+
     def error(self, message: str) -> NoReturn:
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)

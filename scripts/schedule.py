@@ -28,7 +28,8 @@ from pipeline.schedules import (  # noqa: E402
 from pipeline.simulate import simulate  # noqa: E402
 
 
-from scripts.cli import IMAGE_SUFFIXES, Parser, check_limits, check_outputs, output_error  # noqa: E402
+from scripts.cli import (  # noqa: E402
+    IMAGE_SUFFIXES, Parser, check_limits, check_outputs, output_error)
 
 # The simulator and the drawings take seconds at these sizes (zb-h1 at p=64, m=512: about 2 s
 # on one core); far beyond them a typo would run for minutes.

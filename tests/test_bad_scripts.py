@@ -5,7 +5,7 @@ behaviour needs one."""
 
 import pytest
 
-from scripts import schedule
+from scripts import launch_local, plot, schedule
 
 
 def refused(parse, argv, capsys) -> str:
@@ -35,3 +35,37 @@ def test_schedule(args, expect, tmp_path, capsys):
     checked before the simulation, not after it."""
     argv = SCHEDULE + [a.format(d=tmp_path) for a in args]
     assert refused(schedule.parse_args, argv, capsys).startswith(expect.format(d=tmp_path))
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--processes", "2", "--port", "70000", "--", "x.py"],
+     "--port must be between 1 and 65535, got 70000"),
+    (["--processes", "2", "--"], "no command to run: give it after --"),
+    (["--processes", "2"], "no command to run: give it after --"),  # was exit 1, no "error:"
+    (["--processes", "0", "--", "x.py"], "--processes must be at least 1, got 0"),
+])
+def test_launch_local(args, expect, capsys):
+    assert refused(launch_local.parse_args, args, capsys).startswith(expect)
+
+
+@pytest.mark.parametrize("content,args,expect", [
+    (b"\xff\xfe\n", [], "cannot read metrics {m}: 'utf-8' codec can't decode"),
+    (b'{"loss": 1.0}\n', [], "metrics {m}: record 1 has no integer 'step'"),  # was a blank plot
+    (b"[1, 2]\n", [], "metrics {m}: record 1 has no integer 'step'"),
+    (b'{"step": 0, "loss": 1.0}\n', ["--out", "{d}/x.xyz"],
+     "--out {d}/x.xyz: unsupported file type '.xyz'"),
+])
+def test_plot(content, args, expect, tmp_path, capsys):
+    """Nothing is written: the image file is checked first, the metrics before plotting."""
+    metrics = tmp_path / "m.jsonl"
+    metrics.write_bytes(content)
+    argv = [str(metrics), "--out", str(tmp_path / "loss.png")]
+    argv += [a.format(d=tmp_path) for a in args]
+    try:
+        code = plot.main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    out = capsys.readouterr()
+    assert code == 2 and out.err.splitlines() == [out.err.strip()] and not out.out, out
+    assert out.err.startswith("error: " + expect.format(m=metrics, d=tmp_path)), out.err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]
