@@ -12,6 +12,22 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
+MODEL_FLAGS = {  # flag → type, for the model flags that override a preset's sizes
+    "vocab_size": int, "d_model": int, "layers": int, "heads": int, "kv_heads": int,
+    "d_ff": int, "max_seq_len": int, "vocab_multiple": int, "style": str,
+}
+FIELD = {"layers": "n_layers", "heads": "n_heads", "kv_heads": "n_kv_heads"}  # → ModelConfig
+# Flag (dest) → (smallest, largest or None) accepted value, for every script that has the flag;
+# checked right after parsing by `check_limits`.
+LIMITS = {
+    **{flag: (1, None) for flag, kind in MODEL_FLAGS.items() if kind is int},
+    "cpu_devices": (1, None), "steps": (1, None), "batch_size": (1, None), "seq_len": (1, None),
+    "warmup": (0, None), "microbatches": (1, None), "virtual_stages": (1, None),
+    "grad_accum": (1, None), "eval_every": (0, None), "log_every": (1, None),
+    "checkpoint_every": (1, None), "keep": (1, None), "num_processes": (1, None),
+    "process_id": (0, None), "generate": (0, None),
+    "seed": (0, 2**63 - 1),  # numpy's generator takes no negative seed, jax.random.key a C long
+}
 # What matplotlib writes without extra packages; a path is checked against these at start, so a
 # typo does not cost the whole run (matplotlib would refuse it only when it saves).
 IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
@@ -23,7 +39,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default in (None, False) or "default" in text:
+        if action.default is None or action.default is False or "default" in text:
             return text
         return super()._get_help_string(action)
 
@@ -37,7 +53,8 @@ class Parser(argparse.ArgumentParser):
 
     def format_help(self) -> str:
         for action in self._actions:  # argparse shows no default for a flag without help text
-            if not action.help and action.default not in (None, False, argparse.SUPPRESS):
+            if not action.help and action.default not in (None, argparse.SUPPRESS) \
+                    and action.default is not False:
                 action.help = "(default: %(default)s)"
         return super().format_help()
 
@@ -52,12 +69,13 @@ def flag(name: str) -> str:
 
 
 def check_limits(parser: argparse.ArgumentParser, args: argparse.Namespace,
-                 limits: dict[str, tuple]) -> None:
-    """Refuse numbers that would do nothing, crash later or be silently ignored: `limits` maps
-    a flag's dest to (smallest, largest or None); a value of None (not given) is not checked.
-    A list value (nargs="+") is checked item by item."""
+                 limits: dict[str, tuple] = LIMITS) -> None:
+    """Refuse numbers that would do nothing, crash later or be silently ignored (a 0 for
+    `--steps`, `--cpu-devices` or a model size): `limits` maps a flag's dest to (smallest,
+    largest or None); flags this script lacks and values of None (not given) are skipped. A
+    list value (nargs="+") is checked item by item."""
     for name, (low, high) in limits.items():
-        value = getattr(args, name)
+        value = getattr(args, name, None)
         for v in value if isinstance(value, list) else [value]:
             if v is not None and (v < low or high is not None and v > high or
                                   isinstance(v, float) and not math.isfinite(v)):
@@ -121,3 +139,26 @@ def configure_devices(cpu_devices: int | None) -> None:
     if not any(f.startswith(count) for f in flags):
         flags.append(f"{count}={cpu_devices or 8}")
     os.environ["XLA_FLAGS"] = " ".join(flags)
+
+
+def add_model_flags(parser: argparse.ArgumentParser) -> None:
+    """--d-model, --layers, ... (each overrides the preset's) and --[no-]tie-embeddings."""
+    for name, kind in MODEL_FLAGS.items():
+        parser.add_argument(flag(name), type=kind, default=None,
+                            help="llama or gpt2 (default: the preset's, llama)" if name == "style"
+                            else "(default: the preset's)")
+    parser.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                        help="tie the output head to the embedding (default: gpt2 yes, llama no)")
+
+
+def model_config(args: argparse.Namespace, preset: str):
+    """The ModelConfig of `args.preset` (default `preset`) with the model flags that were
+    given; imports jax."""
+    from models import build_config
+
+    overrides = {FIELD.get(k, k): getattr(args, k) for k in MODEL_FLAGS
+                 if getattr(args, k) is not None}
+    if args.tie_embeddings is not None:
+        overrides["tie_embeddings"] = args.tie_embeddings
+    dtype = getattr(args, "dtype", "float32")
+    return build_config(args.preset or preset, **overrides, compute_dtype=dtype)

@@ -16,7 +16,7 @@ AXES = ("data", "fsdp", "stage", "tensor")
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:
     """`"data=2,tensor=4"` → `{"data": 2, "fsdp": 1, "stage": 1, "tensor": 4}`."""
-    sizes = dict.fromkeys(AXES, 1)
+    sizes, seen = dict.fromkeys(AXES, 1), set()
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, value = part.partition("=")
         name = name.strip()
@@ -24,6 +24,9 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
             raise ConfigError(
                 f"unknown mesh axis {name!r} in --mesh {spec!r}; axes are {', '.join(AXES)}"
             )
+        if name in seen:  # the last would silently win
+            raise ConfigError(f"mesh axis {name} is given twice in --mesh {spec!r}; give it once")
+        seen.add(name)
         if not value.strip().isdigit() or int(value) < 1:
             raise ConfigError(
                 f"mesh axis {name} needs a positive integer size, got {value!r} in --mesh {spec!r}"
@@ -51,6 +54,15 @@ def make_mesh(spec: str | dict[str, int], devices: list | None = None) -> Mesh:
             " or change --cpu-devices"
         )
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
+
+
+def default_mesh(cfg, devices: int) -> str:
+    """The mesh a run gets without --mesh: `tensor` the largest of 4, 2, 1 that divides the
+    heads, the kv heads and the device count, the rest `data` (small on 8 devices:
+    data=2,tensor=4). It follows the model, so that every preset runs with no --mesh."""
+    tensor = next(t for t in (4, 2, 1)
+                  if cfg.n_heads % t == cfg.n_kv_heads % t == devices % t == 0)
+    return f"data={devices // tensor},tensor={tensor}"
 
 
 def describe(mesh: Mesh) -> str:
