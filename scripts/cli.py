@@ -125,6 +125,39 @@ def check_outputs(parser: argparse.ArgumentParser, *checks: str | None) -> None:
             parser.error(problem)
 
 
+def check_run_flags(args: argparse.Namespace, cfg, seq_len: int) -> int:
+    """Fill in the defaults that depend on the model (--mesh: `spmd.mesh.default_mesh`;
+    --seq-len: `seq_len` or the model's max_seq_len where that is shorter), so that every
+    preset runs with no flags, and refuse pipeline flags on a mesh without a `stage` axis:
+    they would be silently ignored (as --stage-layers would be: the Trainer refuses it there).
+    An unknown --schedule is refused on any mesh. Returns the number of stages; imports jax
+    (the device count), so it runs after `configure_devices`."""
+    import jax
+
+    from models import ConfigError
+    from pipeline.schedules import SCHEDULES
+    from spmd.mesh import default_mesh, parse_mesh_spec
+
+    if args.seq_len is None:
+        args.seq_len = min(seq_len, cfg.max_seq_len)
+    if args.mesh is None:
+        args.mesh = default_mesh(cfg, jax.device_count())
+    stages = parse_mesh_spec(args.mesh)["stage"]
+    schedule, schedule_file = args.schedule, getattr(args, "schedule_file", None)
+    if schedule and schedule_file:
+        raise ConfigError(f"--schedule {schedule} conflicts with --schedule-file "
+                          f"{schedule_file}; give one of them")
+    if schedule and not schedule.endswith(".json") and schedule not in SCHEDULES:
+        raise ConfigError(f"unknown --schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+    given = [f"{flag(k)} {getattr(args, k)}"
+             for k in ("schedule", "schedule_file", "microbatches", "virtual_stages")
+             if getattr(args, k, None) is not None]
+    if stages == 1 and given:
+        raise ConfigError(f"{given[0]} needs pipeline stages, but --mesh {args.mesh} has no "
+                          f"stage axis; add stage=N to --mesh or drop {given[0].split()[0]}")
+    return stages
+
+
 def configure_devices(cpu_devices: int | None) -> None:
     """Must run before jax is imported: XLA reads the flag once, at backend start.
 

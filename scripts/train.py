@@ -19,9 +19,9 @@ from scripts import cli  # noqa: E402
 from scripts.cli import (  # noqa: E402, F401  (Parser: scripts/hf.py imports it from here)
     FIELD, IMAGE_SUFFIXES, MODEL_FLAGS, Parser, add_model_flags, check_limits, output_dir_error,
     output_error)
+from scripts.cli import check_run_flags as _check_run_flags  # noqa: E402
 
-# Without --seq-len: this, or the model's max_seq_len where that is shorter (tiny: 64).
-SEQ_LEN = 128
+SEQ_LEN = 128  # without --seq-len: this, or the model's max_seq_len where that is shorter
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -98,49 +98,8 @@ def configure_devices(args: argparse.Namespace) -> None:
 
 
 def check_run_flags(args: argparse.Namespace, cfg) -> int:
-    """Fill in the defaults that depend on the model (--mesh, --seq-len: so that `--preset
-    tiny` runs as it is) and refuse pipeline flags on a mesh without a `stage` axis: they
-    would be silently ignored, like --stage-layers, which the Trainer refuses there. Returns
-    the number of stages. Needs jax (the device count)."""
-    import jax
-
-    from models import ConfigError
-    from pipeline.schedules import SCHEDULES
-    from spmd.mesh import default_mesh, parse_mesh_spec
-
-    if args.seq_len is None:
-        args.seq_len = min(SEQ_LEN, cfg.max_seq_len)
-    if args.mesh is None:
-        args.mesh = default_mesh(cfg, jax.device_count())
-    stages = parse_mesh_spec(args.mesh)["stage"]
-    if args.schedule and args.schedule_file:
-        raise ConfigError(f"--schedule {args.schedule} conflicts with --schedule-file "
-                          f"{args.schedule_file}; give one of them")
-    if args.schedule and not args.schedule.endswith(".json") and args.schedule not in SCHEDULES:
-        raise ConfigError(f"unknown --schedule {args.schedule!r}; use one of "
-                          f"{', '.join(SCHEDULES)} (or --schedule-file FILE)")
-    given = [f"--{k.replace('_', '-')} {getattr(args, k)}"
-             for k in ("schedule", "schedule_file", "microbatches", "virtual_stages")
-             if getattr(args, k) is not None]
-    if stages == 1 and given:
-        raise ConfigError(f"{given[0]} needs pipeline stages, but --mesh {args.mesh} has no "
-                          f"stage axis; add stage=N to --mesh or drop {given[0].split()[0]}")
-    return stages
-
-
-def configure_devices(args: argparse.Namespace) -> None:
-    """Must run before jax is imported: XLA reads the flag once, at backend start.
-
-    An explicit --cpu-devices wins (and selects the CPU); otherwise an existing flag is kept.
-    """
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    count = "--xla_force_host_platform_device_count"
-    if args.cpu_devices is not None:
-        os.environ["JAX_PLATFORMS"] = "cpu"
-        flags = [f for f in flags if not f.startswith(count)]
-    if not any(f.startswith(count) for f in flags):
-        flags.append(f"{count}={args.cpu_devices or 8}")
-    os.environ["XLA_FLAGS"] = " ".join(flags)
+    """`scripts.cli.check_run_flags` with this script's --seq-len default."""
+    return _check_run_flags(args, cfg, SEQ_LEN)
 
 
 def hf_config(args: argparse.Namespace):

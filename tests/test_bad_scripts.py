@@ -5,7 +5,7 @@ behaviour needs one."""
 
 import pytest
 
-from scripts import launch_local, plot, schedule
+from scripts import explain, launch_local, plot, schedule
 
 
 def refused(parse, argv, capsys) -> str:
@@ -69,3 +69,36 @@ def test_plot(content, args, expect, tmp_path, capsys):
     assert code == 2 and out.err.splitlines() == [out.err.strip()] and not out.out, out
     assert out.err.startswith("error: " + expect.format(m=metrics, d=tmp_path)), out.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--schedule", "bogus"], "unknown --schedule 'bogus'; use one of gpipe"),
+    (["--mesh", "stage=2,data=4", "--schedule", "bogus"], "unknown --schedule 'bogus'"),
+    (["--microbatches", "4"], "--microbatches 4 needs pipeline stages, but --mesh data=4,"
+     "tensor=2 has no stage axis; add stage=N to --mesh or drop --microbatches"),
+    (["--virtual-stages", "2"], "--virtual-stages 2 needs pipeline stages"),
+])
+def test_explain_pipeline_flags(args, expect):
+    """In-process, refused before anything compiles (they were ignored without a stage axis:
+    it explained another layout than the one asked for)."""
+    from models.config import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        explain.explain(explain.parse_args(args))
+    assert str(err.value).startswith(expect)
+
+
+def test_explain_defaults_fit():
+    """`explain.py` with no flags failed on its own defaults (tensor=4 on tiny's 2 kv heads)
+    and named --kv-heads, which it did not have: the mesh now follows the model, and the
+    model flags are its own. The Trainer checks every divisibility, compiling nothing."""
+    from scripts.cli import check_run_flags, model_config
+    from spmd.mesh import make_mesh
+    from spmd.rules import Rules
+    from spmd.train_step import TrainConfig, Trainer
+
+    args = explain.parse_args([])
+    cfg = model_config(args, "tiny")
+    assert check_run_flags(args, cfg, explain.SEQ_LEN) == 1 and args.mesh == "data=4,tensor=2"
+    Trainer(cfg, TrainConfig(), make_mesh(args.mesh), Rules(), (args.batch_size, args.seq_len))
+    assert explain.parse_args(["--kv-heads", "4"]).kv_heads == 4
