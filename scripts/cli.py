@@ -35,11 +35,11 @@ IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """`--help` shows each default, except where there is none to show (None, a switch that is
-    off) or the help text already says it."""
+    off) or the help text already says it ("(default ...")."""
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if action.default is None or action.default is False or "default" in text:
+        if action.default is None or action.default is False or "(default" in text:
             return text
         return super()._get_help_string(action)
 

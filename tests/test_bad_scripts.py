@@ -5,7 +5,7 @@ behaviour needs one."""
 
 import pytest
 
-from scripts import explain, launch_local, plot, schedule
+from scripts import bench, explain, launch_local, plot, schedule
 
 
 def refused(parse, argv, capsys) -> str:
@@ -102,3 +102,59 @@ def test_explain_defaults_fit():
     assert check_run_flags(args, cfg, explain.SEQ_LEN) == 1 and args.mesh == "data=4,tensor=2"
     Trainer(cfg, TrainConfig(), make_mesh(args.mesh), Rules(), (args.batch_size, args.seq_len))
     assert explain.parse_args(["--kv-heads", "4"]).kv_heads == 4
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--steps", "0"], "--steps must be at least 1, got 0"),
+    (["--layers", "-1"], "--layers must be at least 1, got -1"),
+    (["--microbatches", "4", "0"], "--microbatches must be at least 1, got 0"),
+    (["--generate", "-5"], "--generate must be at least 0, got -5"),
+    (["--remat", "bogus"], "argument --remat: invalid choice: 'bogus'"),
+    (["--layouts"], "argument --layouts: expected at least one argument"),
+    (["--json", "{d}/no/bench.json"], "--json {d}/no/bench.json: its folder {d}/no does not"),
+    (["--png", "{d}/bench.xyz"], "--png {d}/bench.xyz: unsupported file type '.xyz'"),
+])
+def test_bench_flags(args, expect, tmp_path, capsys):
+    """Refused before jax is imported (--json and --png were found only after measuring)."""
+    argv = [a.format(d=tmp_path) for a in args]
+    assert refused(bench.parse_args, argv, capsys).startswith(expect.format(d=tmp_path))
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--preset", "bogus"], "unknown --preset 'bogus'; choose from tiny, small, base"),
+    (["--layouts", "garbage"], "unknown mesh axis 'garbage' in --layouts 'garbage'"),
+    (["--layouts", "mesh:bogus"], "--layouts 'mesh:bogus': unknown schedule 'bogus'"),
+    (["--layouts", "data=8", ":1f1b"], "--layouts ':1f1b': no mesh; layouts are "
+     "MESH[:SCHEDULE][+sp]"),
+    (["--layouts", "data=8:1f1b"], "--layouts 'data=8:1f1b': schedule 1f1b needs stage > 1"),
+    (["--layouts", "data=4"], "--layouts 'data=4': the mesh needs 4 devices, not 8"),
+    # what the model or batch does not fit, found before the first layout is measured (a
+    # later layout's error does not wait for the earlier ones)
+    (["--seq-len", "128"], "sequence length (128) exceeds max_seq_len (64)"),
+    (["--seq-len", "32", "--microbatches", "3", "--layouts", "data=8", "stage=2,data=4:1f1b"],
+     "the batch per data shard (4 = 16 / data x fsdp) is not divisible by --microbatches 3"),
+])
+def test_bench_layouts(args, expect, capsys):
+    """In-process through the script's own error handling: one line, exit 2, before any
+    layout is built or measured (these were tracebacks, or a schedule silently ignored)."""
+    assert bench.run(["--preset", "tiny", "--generate", "0", *args]) == 2
+    out = capsys.readouterr()
+    assert out.err.splitlines() == [out.err.strip()] and not out.out, out
+    assert out.err.startswith("error: " + expect), out.err
+
+
+def test_bench_honours_cpu_devices_over_xla_flags():
+    """XLA_FLAGS already set (as in CI and here): --cpu-devices 4 still gives 4 devices (it
+    was ignored: 8). A real process, since jax reads the flag once, at start."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.test_bad_inputs import ROOT
+
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--cpu-devices",
+                          "4", "--preset", "tiny", "--layouts", "data=8"], capture_output=True,
+                         text=True, timeout=300, cwd=ROOT, env=env, check=False)
+    assert out.returncode == 2 and "the mesh needs 8 devices, not 4" in out.stderr, out.stderr
