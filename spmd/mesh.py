@@ -45,7 +45,8 @@ def make_mesh(spec: str | dict[str, int], devices: list | None = None,
     a vocab-sharded embedding gather and a scan over stacked layers compile as they are. The
     parallel layout is then stated in exactly one place, `spmd.rules`.
     """
-    sizes = parse_mesh_spec(spec, flag) if isinstance(spec, str) else {**dict.fromkeys(AXES, 1), **spec}
+    sizes = (parse_mesh_spec(spec, flag) if isinstance(spec, str)
+             else {**dict.fromkeys(AXES, 1), **spec})
     devices = list(jax.devices() if devices is None else devices)
     shape = tuple(sizes[a] for a in AXES)
     if int(np.prod(shape)) != len(devices):
