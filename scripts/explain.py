@@ -1,7 +1,7 @@
 """Explain where TP and PP act: per module, its shards and the collectives placed there.
 
     python scripts/explain.py --mesh data=2,stage=2,tensor=2 --preset tiny
-    python scripts/explain.py --mesh data=2,tensor=4 --sequence-parallel --json
+    python scripts/explain.py --mesh data=4,tensor=2 --sequence-parallel --json
 
 Compiles the real train step on emulated CPU devices, reads what it executes from the compiled
 HLO (`spmd.census`: loop trip counts, and for pipelines the ticks of the schedule table that
