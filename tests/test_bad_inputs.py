@@ -123,6 +123,24 @@ def test_bad_output_path_is_refused_at_start(args, expect, tmp_path):
     assert str(err.value).startswith(expect.format(d=tmp_path))
 
 
+@pytest.mark.parametrize("args,expect", [
+    (["--kv-heads", "3"], "n_heads (4) must be a multiple of n_kv_heads (3); change --heads or "
+     "--kv-heads"),
+    (["--heads", "5"], "d_model (32) must be divisible by n_heads (5); change --d-model or"),
+    (["--d-model", "20", "--heads", "4"], "rotary positions need an even head_dim (d_model / "
+     "n_heads), got 5; change --d-model or --heads"),
+    (["--style", "bert"], "unknown --style 'bert'; use llama or gpt2"),
+])
+def test_bad_model_names_the_flags(args, expect):
+    """The model's own checks name the flags to change (they named config fields only)."""
+    from models.config import ConfigError
+    from scripts.cli import model_config
+
+    with pytest.raises(ConfigError) as err:
+        model_config(parse_args(["--preset", "tiny", "--kv-heads", "1", *args]), "small").validate()
+    assert str(err.value).startswith(expect)
+
+
 def write_files(d: Path) -> None:
     (d / "ok.txt").write_bytes(b"x" * 1000)
     (d / "metrics.jsonl").write_text('{"step": 0, "loss": 1.0}\n')  # must not be truncated
