@@ -286,8 +286,8 @@ def run(argv=None) -> int:
 
     try:
         return main(argv)
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except ConfigError as err:  # shared checks say --mesh; here each layout's mesh is --layouts
+        print(f"error: {str(err).replace('--mesh', '--layouts')}", file=sys.stderr)
         return 2
 
 

@@ -132,6 +132,8 @@ def test_bench_flags(args, expect, tmp_path, capsys):
     # what the model or batch does not fit, found before the first layout is measured (a
     # later layout's error does not wait for the earlier ones)
     (["--seq-len", "128"], "sequence length (128) exceeds max_seq_len (64)"),
+    (["--batch-size", "12", "--layouts", "data=8"], "batch size (12) is not divisible by the "
+     "data x fsdp axis (8); change --batch-size or the --layouts"),  # bench has no --mesh
     (["--seq-len", "32", "--microbatches", "3", "--layouts", "data=8", "stage=2,data=4:1f1b"],
      "the batch per data shard (4 = 16 / data x fsdp) is not divisible by --microbatches 3"),
 ])
