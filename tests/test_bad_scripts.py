@@ -37,6 +37,16 @@ def test_schedule(args, expect, tmp_path, capsys):
     assert refused(schedule.parse_args, argv, capsys).startswith(expect.format(d=tmp_path))
 
 
+def test_schedule_defaults_and_file_conflicts(capsys):
+    """With no flags it draws 1f1b on p=4, m=8 (it refused to run); with --schedule-file the
+    file sets p, m and v, so a flag for them (ignored before) is refused."""
+    args = schedule.parse_args([])
+    assert (args.schedule, args.stages, args.microbatches) == ("1f1b", 4, 8)
+    assert refused(schedule.parse_args, ["--schedule-file", "my.json", "--stages", "2"],
+                   capsys) == ("--stages 2 conflicts with --schedule-file my.json (the file "
+                               "sets it); drop --stages")
+
+
 @pytest.mark.parametrize("args,expect", [
     (["--processes", "2", "--port", "70000", "--", "x.py"],
      "--port must be between 1 and 65535, got 70000"),
