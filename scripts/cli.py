@@ -148,7 +148,8 @@ def check_run_flags(args: argparse.Namespace, cfg, seq_len: int) -> int:
         raise ConfigError(f"--schedule {schedule} conflicts with --schedule-file "
                           f"{schedule_file}; give one of them")
     if schedule and not schedule.endswith(".json") and schedule not in SCHEDULES:
-        raise ConfigError(f"unknown --schedule {schedule!r}; use one of {', '.join(SCHEDULES)}")
+        raise ConfigError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)} "
+                          "for --schedule")
     given = [f"{flag(k)} {getattr(args, k)}"
              for k in ("schedule", "schedule_file", "microbatches", "virtual_stages")
              if getattr(args, k, None) is not None]

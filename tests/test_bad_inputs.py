@@ -60,9 +60,13 @@ def test_bad_flag_is_one_line_and_exit_2(args, expect, capsys):
     assert out.err.splitlines() == [f"error: {expect}"] and not out.out
 
 
+UNKNOWN = ("unknown schedule 'bogus'; use one of gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v, "
+           "dualpipe-v for --schedule")
+
+
 @pytest.mark.parametrize("args,expect", [
-    (["--schedule", "bogus"], "unknown --schedule 'bogus'; use one of gpipe, 1f1b"),
-    ([*PP, "--schedule", "bogus"], "unknown --schedule 'bogus'; use one of gpipe, 1f1b"),
+    (["--schedule", "bogus"], UNKNOWN),
+    ([*PP, "--schedule", "bogus"], UNKNOWN),
     # without a stage axis these were silently ignored: the run trained unpipelined
     (["--schedule", "1f1b"], "--schedule 1f1b needs pipeline stages, but --mesh data=8 has no "
      "stage axis; add stage=N to --mesh or drop --schedule"),

@@ -81,9 +81,13 @@ def test_plot(content, args, expect, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.jsonl"]
 
 
+UNKNOWN = ("unknown schedule 'bogus'; use one of gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v, "
+           "dualpipe-v for --schedule")
+
+
 @pytest.mark.parametrize("args,expect", [
-    (["--schedule", "bogus"], "unknown --schedule 'bogus'; use one of gpipe"),
-    (["--mesh", "stage=2,data=4", "--schedule", "bogus"], "unknown --schedule 'bogus'"),
+    (["--schedule", "bogus"], UNKNOWN),
+    (["--mesh", "stage=2,data=4", "--schedule", "bogus"], UNKNOWN),
     (["--microbatches", "4"], "--microbatches 4 needs pipeline stages, but --mesh data=4,"
      "tensor=2 has no stage axis; add stage=N to --mesh or drop --microbatches"),
     (["--virtual-stages", "2"], "--virtual-stages 2 needs pipeline stages"),
