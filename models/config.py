@@ -49,19 +49,19 @@ class ModelConfig:
         return jnp.dtype(self.compute_dtype)
 
     def validate(self) -> None:
-        """Mesh-independent checks; mesh divisibility is checked in `spmd.rules`."""
+        """Mesh-independent checks; mesh divisibility is checked in `spmd.rules`. Messages name
+        the flags of the scripts that build a config from flags (train, explain, bench)."""
         if self.d_model % self.n_heads:
-            raise ConfigError(
-                f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})"
-            )
+            raise ConfigError(f"d_model ({self.d_model}) must be divisible by n_heads "
+                              f"({self.n_heads}); change --d-model or --heads")
         if self.n_heads % self.n_kv_heads:
-            raise ConfigError(
-                f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})"
-            )
+            raise ConfigError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                              f"({self.n_kv_heads}); change --heads or --kv-heads")
         if self.style == "llama" and self.head_dim % 2:
-            raise ConfigError(f"rotary positions need an even head_dim, got {self.head_dim}")
+            raise ConfigError(f"rotary positions need an even head_dim (d_model / n_heads), got "
+                              f"{self.head_dim}; change --d-model or --heads")
         if self.style not in ("llama", "gpt2"):
-            raise ConfigError(f"unknown style {self.style!r}; use 'llama' or 'gpt2'")
+            raise ConfigError(f"unknown --style {self.style!r}; use llama or gpt2")
 
 
 def build_config(preset: str, **overrides) -> ModelConfig:

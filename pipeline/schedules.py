@@ -634,11 +634,19 @@ def schedule_from_data(data: dict, source: str = "schedule") -> Schedule:
         actions.append(tuple(row))
         joined.append(frozenset(mine))
     split = data.get("split_backward", any(a.kind == "W" for acts in actions for a in acts))
+    if not isinstance(split, bool):  # bool("false") is True: a string would flip its meaning
+        raise ScheduleError(f"{source}: split_backward {split!r} must be true or false (a JSON "
+                            "boolean, not a string)")
+    name = data.get("schedule", Path(source).stem)
+    if not isinstance(name, str):
+        raise ScheduleError(f"{source}: schedule {name!r} must be a string (a name to show)")
+    sizes = {key: need(data, key, "the file", default)
+             for key, default in (("stages", None), ("microbatches", None), ("virtual_stages", 1))}
+    for key, value in sizes.items():
+        if value < 1:  # no stage or micro-batch to run; later code would fail far from here
+            raise ScheduleError(f"{source}: {key} is {value}; it must be 1 or more")
     schedule = Schedule(
-        name=str(data.get("schedule", Path(source).stem)),
-        stages=need(data, "stages", "the file"),
-        microbatches=need(data, "microbatches", "the file"),
-        virtual_stages=need(data, "virtual_stages", "the file", 1), split_backward=bool(split),
+        name=name, **sizes, split_backward=split,
         actions=tuple(actions), placement=placement,
         joined=tuple(joined) if any(joined) else ())
     try:
@@ -658,7 +666,7 @@ def read_schedule_file(path: str) -> Schedule:
     except OSError as err:
         raise ScheduleError(f"cannot read schedule file {path}: {err.strerror}; "
                             "check the path") from None
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:  # JSON is UTF-8 text
         raise ScheduleError(f"schedule file {path} is not JSON ({err}); write it as "
                             "`scripts/schedule.py --json` prints") from None
     return schedule_from_data(data, path)

@@ -18,11 +18,15 @@ import argparse
 import dataclasses
 import functools
 import json
-import os
+import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.cli import (  # noqa: E402
+    IMAGE_SUFFIXES, Parser, add_model_flags, check_limits, check_outputs, configure_devices,
+    model_config, output_error)
 
 LAYOUTS = ["data=8", "tensor=8", "fsdp=2,tensor=4", "data=2,tensor=4", "data=2,tensor=4+sp",
            "data=2,stage=2,tensor=2:gpipe", "data=2,stage=2,tensor=2:1f1b",
@@ -31,12 +35,44 @@ LAYOUTS = ["data=8", "tensor=8", "fsdp=2,tensor=4", "data=2,tensor=4", "data=2,t
            "stage=4,tensor=2:zb-h1"]  # interleaved on stage=4: --layers 8 (small has 4)
 
 
+LAYOUT_SYNTAX = ("MESH[:SCHEDULE][+sp]: MESH as for train.py's --mesh (e.g. "
+                 "data=2,stage=2,tensor=2), SCHEDULE a pipeline schedule (stage > 1; default "
+                 "gpipe), +sp sequence parallelism; e.g. data=2,stage=2,tensor=2:1f1b or "
+                 "data=2,tensor=4+sp")
+
+
 def parse_layout(text: str) -> tuple[str, str, bool]:
     """`mesh[:schedule][+sp]` → (mesh, schedule, sequence_parallel)."""
     sp = text.endswith("+sp")
     text = text.removesuffix("+sp")
     mesh, _, schedule = text.partition(":")
     return mesh, schedule or "gpipe", sp
+
+
+def check_layout(text: str, devices: int) -> None:
+    """Refuse a layout that would fail later or be read as another one (an empty mesh is one
+    device; a schedule on a mesh without stages would be ignored): ConfigError naming it and
+    the syntax. Needs jax (spmd.mesh imports it)."""
+    from models import ConfigError
+    from pipeline.schedules import SCHEDULES
+    from spmd.mesh import parse_mesh_spec
+
+    mesh, schedule, _ = parse_layout(text)
+    problem = None
+    if not mesh.strip():
+        problem = "no mesh"
+    elif schedule not in SCHEDULES:
+        problem = f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}"
+    else:
+        sizes = parse_mesh_spec(mesh, "--layouts")
+        if ":" in text and sizes["stage"] == 1:
+            problem = f"schedule {schedule} needs stage > 1 in the mesh"
+        elif math.prod(sizes.values()) != devices:
+            problem = (f"the mesh needs {math.prod(sizes.values())} devices, not {devices} "
+                       "(or change --cpu-devices)")
+    if problem:
+        raise ConfigError(f"--layouts {text!r}: {problem}; layouts are MESH[:SCHEDULE][+sp], "
+                          "e.g. data=2,stage=2,tensor=2:1f1b or data=2,tensor=4+sp")
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -60,28 +96,42 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=120)
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--layouts", nargs="+", default=LAYOUTS)
-    ap.add_argument("--microbatches", type=int, nargs="+", default=[4])
-    ap.add_argument("--preset", default="small")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--remat", default="none")
-    ap.add_argument("--cpu-devices", type=int, default=8)
-    ap.add_argument("--layers", type=int, default=None, help="override the preset's layers")
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layouts", nargs="+", default=LAYOUTS, metavar="LAYOUT",
+                    help=LAYOUT_SYNTAX)
+    ap.add_argument("--microbatches", type=int, nargs="+", default=[4],
+                    help="micro-batch counts to run each pipeline layout with")
+    ap.add_argument("--preset", default="small", help="tiny | small | base")
+    add_model_flags(ap)
+    ap.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help="tokens per sequence (default 128, or the model's max_seq_len where "
+                         "that is shorter)")
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per layout")
+    ap.add_argument("--remat", choices=["none", "layer", "stage"], default="none",
+                    help="recompute activations in the backward pass")
+    ap.add_argument("--cpu-devices", type=int, default=None,
+                    help="emulated CPU devices (default 8 unless XLA_FLAGS sets a count)")
     ap.add_argument("--generate", type=int, default=256, metavar="N",
                     help="also time greedy generation of N new tokens on one device, with and "
                          "without the KV cache (0: skip)")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--png", default=None)
-    args = ap.parse_args()
-    os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count={args.cpu_devices}")
+    ap.add_argument("--json", default=None, metavar="FILE", help="write every number here")
+    ap.add_argument("--png", default=None, metavar="FILE",
+                    help="plot peak memory and compile time against m here (matplotlib)")
+    args = ap.parse_args(argv)
+    check_limits(ap, args)
+    check_outputs(ap, output_error("--json", args.json),
+                  output_error("--png", args.png, IMAGE_SUFFIXES))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    configure_devices(args.cpu_devices)
 
     import jax
 
-    from models import PRESETS
     from pipeline.schedules import chunks_needed, make_schedule
     from pipeline.simulate import simulate
     from spmd import analysis
@@ -91,9 +141,10 @@ def main() -> int:
     from spmd.rules import Rules, batch_shards
     from spmd.train_step import TrainConfig, Trainer
 
-    cfg = PRESETS[args.preset]
-    if args.layers:
-        cfg = dataclasses.replace(cfg, n_layers=args.layers)
+    cfg = model_config(args, "small")
+    args.seq_len = args.seq_len or min(128, cfg.max_seq_len)
+    for layout in args.layouts:  # all of them before the first one is measured
+        check_layout(layout, jax.device_count())
     inputs, targets = Batches(stdlib_corpus(1 << 20), args.batch_size, args.seq_len, 0)(0)
     shape = (args.batch_size, args.seq_len)
     runs = [("single", 1)] + [(lay, m) for lay in args.layouts
@@ -133,7 +184,7 @@ def main() -> int:
 
     def trainer(layout, m):
         spec, schedule, sp = parse_layout("data=1" if layout == "single" else layout)
-        mesh = make_mesh(spec, jax.devices()[:1] if layout == "single" else None)
+        mesh = make_mesh(spec, jax.devices()[:1] if layout == "single" else None, "--layouts")
         v = chunks_needed(schedule)
         tc = TrainConfig(microbatches=m, schedule=schedule, virtual_stages=v, remat=args.remat)
         return Trainer(cfg, tc, mesh, Rules(sp), shape)
@@ -229,14 +280,14 @@ def main() -> int:
     return 0
 
 
-def run() -> int:
+def run(argv=None) -> int:
     """`main`, with a bad setting (a layout the model or batch does not fit) as one line."""
     from models import ConfigError
 
     try:
-        return main()
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+        return main(argv)
+    except ConfigError as err:  # shared checks say --mesh; here each layout's mesh is --layouts
+        print(f"error: {str(err).replace('--mesh', '--layouts')}", file=sys.stderr)
         return 2
 
 

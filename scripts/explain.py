@@ -1,7 +1,7 @@
 """Explain where TP and PP act: per module, its shards and the collectives placed there.
 
     python scripts/explain.py --mesh data=2,stage=2,tensor=2 --preset tiny
-    python scripts/explain.py --mesh data=2,tensor=4 --sequence-parallel --json
+    python scripts/explain.py --mesh data=4,tensor=2 --sequence-parallel --json
 
 Compiles the real train step on emulated CPU devices, reads what it executes from the compiled
 HLO (`spmd.census`: loop trip counts, and for pipelines the ticks of the schedule table that
@@ -18,6 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from scripts.cli import (  # noqa: E402
+    Parser, add_model_flags, check_limits, check_run_flags, configure_devices, model_config)
+
 # Forward order: (module, parameter-path suffixes, how tensor splits it).
 MODULES = (
     ("embedding", ("embedding",), "vocab-parallel: rows (vocab) split"),
@@ -31,32 +34,40 @@ MODULES = (
 )
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+SEQ_LEN = 32  # without --seq-len (or the model's max_seq_len where shorter): compiles fast
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    ap = _Parser(description=__doc__.splitlines()[0])
-    ap.add_argument("--mesh", default="data=2,tensor=4")
-    ap.add_argument("--schedule", default="gpipe")
-    ap.add_argument("--microbatches", type=int, default=None, help="default 2 x stages")
-    ap.add_argument("--virtual-stages", type=int, default=1)
+    ap = Parser(description=__doc__.splitlines()[0])
+    ap.add_argument("--mesh", default=None,
+                    help="axis sizes over data, fsdp, stage, tensor (default: tensor = the "
+                         "largest of 4, 2, 1 that divides the heads, kv heads and devices, the "
+                         "rest data)")
+    ap.add_argument("--schedule", default=None, help="pipeline schedule (stage > 1; default gpipe)")
+    ap.add_argument("--microbatches", type=int, default=None,
+                    help="pipeline micro-batches (stage > 1; default 2 x stages)")
+    ap.add_argument("--virtual-stages", type=int, default=None,
+                    help="chunks per stage (stage > 1; default 1)")
     ap.add_argument("--sequence-parallel", action="store_true")
-    ap.add_argument("--preset", default="tiny")
-    ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--seq-len", type=int, default=32)
-    ap.add_argument("--remat", choices=["none", "layer", "stage"], default="none")
-    ap.add_argument("--cpu-devices", type=int, default=8)
+    ap.add_argument("--preset", default="tiny", help="tiny | small | base")
+    add_model_flags(ap)
+    ap.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
+    ap.add_argument("--seq-len", type=int, default=None,
+                    help=f"tokens per sequence (default {SEQ_LEN}, or the model's max_seq_len "
+                         "where that is shorter)")
+    ap.add_argument("--remat", choices=["none", "layer", "stage"], default="none",
+                    help="recompute activations in the backward pass")
+    ap.add_argument("--cpu-devices", type=int, default=None,
+                    help="emulated CPU devices (default 8 unless XLA_FLAGS sets a count)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of text")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    check_limits(ap, args)
+    return args
 
 
 def explain(args: argparse.Namespace) -> dict:
     import numpy as np
 
-    from models import PRESETS, ConfigError
     from pipeline.run import stage_map
     from spmd import analysis, census
     from spmd.loop import parameter_table
@@ -64,9 +75,10 @@ def explain(args: argparse.Namespace) -> dict:
     from spmd.rules import Rules
     from spmd.train_step import TrainConfig, Trainer
 
-    if args.preset not in PRESETS:
-        raise ConfigError(f"unknown --preset {args.preset!r}; choose from {', '.join(PRESETS)}")
-    cfg, mesh = PRESETS[args.preset], make_mesh(args.mesh)
+    cfg = model_config(args, "tiny")
+    check_run_flags(args, cfg, SEQ_LEN)
+    args.schedule, args.virtual_stages = args.schedule or "gpipe", args.virtual_stages or 1
+    mesh = make_mesh(args.mesh)
     p = mesh.shape["stage"]
     m = args.microbatches or (2 * p if p > 1 else 1)
     tc = TrainConfig(microbatches=m, schedule=args.schedule,
@@ -224,11 +236,8 @@ def render(r: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
-    os.environ["XLA_FLAGS"] = " ".join(
-        flags + [f"--xla_force_host_platform_device_count={args.cpu_devices}"])
-    os.environ["JAX_PLATFORMS"] = "cpu"
+    configure_devices(args.cpu_devices)
+    os.environ["JAX_PLATFORMS"] = "cpu"  # what it explains is the emulated devices' program
     from models import ConfigError
 
     try:

@@ -18,6 +18,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.cli import Parser, check_limits  # noqa: E402
 
 TAG = "[launch]"
 
@@ -28,14 +33,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+LIMITS = {"processes": (1, None), "cpu_devices_per_process": (1, None), "port": (1, 65535),
+          "grace": (0, None)}
+
+
 def parse_args(argv=None):
+    """(flags, the command after `--`); a bad flag or no command is one line and exit 2,
+    before any process starts."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" not in argv:
-        sys.exit(f"{TAG} usage: launch_local.py --processes N [--cpu-devices-per-process K] "
-                 "-- SCRIPT [ARGS...]")
-    cut = argv.index("--")
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--processes", type=int, required=True)
+    cut = argv.index("--") if "--" in argv else len(argv)
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--processes", type=int, required=True, help="how many processes to start")
     p.add_argument("--cpu-devices-per-process", type=int, default=4)
     p.add_argument("--port", type=int, default=None, help="coordinator port (default: a free one)")
     p.add_argument("--grace", type=float, default=5.0,
@@ -43,9 +51,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv[:cut])
     command = argv[cut + 1:]
     if not command:
-        p.error("give the script to run after --")
-    if args.processes < 1 or args.cpu_devices_per_process < 1:
-        p.error("--processes and --cpu-devices-per-process must be at least 1")
+        p.error("no command to run: give it after --, e.g. --processes 2 -- scripts/train.py")
+    check_limits(p, args, LIMITS)
     return args, command
 
 

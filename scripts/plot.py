@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.config import ConfigError  # noqa: E402
+from scripts.cli import IMAGE_SUFFIXES, Parser, check_outputs, output_error  # noqa: E402
 
 MISSING = "plotting needs matplotlib, which is not installed: pip install matplotlib"
 
@@ -25,11 +26,20 @@ def check_matplotlib() -> None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
+    """The records of a metrics file; each must be a JSON object with an integer `step` (the
+    x axis), else the plot would be empty or wrong rather than refused."""
     try:
-        lines = Path(path).read_text().splitlines()
-        return [json.loads(line) for line in lines if line.strip()]
-    except (OSError, json.JSONDecodeError) as err:
-        raise ConfigError(f"cannot read metrics {path}: {err}") from err
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        records = [json.loads(line) for line in lines if line.strip()]
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read metrics {path}: {err}; give a metrics file that "
+                          "scripts/train.py wrote") from None
+    for n, r in enumerate(records, 1):
+        step = r.get("step") if isinstance(r, dict) else None
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise ConfigError(f"metrics {path}: record {n} has no integer 'step' ({str(r)[:60]}); "
+                              "give a metrics file that scripts/train.py wrote")
+    return records
 
 
 def plot(records: list[dict], out: str | Path) -> None:
@@ -65,11 +75,17 @@ def plot(records: list[dict], out: str | Path) -> None:
         plt.close(fig)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(argv=None) -> argparse.Namespace:
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("metrics", help="the --metrics file of scripts/train.py")
-    p.add_argument("--out", default="loss.png", help="image file (default loss.png)")
+    p.add_argument("--out", default="loss.png", help="image file")
     args = p.parse_args(argv)
+    check_outputs(p, output_error("--out", args.out, IMAGE_SUFFIXES))
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     try:
         plot(read_metrics(args.metrics), args.out)
     except ConfigError as err:

@@ -28,32 +28,52 @@ from pipeline.schedules import (  # noqa: E402
 from pipeline.simulate import simulate  # noqa: E402
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2)
+from scripts.cli import (  # noqa: E402
+    IMAGE_SUFFIXES, Parser, check_limits, check_outputs, output_error)
+
+# The simulator and the drawings take seconds at these sizes (zb-h1 at p=64, m=512: about 2 s
+# on one core); far beyond them a typo would run for minutes.
+LIMITS = {"stages": (1, 64), "microbatches": (1, 512), "virtual_stages": (1, 8)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("--schedule", help=f"one of {', '.join(SCHEDULES)}")
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = Parser(description=__doc__.splitlines()[0])
+    parser.add_argument("--schedule", help=f"one of {', '.join(SCHEDULES)} (default 1f1b, "
+                        "unless --schedule-file is given)")
     parser.add_argument("--schedule-file", metavar="FILE",
                         help="a schedule from a JSON file (what --json prints), instead")
-    parser.add_argument("--stages", type=int, help="p (not with --schedule-file)")
-    parser.add_argument("--microbatches", type=int, help="m (not with --schedule-file)")
+    parser.add_argument("--stages", type=int, help="p (default 4; not with --schedule-file)")
+    parser.add_argument("--microbatches", type=int,
+                        help="m (default 8; not with --schedule-file)")
     parser.add_argument("--virtual-stages", type=int,
                         help="v: chunks per stage (default: 2 for interleaved, zb-v and "
-                             "dualpipe-v, else 1)")
+                             "dualpipe-v, else 1; not with --schedule-file)")
     parser.add_argument("--lockstep", action="store_true",
                         help="one tick per slot (the executor's timing), not per action")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--png", metavar="FILE", help="also draw the timeline to FILE")
     args = parser.parse_args(argv)
-    if bool(args.schedule) == bool(args.schedule_file):
-        parser.error("give --schedule NAME (with --stages and --microbatches) or "
-                     "--schedule-file FILE")
-    if args.schedule and (args.stages is None or args.microbatches is None):
-        parser.error(f"--schedule {args.schedule} needs --stages and --microbatches")
+    sizes = {"--stages": args.stages, "--microbatches": args.microbatches,
+             "--virtual-stages": args.virtual_stages}
+    if args.schedule_file:  # the file holds p, m and v: a flag would be silently ignored
+        if args.schedule:
+            parser.error(f"--schedule {args.schedule} conflicts with --schedule-file "
+                         f"{args.schedule_file}; give one of them")
+        for name, value in sizes.items():
+            if value is not None:
+                parser.error(f"{name} {value} conflicts with --schedule-file "
+                             f"{args.schedule_file} (the file sets it); drop {name}")
+    else:
+        args.schedule = args.schedule or "1f1b"
+        args.stages = 4 if args.stages is None else args.stages
+        args.microbatches = 8 if args.microbatches is None else args.microbatches
+    check_limits(parser, args, LIMITS)
+    check_outputs(parser, output_error("--png", args.png, IMAGE_SUFFIXES))
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     v = args.virtual_stages if args.virtual_stages is not None else chunks_needed(
         args.schedule or "")
     try:

@@ -11,72 +11,47 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODEL_FLAGS = {  # flag → ModelConfig field
-    "vocab_size": int, "d_model": int, "layers": int, "heads": int, "kv_heads": int,
-    "d_ff": int, "max_seq_len": int, "vocab_multiple": int, "style": str,
-}
-FIELD = {"layers": "n_layers", "heads": "n_heads", "kv_heads": "n_kv_heads"}
-LIMITS = {  # flag → (smallest, largest or None) accepted value, checked right after parsing
-    **{flag: (1, None) for flag, kind in MODEL_FLAGS.items() if kind is int},
-    "cpu_devices": (1, None), "steps": (1, None), "batch_size": (1, None), "seq_len": (1, None),
-    "warmup": (0, None), "microbatches": (1, None), "virtual_stages": (1, None),
-    "grad_accum": (1, None), "eval_every": (0, None), "log_every": (1, None),
-    "checkpoint_every": (1, None), "keep": (1, None), "num_processes": (1, None),
-    "process_id": (0, None),
-    "seed": (0, 2**63 - 1),  # numpy's generator takes no negative seed, jax.random.key a C long
-}
+from scripts import cli  # noqa: E402
 
+from scripts.cli import (  # noqa: E402, F401  (Parser: scripts/hf.py imports it from here)
+    FIELD, IMAGE_SUFFIXES, MODEL_FLAGS, Parser, add_model_flags, check_limits, output_dir_error,
+    output_error)
+from scripts.cli import check_run_flags as _check_run_flags  # noqa: E402
 
-class Parser(argparse.ArgumentParser):
-    """argparse reports a bad flag as two lines (usage, then the error); the project's rule is
-    one line naming the value, exit 2, like every other bad setting."""
-
-    def error(self, message: str) -> NoReturn:
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
-def check_limits(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    """Refuse numbers that would train nothing, crash later or be silently ignored (a 0 for
-    `--steps`, `--cpu-devices` or a model size, a NaN or negative learning rate)."""
-    for name, (low, high) in LIMITS.items():  # None: not given, its default applies
-        value, flag = getattr(args, name), "--" + name.replace("_", "-")
-        if value is not None and (value < low or high is not None and value > high):
-            bound = f"at least {low}" if high is None else f"between {low} and {high}"
-            parser.error(f"{flag} must be {bound}, got {value}")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        parser.error(f"--lr must be a finite number above 0, got {args.lr}")
+SEQ_LEN = 128  # without --seq-len: this, or the model's max_seq_len where that is shorter
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--mesh", default="data=2,tensor=4",
-                   help="axis sizes over data, fsdp, stage, tensor (default data=2,tensor=4)")
+    p.add_argument("--mesh", default=None,
+                   help="axis sizes over data, fsdp, stage, tensor (default: tensor = the "
+                        "largest of 4, 2, 1 that divides the heads, kv heads and devices, the "
+                        "rest data: data=2,tensor=4 for small on 8 devices)")
     p.add_argument("--cpu-devices", type=int, default=None,
                    help="emulate N CPU devices (default 8 when no accelerator is present)")
-    p.add_argument("--data", default=None, help="text file, folder of text, or uint16 .bin")
-    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--data", default=None,
+                   help="text file, folder of text, or uint16 .bin (default: stdlib sources)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
-    p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--preset", default=None, help="tiny | small | base (default small)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per sequence (default {SEQ_LEN}, or the model's max_seq_len "
+                        "where that is shorter)")
+    p.add_argument("--preset", default=None,
+                   help="tiny | small | base: the model's size (default small)")
     p.add_argument("--init-from-hf", default=None, metavar="DIR",
                    help="fine-tune a Hugging Face Llama/GPT-2 folder (its config sets the model)")
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenize text --data with DIR/tokenizer.json instead of bytes")
-    for flag, kind in MODEL_FLAGS.items():
-        p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None)
-    p.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                   help="tie the output head to the embedding (default: gpt2 yes, llama no)")
-    p.add_argument("--seed", type=int, default=0)
+    add_model_flags(p)
+    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype; weights and optimizer state stay float32")
     p.add_argument("--sequence-parallel", action="store_true")
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup", type=int, default=30)
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
     p.add_argument("--microbatches", type=int, default=None,
                    help="pipeline micro-batches per step (default: 2 x stages)")
     p.add_argument("--schedule", default=None, help="pipeline schedule (stage > 1; default gpipe)")
@@ -88,19 +63,21 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="layers per virtual stage, in model order (e.g. 1,2,2,1), or auto: "
                         "balanced by cost, the head counted on the last (default: even when "
                         "the layers divide, else auto)")
-    p.add_argument("--remat", choices=["none", "layer", "stage"], default="none")
+    p.add_argument("--remat", choices=["none", "layer", "stage"], default="none",
+                   help="recompute activations in the backward pass")
     p.add_argument("--grad-accum", type=int, default=1,
                    help="split each step's batch into K sequential chunks, one update")
     p.add_argument("--eval-every", type=int, default=50,
                    help="held-out loss every N steps and at the last (0: never)")
     p.add_argument("--metrics", default=None, help="write one JSON object per step here")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument("--log-every", type=int, default=10,
+                   help="progress line every N steps when not on a terminal")
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw the train and eval loss curves here at the end (matplotlib)")
     p.add_argument("--profile-dir", default=None,
                    help="write a jax.profiler trace of steps 2..4 of this run here")
     p.add_argument("--checkpoint-dir", default=None, help="save checkpoints here (orbax)")
-    p.add_argument("--checkpoint-every", type=int, default=100)
+    p.add_argument("--checkpoint-every", type=int, default=100, help="save every N steps")
     p.add_argument("--keep", type=int, default=3, help="keep the last K checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true",
@@ -110,22 +87,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flags(p)
     args = p.parse_args(argv)
     check_limits(p, args)
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a finite number above 0, got {args.lr}")
     return args
 
 
 def configure_devices(args: argparse.Namespace) -> None:
-    """Must run before jax is imported: XLA reads the flag once, at backend start.
+    """Must run before jax is imported (see `scripts.cli.configure_devices`)."""
+    cli.configure_devices(args.cpu_devices)
 
-    An explicit --cpu-devices wins (and selects the CPU); otherwise an existing flag is kept.
-    """
-    flags = os.environ.get("XLA_FLAGS", "").split()
-    count = "--xla_force_host_platform_device_count"
-    if args.cpu_devices is not None:
-        os.environ["JAX_PLATFORMS"] = "cpu"
-        flags = [f for f in flags if not f.startswith(count)]
-    if not any(f.startswith(count) for f in flags):
-        flags.append(f"{count}={args.cpu_devices or 8}")
-    os.environ["XLA_FLAGS"] = " ".join(flags)
+
+def check_run_flags(args: argparse.Namespace, cfg) -> int:
+    """`scripts.cli.check_run_flags` with this script's --seq-len default."""
+    return _check_run_flags(args, cfg, SEQ_LEN)
 
 
 def hf_config(args: argparse.Namespace):
@@ -168,30 +142,19 @@ def hf_config(args: argparse.Namespace):
 
 
 def build(args: argparse.Namespace):
-    from models import ConfigError, build_config
     from pipeline.layout import parse_stage_layers
     from spmd.data import byte_tokens, check_split, check_vocab, load_tokens, split_heldout
     from spmd.mesh import make_mesh
     from spmd.rules import Rules
     from spmd.train_step import TrainConfig, Trainer
 
-    if args.init_from_hf:
-        cfg = hf_config(args)
-    else:
-        overrides = {FIELD.get(k, k): getattr(args, k) for k in MODEL_FLAGS
-                     if getattr(args, k) is not None}
-        if args.tie_embeddings is not None:
-            overrides["tie_embeddings"] = args.tie_embeddings
-        cfg = build_config(args.preset or "small", **overrides, compute_dtype=args.dtype)
+    cfg = hf_config(args) if args.init_from_hf else cli.model_config(args, "small")
+    stages = check_run_flags(args, cfg)
     mesh = make_mesh(args.mesh)
-    stages = mesh.shape["stage"]
     schedule, m, v = args.schedule or "gpipe", 2 * stages if stages > 1 else 1, 1
     if args.schedule_file:
         from pipeline.schedules import read_schedule_file
 
-        if args.schedule:
-            raise ConfigError(f"--schedule {args.schedule} conflicts with --schedule-file "
-                              f"{args.schedule_file}; give one of them")
         sched = read_schedule_file(args.schedule_file)
         schedule, m, v = args.schedule_file, sched.microbatches, sched.virtual_stages
     tc = TrainConfig(
@@ -273,17 +236,18 @@ def open_checkpoints(args, trainer):
     return manager, params, opt_state, record["data_position"]
 
 
-def check_output_file(flag: str, path: str | None) -> None:
-    """Files written during or after the run (metrics, plot): a path that cannot hold a file is
-    refused at start, not after the training."""
+def check_outputs(args: argparse.Namespace, primary: bool = True) -> None:
+    """What the run writes during or after its work (metrics, plot, profile): a path that
+    cannot take it is refused at start, not after the training. Only the primary process
+    writes metrics and the plot."""
     from models import ConfigError
 
-    if path is None:
-        return
-    p = Path(path)
-    if p.is_dir() or not p.parent.is_dir():
-        why = "is a folder" if p.is_dir() else f"its folder {p.parent} does not exist"
-        raise ConfigError(f"{flag} {path}: {why}; give a file in an existing folder")
+    problems = [output_dir_error("--profile-dir", args.profile_dir)]
+    if primary:
+        problems += [output_error("--metrics", args.metrics),
+                     output_error("--plot", args.plot, IMAGE_SUFFIXES)]
+    for problem in filter(None, problems):
+        raise ConfigError(problem)
 
 
 def main(argv=None) -> int:
@@ -301,9 +265,7 @@ def main(argv=None) -> int:
         primary = distributed.is_primary()
         if not primary:  # only process 0 prints progress (errors still go to stderr)
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-        if primary:  # the one process that writes them
-            check_output_file("--metrics", args.metrics)
-            check_output_file("--plot", args.plot)
+        check_outputs(args, primary)
         if args.plot and primary:
             from scripts.plot import check_matplotlib
 

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BASE = ["--cpu-devices", "8", "--preset", "tiny", "--mesh", "data=8", "--steps", "1",
         "--seq-len", "32", "--vocab-size", "256", "--metrics", "{d}/metrics.jsonl"]
 OK = ["--data", "{d}/ok.txt"]
+PP = ["--mesh", "stage=2,data=4"]  # pipeline flags need a stage axis
 
 
 @pytest.mark.parametrize("args,expect", [
@@ -57,6 +58,91 @@ def test_bad_flag_is_one_line_and_exit_2(args, expect, capsys):
     assert stop.value.code == 2
     out = capsys.readouterr()
     assert out.err.splitlines() == [f"error: {expect}"] and not out.out
+
+
+UNKNOWN = ("unknown schedule 'bogus'; use one of gpipe, 1f1b, interleaved, zb-h1, zb-h2, zb-v, "
+           "dualpipe-v for --schedule")
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--schedule", "bogus"], UNKNOWN),
+    ([*PP, "--schedule", "bogus"], UNKNOWN),
+    # without a stage axis these were silently ignored: the run trained unpipelined
+    (["--schedule", "1f1b"], "--schedule 1f1b needs pipeline stages, but --mesh data=8 has no "
+     "stage axis; add stage=N to --mesh or drop --schedule"),
+    (["--microbatches", "4"], "--microbatches 4 needs pipeline stages"),
+    (["--virtual-stages", "2"], "--virtual-stages 2 needs pipeline stages"),
+    (["--schedule-file", "my.json"], "--schedule-file my.json needs pipeline stages"),
+    (["--mesh", "data=4,data=2"],  # the last size silently won
+     "mesh axis data is given twice in --mesh 'data=4,data=2'; give it once"),
+])
+def test_bad_run_flags_are_refused_before_anything_is_built(args, expect):
+    """In-process: the checks that need the model and the device count, not a compile."""
+    from models.config import ConfigError
+    from scripts.cli import model_config
+    from scripts.train import check_run_flags
+
+    args = parse_args(BASE[2:8] + args)  # tiny on data=8, one step
+    with pytest.raises(ConfigError) as err:
+        check_run_flags(args, model_config(args, "small"))
+    assert str(err.value).startswith(expect)
+
+
+@pytest.mark.parametrize("preset,mesh,seq_len", [
+    ("tiny", "data=4,tensor=2", 64), ("small", "data=2,tensor=4", 128),
+    ("base", "data=2,tensor=4", 128),
+])
+def test_every_preset_runs_on_the_defaults(preset, mesh, seq_len):
+    """`train.py --preset tiny` failed on the default mesh (tensor=4 does not divide tiny's 2
+    kv heads) and --seq-len (128 > its 64 positions): both now default from the model, and
+    the Trainer (which checks every divisibility, compiling nothing) accepts them."""
+    from scripts.cli import model_config
+    from scripts.train import check_run_flags
+    from spmd.mesh import make_mesh
+    from spmd.rules import Rules
+    from spmd.train_step import TrainConfig, Trainer
+
+    args = parse_args(["--preset", preset])
+    cfg = model_config(args, "small")
+    assert check_run_flags(args, cfg) == 1 and (args.mesh, args.seq_len) == (mesh, seq_len)
+    Trainer(cfg, TrainConfig(), make_mesh(args.mesh), Rules(), (args.batch_size, args.seq_len))
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--plot", "{d}/loss.xyz"], "--plot {d}/loss.xyz: unsupported file type '.xyz'; end the "
+     "name in one of .png, .pdf, .svg, .jpg, .jpeg"),
+    (["--profile-dir", "{d}/a_file"], "--profile-dir {d}/a_file: {d}/a_file is a file"),
+    (["--profile-dir", "{d}/a_file/trace"], "--profile-dir {d}/a_file/trace: {d}/a_file is a"),
+])
+def test_bad_output_path_is_refused_at_start(args, expect, tmp_path):
+    """Checked before training (they were found only when the plot or the trace was written,
+    after the run)."""
+    from models.config import ConfigError
+    from scripts.train import check_outputs
+
+    (tmp_path / "a_file").touch()
+    args = parse_args([a.format(d=tmp_path) for a in args])
+    with pytest.raises(ConfigError) as err:
+        check_outputs(args)
+    assert str(err.value).startswith(expect.format(d=tmp_path))
+
+
+@pytest.mark.parametrize("args,expect", [
+    (["--kv-heads", "3"], "n_heads (4) must be a multiple of n_kv_heads (3); change --heads or "
+     "--kv-heads"),
+    (["--heads", "5"], "d_model (32) must be divisible by n_heads (5); change --d-model or"),
+    (["--d-model", "20", "--heads", "4"], "rotary positions need an even head_dim (d_model / "
+     "n_heads), got 5; change --d-model or --heads"),
+    (["--style", "bert"], "unknown --style 'bert'; use llama or gpt2"),
+])
+def test_bad_model_names_the_flags(args, expect):
+    """The model's own checks name the flags to change (they named config fields only)."""
+    from models.config import ConfigError
+    from scripts.cli import model_config
+
+    with pytest.raises(ConfigError) as err:
+        model_config(parse_args(["--preset", "tiny", "--kv-heads", "1", *args]), "small").validate()
+    assert str(err.value).startswith(expect)
 
 
 def write_files(d: Path) -> None:
@@ -107,8 +193,8 @@ AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
      "--resume: checkpoint directory {d}/ckpt does not exist; check the path"),
     ([*OK, "--metrics", "{d}/no_dir/m.jsonl"], "--metrics {d}/no_dir/m.jsonl: its folder"),
     ([*OK, "--plot", "{d}/no_text"], "--plot {d}/no_text: is a folder"),
-    ([*OK, "--schedule-file", "{d}/a_file"], "schedule file {d}/a_file is not JSON"),
-    ([*OK, "--schedule-file", "{d}/nope.json"], "cannot read schedule file {d}/nope.json"),
+    ([*OK, *PP, "--schedule-file", "{d}/a_file"], "schedule file {d}/a_file is not JSON"),
+    ([*OK, *PP, "--schedule-file", "{d}/nope.json"], "cannot read schedule file {d}/nope.json"),
     ([*OK, "--schedule", "1f1b", "--schedule-file", "{d}/a_file"],
      "--schedule 1f1b conflicts with --schedule-file {d}/a_file; give one of them"),
 ])
@@ -165,20 +251,3 @@ def test_nan_eval_loss_stops_like_a_nan_training_loss():
     assert next(steps)[0]["step"] == 1  # no evaluation at step 1
     with pytest.raises(FloatingPointError, match=r"^eval loss became nan at step 2$"):
         next(steps)
-
-
-@pytest.mark.parametrize("args,expect", [
-    (["--seq-len", "128"], "sequence length (128) exceeds max_seq_len (64)"),
-    (["--seq-len", "32", "--microbatches", "3", "--layouts", "data=8", "stage=2,data=4:1f1b"],
-     "the batch per data shard (4 = 16 / data x fsdp) is not divisible by --microbatches 3"),
-])
-def test_bench_bad_layout_is_one_line(args, expect):
-    """scripts/bench.py refuses what the model or batch does not fit in one line, exit 2, before
-    it measures any layout (a later layout's error does not wait for the earlier ones)."""
-    cmd = [sys.executable, str(ROOT / "scripts" / "bench.py"), "--preset", "tiny",
-           "--generate", "0", *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                         check=False)
-    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
-    assert out.stderr.splitlines() == [out.stderr.strip()], out.stderr
-    assert out.stderr.startswith("error: " + expect), out.stderr

@@ -98,6 +98,16 @@ BAD = {  # what is wrong → (edit, words the one-line error must contain)
     # the V placement holds two chunks per stage; this file has one
     "v placement": (lambda d: d.__setitem__("placement", "v"),
                     "placement 'v' holds two chunks per stage, but virtual_stages is 1"),
+    # sizes below 1 failed far away ("max() arg is an empty sequence"); a string "false" read
+    # as true
+    "no microbatches": (lambda d: d.__setitem__("microbatches", 0),
+                        "microbatches is 0; it must be 1 or more"),
+    "negative stages": (lambda d: d.__setitem__("stages", -2), "stages is -2; it must be 1"),
+    "no chunks": (lambda d: d.__setitem__("virtual_stages", 0), "virtual_stages is 0; it must"),
+    "string stages": (lambda d: d.__setitem__("stages", "2"), "stages '2'; it must be an integer"),
+    "string boolean": (lambda d: d.__setitem__("split_backward", "false"),
+                       "split_backward 'false' must be true or false"),
+    "numeric name": (lambda d: d.__setitem__("schedule", 7), "schedule 7 must be a string"),
 }
 
 
@@ -184,4 +194,7 @@ def test_a_file_must_fit_the_run(tmp_path):
     broken = tmp_path / "broken.json"
     broken.write_text("{")
     with pytest.raises(ScheduleError, match="not JSON"):
+        read_schedule_file(str(broken))
+    broken.write_bytes(b"\xff\xfe{}")  # not UTF-8 (was a UnicodeDecodeError traceback)
+    with pytest.raises(ScheduleError, match="broken.json is not JSON"):
         read_schedule_file(str(broken))
