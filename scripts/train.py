@@ -236,7 +236,7 @@ def open_checkpoints(args, trainer):
         return None, *initial_state(args, trainer), 0
     info = run_info(trainer.cfg, trainer.tc, args.mesh, args.seed)
     manager = CheckpointManager.open(args.checkpoint_dir, info, keep=args.keep,
-                                     overwrite=args.overwrite, resume=args.resume)
+                                     overwrite=args.overwrite, resume=args.resume, lock=True)
     latest = manager.latest_step() if args.resume else None
     if latest is None:
         if args.resume:

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import warnings
 from pathlib import Path
@@ -36,6 +37,7 @@ from spmd.train_step import TrainConfig, Trainer
 
 STEP_PREFIX = "step"  # directories step_0, step_1, ...
 ITEMS = ("params", "opt_state", "run")
+LOCK = "train.lock"  # DIR/train.lock: "PID HOST" of the training run that writes DIR
 
 
 def run_info(cfg: ModelConfig, tc: TrainConfig, mesh_spec: str, seed: int) -> dict[str, Any]:
@@ -112,20 +114,80 @@ def _make_writable_dir(directory: Path) -> None:
                           "this user may write to")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _take_lock(directory: Path) -> Path:
+    """Create DIR/train.lock holding "PID HOST", or refuse in one line if it exists. Orbax deletes
+    uncommitted step folders when it opens DIR, so a second run on DIR would delete the first
+    run's save in flight (and --overwrite its checkpoints): the lock is taken before that."""
+    path = directory / LOCK
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        text = path.read_text(errors="replace").split()
+        pid = int(text[0]) if text and text[0].isdigit() else None
+        host = text[1] if len(text) > 1 else "?"
+        if pid is not None and host == socket.gethostname() and not _pid_alive(pid):
+            raise ConfigError(f"checkpoint directory {directory} has a stale lock {path} of "
+                              f"process {pid}, which is no longer running; if no other run "
+                              "uses the folder, delete that file and retry") from None
+        raise ConfigError(f"checkpoint directory {directory} is in use by process {pid} on "
+                          f"{host} (lock file {path}); wait for that run to end, or give "
+                          "another --checkpoint-dir (delete the file only if that run is "
+                          "gone)") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}\n")
+    return path
+
+
+def _lock_everywhere(directory: Path) -> Path | None:
+    """Process 0 takes DIR's lock; every process learns whether it did before any opens DIR
+    (all processes share DIR, so one lock is enough). Returns the lock on process 0."""
+    lock = error = None
+    if jax.process_index() == 0:
+        try:
+            lock = _take_lock(directory)
+        except ConfigError as err:
+            error = err
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ok = multihost_utils.broadcast_one_to_all(jax.numpy.int32(error is None))
+        if not int(ok):
+            error = error or ConfigError(f"process 0 could not lock checkpoint directory "
+                                         f"{directory} (see its error)")
+    if error:
+        raise error
+    return lock
+
+
 class CheckpointManager:
     """One run's checkpoints in one directory. Create with `CheckpointManager.open`."""
 
-    def __init__(self, directory: Path, manager: ocp.CheckpointManager, info: dict):
+    def __init__(self, directory: Path, manager: ocp.CheckpointManager, info: dict,
+                 lock: Path | None = None):
         self.directory, self._manager, self._run_info = directory, manager, info
+        self._lock = lock
         self._name_format = ocp.step.standard_name_format(step_prefix=STEP_PREFIX)
 
     @classmethod
     def open(cls, directory: str | Path, run_info: dict, *, keep: int = 3,
-             overwrite: bool = False, resume: bool = False) -> "CheckpointManager":
+             overwrite: bool = False, resume: bool = False,
+             lock: bool = False) -> "CheckpointManager":
         """Open DIR for a fresh run (refused if it holds checkpoints, unless `overwrite`, which
         deletes them) or, with `resume`, to continue the run saved there (refused if the saved
         model config differs). Uncommitted leftovers of a killed save are deleted either way.
-        DIR is created now unless `resume` (which refuses a DIR that does not exist)."""
+        DIR is created now unless `resume` (which refuses a DIR that does not exist). With
+        `lock` (a training run), DIR/train.lock is held until `close` and refuses a second run
+        before anything in DIR is touched."""
         directory = Path(directory).absolute()
         if overwrite and resume:
             raise ConfigError("--overwrite and --resume exclude each other; pick one")
@@ -137,6 +199,16 @@ class CheckpointManager:
             raise ConfigError(f"--resume: checkpoint directory {directory} does not exist; "
                               "check the path, or drop --resume to start a new run")
         _make_writable_dir(directory)
+        held = _lock_everywhere(directory) if lock else None
+        try:
+            return cls._open(directory, run_info, keep, overwrite, resume, held)
+        except BaseException:
+            if held:
+                held.unlink()
+            raise
+
+    @classmethod
+    def _open(cls, directory, run_info, keep, overwrite, resume, held) -> "CheckpointManager":
         options = ocp.CheckpointManagerOptions(
             step_prefix=STEP_PREFIX,
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
@@ -144,7 +216,7 @@ class CheckpointManager:
             enable_async_checkpointing=True,
         )
         manager = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
-        self = cls(directory, manager, json.loads(json.dumps(run_info)))
+        self = cls(directory, manager, json.loads(json.dumps(run_info)), held)
         latest = self.latest_step()
         if latest is not None and not resume:
             if not overwrite:
@@ -255,8 +327,13 @@ class CheckpointManager:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Finish pending saves and release Orbax's threads."""
-        self._manager.close()
+        """Finish pending saves, release Orbax's threads, then the lock (if held)."""
+        try:
+            self._manager.close()
+        finally:
+            if self._lock:
+                self._lock.unlink(missing_ok=True)
+                self._lock = None
 
     def __enter__(self) -> "CheckpointManager":
         return self

@@ -1,0 +1,66 @@
+"""Nothing the user saved is lost: a second run on a checkpoint folder, an existing metrics file,
+a resume with another seed, an export into a checkpoint folder. Each refusal is one line
+`error: ...` and exit code 2, and leaves every file as it was. In-process (scripts' `main`), on
+one tiny training run shared by the file."""
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from scripts import train as train_script
+
+TINY = ["--cpu-devices", "8", "--preset", "tiny", "--mesh", "data=8", "--seq-len", "32",
+        "--batch-size", "8", "--vocab-size", "256", "--eval-every", "2"]
+
+
+def snapshot(d: Path) -> dict:
+    return {p: p.read_bytes() if p.is_file() else None for p in sorted(d.rglob("*"))}
+
+
+def refused(capsys, argv, expect: str, main=train_script.main) -> str:
+    """`main(argv)` exits 2 with one stderr line starting `error: ` and containing `expect`."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: ") and expect in err, err
+    return err
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "text.txt"
+    path.write_bytes(bytes(range(32, 127)) * 40)
+    return path
+
+
+@pytest.fixture
+def busy(tmp_path) -> Path:
+    """A checkpoint folder as a running training leaves it: a lock, a save in flight."""
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "step_3.orbax-checkpoint-tmp-1").mkdir(parents=True)
+    (ckpt / "step_3.orbax-checkpoint-tmp-1" / "params").write_text("half written")
+    return ckpt
+
+
+@pytest.mark.parametrize("flags", [[], ["--resume"], ["--overwrite"]])
+def test_second_run_on_a_busy_checkpoint_dir_touches_nothing(busy, corpus, capsys, flags):
+    """Orbax deletes uncommitted step folders when it opens DIR: the lock must refuse first."""
+    (busy / "train.lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    before = snapshot(busy)
+    refused(capsys, [*TINY, "--data", str(corpus), "--checkpoint-dir", str(busy), *flags],
+            f"is in use by process {os.getpid()} on {socket.gethostname()} (lock file ")
+    assert snapshot(busy) == before
+
+
+def test_stale_lock_names_the_process_and_the_fix(busy, corpus, capsys):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (busy / "train.lock").write_text(f"{gone.pid} {socket.gethostname()}\n")
+    before = snapshot(busy)
+    refused(capsys, [*TINY, "--data", str(corpus), "--checkpoint-dir", str(busy)],
+            f"stale lock {busy / 'train.lock'} of process {gone.pid}, which is no longer "
+            "running; if no other run uses the folder, delete that file")
+    assert snapshot(busy) == before
