@@ -93,7 +93,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="split each step's batch into K sequential chunks, one update")
     p.add_argument("--eval-every", type=int, default=50,
                    help="held-out loss every N steps and at the last (0: never)")
-    p.add_argument("--metrics", default=None, help="write one JSON object per step here")
+    p.add_argument("--metrics", default=None,
+                   help="write one JSON object per step here (a new file; --resume appends)")
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw the train and eval loss curves here at the end (matplotlib)")
@@ -104,7 +105,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep", type=int, default=3, help="keep the last K checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true",
-                   help="delete the checkpoints already in --checkpoint-dir and start afresh")
+                   help="delete the checkpoints already in --checkpoint-dir (and replace an "
+                        "existing --metrics file) and start afresh")
     from spmd.distributed import add_flags
 
     add_flags(p)
@@ -256,9 +258,10 @@ def open_checkpoints(args, trainer):
     return manager, params, opt_state, record["data_position"]
 
 
-def check_output_file(flag: str, path: str | None) -> None:
+def check_output_file(flag: str, path: str | None, keep_existing: bool = False) -> None:
     """Files written during or after the run (metrics, plot): a path that cannot hold a file is
-    refused at start, not after the training."""
+    refused at start, not after the training. With `keep_existing` (the metrics) an existing
+    file is refused too: it is the record of an earlier run."""
     from models import ConfigError
 
     if path is None:
@@ -267,6 +270,34 @@ def check_output_file(flag: str, path: str | None) -> None:
     if p.is_dir() or not p.parent.is_dir():
         why = "is a folder" if p.is_dir() else f"its folder {p.parent} does not exist"
         raise ConfigError(f"{flag} {path}: {why}; give a file in an existing folder")
+    if keep_existing and p.exists():
+        raise ConfigError(f"{flag} {path} already exists; give a new file, --resume to append "
+                          "to it (continuing a checkpointed run) or --overwrite to replace it")
+
+
+def continue_metrics(path: str, start: int) -> None:
+    """A resumed run appends to its metrics file; first the lines of steps `start` and later
+    (written after the checkpoint it resumes from, and a last line cut short by a kill) go, so
+    that no step is listed twice."""
+    file = Path(path)
+    if not file.exists():
+        return
+    lines = file.read_bytes().splitlines(keepends=True)
+
+    def stale(line: bytes) -> bool:
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            return not line.endswith(b"\n")
+        return not line.endswith(b"\n") or isinstance(step, int) and step >= start
+
+    kept = [line for line in lines if not stale(line)]
+    if len(kept) < len(lines):
+        partial = file.with_name(file.name + ".tmp")
+        partial.write_bytes(b"".join(kept))
+        os.replace(partial, file)  # never a half-written metrics file
+        print(f"--metrics {path}: dropped {len(lines) - len(kept)} lines of steps {start} and "
+              "later (they are trained again)")
 
 
 def main(argv=None) -> int:
@@ -285,7 +316,8 @@ def main(argv=None) -> int:
         if not primary:  # only process 0 prints progress (errors still go to stderr)
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
         if primary:  # the one process that writes them
-            check_output_file("--metrics", args.metrics)
+            check_output_file("--metrics", args.metrics,
+                              keep_existing=not (args.resume or args.overwrite))
             check_output_file("--plot", args.plot)
         if args.plot and primary:
             from scripts.plot import check_matplotlib
@@ -295,8 +327,11 @@ def main(argv=None) -> int:
         lc = LoopConfig(args.batch_size, args.seq_len, args.seed, args.eval_every)
         manager, params, opt_state, start = open_checkpoints(args, trainer)
         print_layout(trainer, params)
-        metrics_file = (open(args.metrics, "a" if start else "w")  # noqa: SIM115
-                        if args.metrics and primary else None)
+        metrics_file = None
+        if args.metrics and primary:
+            if args.resume:
+                continue_metrics(args.metrics, start)
+            metrics_file = open(args.metrics, "a" if args.resume else "w")  # noqa: SIM115
         steps = trainer.tc.steps
         progress, profile = Progress(steps, args.log_every), Profile(args.profile_dir, start)
         records = []

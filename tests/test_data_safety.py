@@ -3,7 +3,9 @@ a resume with another seed, an export into a checkpoint folder. Each refusal is 
 `error: ...` and exit code 2, and leaves every file as it was. In-process (scripts' `main`), on
 one tiny training run shared by the file."""
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 from pathlib import Path
@@ -64,3 +66,42 @@ def test_stale_lock_names_the_process_and_the_fix(busy, corpus, capsys):
             f"stale lock {busy / 'train.lock'} of process {gone.pid}, which is no longer "
             "running; if no other run uses the folder, delete that file")
     assert snapshot(busy) == before
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, corpus):
+    """One finished run: 4 steps, checkpoints after steps 1 and 3, seed 5; its metrics lines."""
+    d = tmp_path_factory.mktemp("run")
+    argv = [*TINY, "--data", str(corpus), "--steps", "4", "--seed", "5", "--checkpoint-dir",
+            str(d / "ckpt"), "--checkpoint-every", "2", "--metrics", str(d / "metrics.jsonl")]
+    assert train_script.main(argv) == 0
+    return d, argv, (d / "metrics.jsonl").read_text().splitlines()
+
+
+def test_existing_metrics_file_is_refused(run, tmp_path, capsys):
+    d, argv, _ = run
+    before = snapshot(d)
+    fresh = [*argv[:argv.index("--checkpoint-dir")], "--metrics", str(d / "metrics.jsonl")]
+    refused(capsys, fresh, f"--metrics {d / 'metrics.jsonl'} already exists; give a new file, "
+            "--resume to append")
+    assert snapshot(d) == before
+
+
+def test_resume_appends_metrics_without_repeating_steps(run, tmp_path, capsys):
+    """Resumed from step 1 (the checkpoint of step 3 deleted): the lines of steps 2 and 3 the
+    first run wrote go, the resumed run writes them again; each step is listed once."""
+    d, argv, straight = run
+    ckpt, metrics = tmp_path / "ckpt", tmp_path / "metrics.jsonl"
+    shutil.copytree(d / "ckpt", ckpt)
+    shutil.rmtree(ckpt / "step_3")
+    metrics.write_text("\n".join(straight) + '\n{"step": 3, "lo')  # a line cut short by a kill
+    argv = [*argv[:argv.index("--checkpoint-dir")], "--checkpoint-dir", str(ckpt), "--metrics",
+            str(metrics), "--resume", "--seed", "5"]
+    capsys.readouterr()
+    assert train_script.main(argv) == 0
+    assert f"--metrics {metrics}: dropped 3 lines of steps 2 and later" in capsys.readouterr().out
+    lines = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in lines] == [0, 1, 2, 3]
+    assert lines[:2] == [json.loads(line) for line in straight[:2]]
+    assert [r["loss"] for r in lines[2:]] == pytest.approx(
+        [json.loads(line)["loss"] for line in straight[2:]], rel=1e-6)
