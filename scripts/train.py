@@ -71,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.add_argument("--" + flag.replace("_", "-"), type=kind, default=None)
     p.add_argument("--tie-embeddings", action=argparse.BooleanOptionalAction, default=None,
                    help="tie the output head to the embedding (default: gpt2 yes, llama no)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None,
+                   help="init and data order (default 0; on --resume the saved run's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype; weights and optimizer state stay float32")
     p.add_argument("--sequence-parallel", action="store_true")
@@ -235,10 +236,12 @@ def open_checkpoints(args, trainer):
     if not args.checkpoint_dir:
         if args.resume:
             raise ConfigError("--resume needs --checkpoint-dir DIR (where the run was saved)")
+        args.seed = 0 if args.seed is None else args.seed
         return None, *initial_state(args, trainer), 0
     info = run_info(trainer.cfg, trainer.tc, args.mesh, args.seed)
     manager = CheckpointManager.open(args.checkpoint_dir, info, keep=args.keep,
                                      overwrite=args.overwrite, resume=args.resume, lock=True)
+    args.seed = manager.seed  # --resume without --seed: the saved run's
     latest = manager.latest_step() if args.resume else None
     if latest is None:
         if args.resume:
@@ -324,8 +327,8 @@ def main(argv=None) -> int:
 
             check_matplotlib()  # now, not after the whole run
         trainer, (train_tokens, heldout_tokens) = build(args)
+        manager, params, opt_state, start = open_checkpoints(args, trainer)  # sets args.seed
         lc = LoopConfig(args.batch_size, args.seq_len, args.seed, args.eval_every)
-        manager, params, opt_state, start = open_checkpoints(args, trainer)
         print_layout(trainer, params)
         metrics_file = None
         if args.metrics and primary:

@@ -40,8 +40,10 @@ ITEMS = ("params", "opt_state", "run")
 LOCK = "train.lock"  # DIR/train.lock: "PID HOST" of the training run that writes DIR
 
 
-def run_info(cfg: ModelConfig, tc: TrainConfig, mesh_spec: str, seed: int) -> dict[str, Any]:
-    """What every checkpoint of a run records about it (as JSON-ready dicts)."""
+def run_info(cfg: ModelConfig, tc: TrainConfig, mesh_spec: str,
+             seed: int | None) -> dict[str, Any]:
+    """What every checkpoint of a run records about it (as JSON-ready dicts). A seed of None
+    (not given) resumes with the saved run's seed, and is 0 for a new run."""
     return {"seed": seed, "mesh": mesh_spec, "model": dataclasses.asdict(cfg),
             "train": dataclasses.asdict(tc)}
 
@@ -230,10 +232,12 @@ class CheckpointManager:
                 manager.delete(step)
         elif latest is not None:
             try:
-                self._check_model(latest, self.read_info(latest))
+                self._check_run(latest, self.read_info(latest))
             except ConfigError:
                 manager.close()
                 raise
+        if "seed" in self._run_info and self.seed is None:  # nothing saved to take it from
+            self._run_info["seed"] = 0
         return self
 
     # ---- queries ----------------------------------------------------------------------
@@ -253,6 +257,25 @@ class CheckpointManager:
         """The JSON record of `step`, without touching the arrays."""
         args = ocp.args.Composite(run=ocp.args.JsonRestore())
         return self._restore(step, args).run
+
+    @property
+    def seed(self):
+        """The run's seed: the saved run's when resuming without one (`run_info` seed None)."""
+        return self._run_info.get("seed")
+
+    def _check_run(self, step: int, record: dict) -> None:
+        """A resumed run continues the saved one: the same model and the same seed (which fixes
+        the data order); a seed of None takes the saved one."""
+        self._check_model(step, record)
+        saved, given = record.get("seed"), self._run_info.get("seed")
+        if given is None:
+            self._run_info["seed"] = saved
+        elif saved is not None and saved != given:
+            raise ConfigError(
+                f"cannot resume from {self._path(step)}: it was saved with --seed {saved} but "
+                f"this run has --seed {given}, which would change the data order; pass --seed "
+                f"{saved} or drop --seed (the saved one is used)"
+            )
 
     def _check_model(self, step: int, record: dict) -> None:
         saved, current = record.get("model", {}), self._run_info.get("model", {})

@@ -96,7 +96,7 @@ def test_resume_appends_metrics_without_repeating_steps(run, tmp_path, capsys):
     shutil.rmtree(ckpt / "step_3")
     metrics.write_text("\n".join(straight) + '\n{"step": 3, "lo')  # a line cut short by a kill
     argv = [*argv[:argv.index("--checkpoint-dir")], "--checkpoint-dir", str(ckpt), "--metrics",
-            str(metrics), "--resume", "--seed", "5"]
+            str(metrics), "--resume"]  # seed 5 is the saved one
     capsys.readouterr()
     assert train_script.main(argv) == 0
     assert f"--metrics {metrics}: dropped 3 lines of steps 2 and later" in capsys.readouterr().out
@@ -105,3 +105,14 @@ def test_resume_appends_metrics_without_repeating_steps(run, tmp_path, capsys):
     assert lines[:2] == [json.loads(line) for line in straight[:2]]
     assert [r["loss"] for r in lines[2:]] == pytest.approx(
         [json.loads(line)["loss"] for line in straight[2:]], rel=1e-6)
+
+
+def test_resume_with_another_seed_is_refused(run, capsys):
+    """Another seed is another data order: refused, naming both (the test above resumes
+    without --seed and continues the seed-5 run exactly)."""
+    d, argv, _ = run
+    before = snapshot(d)
+    refused(capsys, [*argv, "--resume", "--steps", "6", "--seed", "0"],
+            f"cannot resume from {d / 'ckpt' / 'step_3'}: it was saved with --seed 5 but this "
+            "run has --seed 0, which would change the data order; pass --seed 5 or drop --seed")
+    assert snapshot(d) == before  # the lock it took is gone too
