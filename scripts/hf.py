@@ -79,7 +79,13 @@ def run_export(args) -> None:
     from spmd import hf
     from spmd.sampling import load
 
+    from models import ConfigError
+
     hf.check_new_folder(args.out)  # before reading anything
+    out, ckpt = Path(args.out).resolve(), Path(args.checkpoint_dir).resolve()
+    if out == ckpt or ckpt in out.parents:  # a folder there breaks the next --resume
+        raise ConfigError(f"--out {args.out} is inside --checkpoint-dir {args.checkpoint_dir}; "
+                          "give a folder outside it")
     trainer, params, info = load(args.checkpoint_dir, "data=1", 1, jax.devices()[:1],
                                  step=args.step)
     hf.export(trainer.cfg, params, args.out)

@@ -119,3 +119,16 @@ def test_resume_with_another_seed_is_refused(run, capsys):
             f"cannot resume from {d / 'ckpt' / 'step_3'}: it was saved with --seed 5 but this "
             "run has --seed 0, which would change the data order; pass --seed 5 or drop --seed")
     assert snapshot(d) == before  # the lock it took is gone too
+
+
+def test_export_into_the_checkpoint_dir_is_refused(run, capsys):
+    """A model folder inside DIR would be in the way of the next --resume."""
+    from scripts import hf as hf_script
+
+    d = run[0]
+    before = snapshot(d)
+    out = d / "ckpt" / "hf"
+    refused(capsys, ["export", "--checkpoint-dir", str(d / "ckpt"), "--out", str(out)],
+            f"--out {out} is inside --checkpoint-dir {d / 'ckpt'}; give a folder outside it",
+            main=hf_script.main)
+    assert snapshot(d) == before
