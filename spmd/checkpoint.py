@@ -84,7 +84,10 @@ def _quiet_failed_read_leftovers() -> None:
     one at random, before or after our one-line error or at exit: an "Event loop is closed"
     traceback (TensorStore calling back into the loop Orbax has closed), a "Task/Future
     exception was never retrieved" traceback, a "coroutine ... was never awaited" warning
-    (filtered in `_restore`). Drop exactly those; call before reading."""
+    (filtered in `_restore`), and "Exception ignored in: <coroutine ...>" with the whole
+    TensorStore spec (a read left suspended is closed when collected, and Orbax's
+    `except BaseException: raise Exception(...) from e` turns that GeneratorExit into an
+    error). Drop exactly those; call before reading."""
     asyncio_log = logging.getLogger("asyncio")
     if not any(isinstance(f, _UnretrievedFilter) for f in asyncio_log.filters):
         asyncio_log.addFilter(_UnretrievedFilter())
@@ -94,7 +97,8 @@ def _quiet_failed_read_leftovers() -> None:
 
     def hook(unraisable):
         err = unraisable.exc_value
-        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+        closed_loop = isinstance(err, RuntimeError) and str(err) == "Event loop is closed"
+        if not (closed_loop or isinstance(getattr(err, "__cause__", None), GeneratorExit)):
             previous(unraisable)
 
     hook.quiet_closed_loop = True
@@ -334,6 +338,13 @@ class CheckpointManager:
             for name in args.keys():
                 if out[name] is None:
                     raise FileNotFoundError(f"item {name!r} is missing")
+            record = out["run"] if "run" in args.keys() else {"step": step,
+                                                               "data_position": step + 1}
+            if not (isinstance(record, dict) and isinstance(record.get("model", {}), dict)
+                    and (record.get("step"), record.get("data_position")) == (step, step + 1)):
+                # An edited record: its fields are used as they are, so they must be sound.
+                raise ValueError(f"its record is not that of step {step} (its step, "
+                                 "data_position or model was edited)")
             return out
         except Exception as err:  # noqa: BLE001 - converted to one line for the user
             warnings.filterwarnings("ignore", UNAWAITED, RuntimeWarning)  # ... or at exit

@@ -3,11 +3,13 @@ a resume with another seed, an export into a checkpoint folder. Each refusal is 
 `error: ...` and exit code 2, and leaves every file as it was. In-process (scripts' `main`), on
 one tiny training run shared by the file."""
 
+import gc
 import json
 import os
 import shutil
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -132,3 +134,55 @@ def test_export_into_the_checkpoint_dir_is_refused(run, capsys):
             f"--out {out} is inside --checkpoint-dir {d / 'ckpt'}; give a folder outside it",
             main=hf_script.main)
     assert snapshot(d) == before
+
+
+class Pending:
+    def __await__(self):
+        yield
+
+
+async def read_like_orbax():
+    """Orbax's `_read_array_index_and_device_put`: any BaseException becomes an Exception."""
+    try:
+        await Pending()
+    except BaseException as e:
+        raise Exception("Encountered error while reading array index: ...") from e
+
+
+def test_reads_left_suspended_by_a_failed_read_are_not_reported(monkeypatch):
+    """A failed checkpoint read leaves other reads suspended; collected, each printed "Exception
+    ignored in: <coroutine ...>" and a TensorStore spec (a hundred lines) after the one error
+    line. Other unraisable errors still reach Python's hook."""
+    from spmd.checkpoint import _quiet_failed_read_leftovers
+
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(repr(u.exc_value)))
+    _quiet_failed_read_leftovers()
+    read = read_like_orbax()
+    read.send(None)  # suspended at its await, like a read cut short
+    del read
+    gc.collect()
+    assert seen == []
+
+    class Broken:
+        def __del__(self):
+            raise ValueError("not Orbax's")
+
+    Broken()
+    gc.collect()
+    assert seen == ["ValueError(\"not Orbax's\")"]
+
+
+@pytest.mark.parametrize("edit", [('"data_position": 4', '"data_position": "x"'),
+                                  ('"model": {', '"model": "llama", "was": {')])
+def test_edited_checkpoint_record_is_one_line(run, tmp_path, capsys, edit):
+    d, common, _, _ = run
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(d / "ckpt", ckpt)
+    record = ckpt / "step_3" / "run" / "metadata"
+    record.write_text(record.read_text().replace(*edit))
+    before = snapshot(tmp_path)
+    refused(capsys, [*common, "--steps", "6", "--checkpoint-dir", str(ckpt), "--resume"],
+            f"checkpoint {ckpt / 'step_3'} is unreadable (ValueError: its record is not that of "
+            "step 3 (its step, data_position or model was edited)); delete it or resume")
+    assert snapshot(tmp_path) == before
