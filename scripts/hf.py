@@ -89,6 +89,8 @@ def run_export(args) -> None:
     trainer, params, info = load(args.checkpoint_dir, "data=1", 1, jax.devices()[:1],
                                  step=args.step)
     hf.export(trainer.cfg, params, args.out)
+    if info.get("tokenizer") is not None:  # trained with --tokenizer: its tokenizer.json
+        (Path(args.out) / "tokenizer.json").write_text(info["tokenizer"])
     print(f"step {info['step']} of {args.checkpoint_dir} written to {args.out} "
           f"({trainer.cfg.style}, {trainer.cfg.n_layers} layers)")
 

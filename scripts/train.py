@@ -238,7 +238,11 @@ def open_checkpoints(args, trainer):
             raise ConfigError("--resume needs --checkpoint-dir DIR (where the run was saved)")
         args.seed = 0 if args.seed is None else args.seed
         return None, *initial_state(args, trainer), 0
-    info = run_info(trainer.cfg, trainer.tc, args.mesh, args.seed)
+    tokenizer = None
+    if args.tokenizer:  # a folder or the file itself, as build read it
+        file = Path(args.tokenizer)
+        tokenizer = (file / "tokenizer.json" if file.is_dir() else file).read_text()
+    info = run_info(trainer.cfg, trainer.tc, args.mesh, args.seed, tokenizer)
     manager = CheckpointManager.open(args.checkpoint_dir, info, keep=args.keep,
                                      overwrite=args.overwrite, resume=args.resume, lock=True)
     args.seed = manager.seed  # --resume without --seed: the saved run's

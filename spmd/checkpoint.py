@@ -40,12 +40,15 @@ ITEMS = ("params", "opt_state", "run")
 LOCK = "train.lock"  # DIR/train.lock: "PID HOST" of the training run that writes DIR
 
 
-def run_info(cfg: ModelConfig, tc: TrainConfig, mesh_spec: str,
-             seed: int | None) -> dict[str, Any]:
+def run_info(cfg: ModelConfig, tc: TrainConfig, mesh_spec: str, seed: int | None,
+             tokenizer: str | None = None) -> dict[str, Any]:
     """What every checkpoint of a run records about it (as JSON-ready dicts). A seed of None
-    (not given) resumes with the saved run's seed, and is 0 for a new run."""
-    return {"seed": seed, "mesh": mesh_spec, "model": dataclasses.asdict(cfg),
+    (not given) resumes with the saved run's seed, and is 0 for a new run. `tokenizer`: the
+    text of the tokenizer.json the data went through (none: bytes), so that sampling and
+    export need nothing but the checkpoint."""
+    info = {"seed": seed, "mesh": mesh_spec, "model": dataclasses.asdict(cfg),
             "train": dataclasses.asdict(tc)}
+    return {**info, "tokenizer": tokenizer} if tokenizer is not None else info
 
 
 def _abstract(tree, shardings):
@@ -268,9 +271,13 @@ class CheckpointManager:
         return self._run_info.get("seed")
 
     def _check_run(self, step: int, record: dict) -> None:
-        """A resumed run continues the saved one: the same model and the same seed (which fixes
-        the data order); a seed of None takes the saved one."""
+        """A resumed run continues the saved one: the same model, tokenizer and seed (which
+        fixes the data order); a seed of None takes the saved one."""
         self._check_model(step, record)
+        if record.get("tokenizer") != self._run_info.get("tokenizer"):
+            raise ConfigError(f"cannot resume from {self._path(step)}: it was trained on "
+                              "another tokenizer (or bytes) than this run's --tokenizer; give "
+                              "the run's --tokenizer, or --overwrite to start afresh")
         saved, given = record.get("seed"), self._run_info.get("seed")
         if given is None:
             self._run_info["seed"] = saved

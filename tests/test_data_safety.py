@@ -17,6 +17,7 @@ import pytest
 
 from scripts import train as train_script
 
+TOKENIZER = Path(__file__).parent / "fixtures" / "hf" / "gpt2"  # 300 ids
 TINY = ["--cpu-devices", "8", "--preset", "tiny", "--mesh", "data=8", "--seq-len", "32",
         "--batch-size", "8", "--vocab-size", "256", "--eval-every", "2"]
 
@@ -74,9 +75,11 @@ def test_stale_lock_names_the_process_and_the_fix(busy, corpus, capsys):
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, corpus):
-    """One finished run: 4 steps, checkpoints after steps 1 and 3, seed 5; its metrics lines."""
+    """One finished run: 4 steps through GPT-2's test tokenizer, checkpoints after steps 1 and
+    3, seed 5; its metrics lines."""
     d = tmp_path_factory.mktemp("run")
-    common = [*TINY, "--data", str(corpus), "--steps", "4", "--checkpoint-every", "2"]
+    common = [*TINY, "--data", str(corpus), "--steps", "4", "--checkpoint-every", "2",
+              "--tokenizer", str(TOKENIZER), "--vocab-size", "300"]
     argv = [*common, "--seed", "5", "--checkpoint-dir", str(d / "ckpt"), "--metrics",
             str(d / "metrics.jsonl")]
     assert train_script.main(argv) == 0
@@ -186,3 +189,55 @@ def test_edited_checkpoint_record_is_one_line(run, tmp_path, capsys, edit):
             f"checkpoint {ckpt / 'step_3'} is unreadable (ValueError: its record is not that of "
             "step 3 (its step, data_position or model was edited)); delete it or resume")
     assert snapshot(tmp_path) == before
+
+
+def test_sample_and_export_use_the_tokenizer_of_the_run(run, tmp_path, capsys, monkeypatch):
+    """The checkpoint records the tokenizer.json the run trained through: sample.py encodes the
+    prompt and decodes the output with it (not as bytes), export writes it next to the model."""
+    from tokenizers import Tokenizer
+
+    from scripts import hf as hf_script
+    from scripts import sample as sample_script
+    from spmd import sampling
+
+    d = run[0]
+    tokenizer = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
+    prompt = tokenizer.encode("hello world", add_special_tokens=False).ids
+    seen = []
+
+    def generate(trainer, params, tokens, *args):  # the model's part is tested elsewhere
+        seen.append(tokens.tolist())
+        return np.asarray([[*tokens, 280, 290]])
+
+    monkeypatch.setattr(sampling, "generate", generate)
+    capsys.readouterr()
+    assert sample_script.main(["--checkpoint-dir", str(d / "ckpt"), "--prompt", "hello world",
+                               "--max-new-tokens", "2"]) == 0
+    assert seen == [prompt]
+    assert capsys.readouterr().out == tokenizer.decode([*prompt, 280, 290]) + "\n"
+
+    assert hf_script.main(["export", "--checkpoint-dir", str(d / "ckpt"), "--out",
+                           str(tmp_path / "hf")]) == 0
+    assert ((tmp_path / "hf" / "tokenizer.json").read_text()
+            == (TOKENIZER / "tokenizer.json").read_text())
+
+
+def test_resume_without_the_runs_tokenizer_is_refused(run, capsys):
+    d, common, _, _ = run
+    before = snapshot(d)
+    bytes_run = common[:common.index("--tokenizer")]
+    refused(capsys, [*bytes_run, "--vocab-size", "300", "--checkpoint-dir", str(d / "ckpt"),
+                     "--resume", "--steps", "6"],
+            f"cannot resume from {d / 'ckpt' / 'step_3'}: it was trained on another tokenizer")
+    assert snapshot(d) == before
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_sample_refuses_a_temperature_that_is_not_a_number_above_0(run, value, capsys):
+    """Refused before the model loads (NaN passed `temperature < 0` and sampled garbage)."""
+    from scripts import sample as sample_script
+
+    refused(capsys, ["--checkpoint-dir", str(run[0] / "ckpt"), "--prompt", "x",
+                     "--max-new-tokens", "4", "--temperature", value],
+            f"--temperature must be a finite number >= 0 (0: greedy), got {float(value)}",
+            main=sample_script.main)
