@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
@@ -260,8 +261,7 @@ def open_checkpoints(args, trainer):
     except ConfigError:
         manager.close()
         raise
-    print(f"resumed from {args.checkpoint_dir} step {latest}: continuing at step "
-          f"{record['data_position']}")
+    print(f"resumed from {manager.path(latest)}: continuing at step {record['data_position']}")
     return manager, params, opt_state, record["data_position"]
 
 
@@ -307,7 +307,22 @@ def continue_metrics(path: str, start: int) -> None:
               "later (they are trained again)")
 
 
+def summary(records: list[dict], wall_s: float, args, manager) -> str:
+    """The run's last line: its steps, wall time, final losses and the files it wrote."""
+    last = records[-1]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    losses = f"final loss {last['loss']:.4f}" + (f", eval loss {evals[-1]:.4f}" if evals else "")
+    files = [f"metrics {args.metrics}"] if args.metrics else []
+    if manager and manager.latest_step() is not None:
+        files.append(f"checkpoint {manager.path(manager.latest_step())}")
+    files += [f"plot {args.plot}"] if args.plot else []
+    files += [f"profile {args.profile_dir}"] if args.profile_dir else []
+    return (f"done: steps {records[0]['step']}..{last['step']} in {wall_s:.1f} s; {losses}; "
+            + ("wrote " + ", ".join(files) if files else "no files written"))
+
+
 def main(argv=None) -> int:
+    began = time.perf_counter()
     args = parse_args(argv)
     configure_devices(args)
     from models import ConfigError
@@ -347,12 +362,15 @@ def main(argv=None) -> int:
             step = record["step"]
             records.append(record)
             profile.after(step, step == steps - 1)
-            if manager and ((step + 1) % args.checkpoint_every == 0 or step == steps - 1):
+            save = manager and ((step + 1) % args.checkpoint_every == 0 or step == steps - 1)
+            if save:
                 manager.save(step, *trainer.to_canonical(params, opt_state))
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             progress.show(record)
+            if save:
+                progress.note(f"saving checkpoint {manager.path(step)}")
         profile.close()
         if metrics_file:
             metrics_file.close()
@@ -362,6 +380,9 @@ def main(argv=None) -> int:
             # A resumed run's metrics file holds the earlier steps too.
             plot(read_metrics(args.metrics) if args.metrics else records, args.plot)
             print(f"loss curves written to {args.plot}")
+        if manager:
+            manager.wait()  # the summary names committed checkpoints only
+        print(summary(records, time.perf_counter() - began, args, manager))
     except (ConfigError, FloatingPointError) as err:
         if isinstance(err, FloatingPointError) and manager:
             manager.wait()  # a save still in flight is a good checkpoint too

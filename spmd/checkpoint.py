@@ -232,7 +232,7 @@ class CheckpointManager:
                 manager.close()
                 raise ConfigError(
                     f"checkpoint directory {directory} already holds checkpoints (latest: "
-                    f"{self._path(latest).name}); pass --resume to continue that run or "
+                    f"{self.path(latest).name}); pass --resume to continue that run or "
                     "--overwrite to delete them and start afresh"
                 )
             for step in manager.all_steps():
@@ -248,7 +248,8 @@ class CheckpointManager:
         return self
 
     # ---- queries ----------------------------------------------------------------------
-    def _path(self, step: int) -> Path:
+    def path(self, step: int) -> Path:
+        """DIR/step_N, the checkpoint saved after step N."""
         return self.directory / self._name_format.build_name(step)
 
     def all_steps(self) -> list[int]:
@@ -275,7 +276,7 @@ class CheckpointManager:
         fixes the data order); a seed of None takes the saved one."""
         self._check_model(step, record)
         if record.get("tokenizer") != self._run_info.get("tokenizer"):
-            raise ConfigError(f"cannot resume from {self._path(step)}: it was trained on "
+            raise ConfigError(f"cannot resume from {self.path(step)}: it was trained on "
                               "another tokenizer (or bytes) than this run's --tokenizer; give "
                               "the run's --tokenizer, or --overwrite to start afresh")
         saved, given = record.get("seed"), self._run_info.get("seed")
@@ -283,7 +284,7 @@ class CheckpointManager:
             self._run_info["seed"] = saved
         elif saved is not None and saved != given:
             raise ConfigError(
-                f"cannot resume from {self._path(step)}: it was saved with --seed {saved} but "
+                f"cannot resume from {self.path(step)}: it was saved with --seed {saved} but "
                 f"this run has --seed {given}, which would change the data order; pass --seed "
                 f"{saved} or drop --seed (the saved one is used)"
             )
@@ -293,7 +294,7 @@ class CheckpointManager:
         for field in sorted(set(saved) | set(current)):
             if saved.get(field) != current.get(field):
                 raise ConfigError(
-                    f"cannot resume from {self._path(step)}: it was saved with model {field}="
+                    f"cannot resume from {self.path(step)}: it was saved with model {field}="
                     f"{saved.get(field)!r} but this run has {field}={current.get(field)!r}; "
                     "use the saved model settings, or --overwrite to start afresh"
                 )
@@ -305,7 +306,7 @@ class CheckpointManager:
         Give the canonical state (`Trainer.to_canonical`: uneven stages' padding dropped), so
         that it restores onto any mesh."""
         if step in self.all_steps():
-            raise ConfigError(f"checkpoint {self._path(step)} already exists; delete it first")
+            raise ConfigError(f"checkpoint {self.path(step)} already exists; delete it first")
         record = {"step": step, "data_position": step + 1, **self._run_info, **(info or {})}
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
@@ -319,7 +320,7 @@ class CheckpointManager:
         """(params, opt_state, info) of `step`, each array placed in `trainer`'s shardings."""
         if step not in self.all_steps():
             raise ConfigError(
-                f"no complete checkpoint {self._path(step)}; saved steps: {self.all_steps()}"
+                f"no complete checkpoint {self.path(step)}; saved steps: {self.all_steps()}"
             )
         abstract_params, abstract_opt = _abstract_state(trainer)
         params_sharding, opt_sharding = trainer.canonical_shardings
@@ -356,10 +357,10 @@ class CheckpointManager:
         except Exception as err:  # noqa: BLE001 - converted to one line for the user
             warnings.filterwarnings("ignore", UNAWAITED, RuntimeWarning)  # ... or at exit
             earlier = [s for s in self.all_steps() if s < step]
-            previous = (f"after deleting it, --resume continues from {self._path(earlier[-1])}"
+            previous = (f"after deleting it, --resume continues from {self.path(earlier[-1])}"
                         if earlier else "there is no earlier checkpoint")
             raise ConfigError(
-                f"checkpoint {self._path(step)} is unreadable ({_one_line(err)}); "
+                f"checkpoint {self.path(step)} is unreadable ({_one_line(err)}); "
                 f"delete it or resume from an earlier step ({previous})"
             ) from err
 

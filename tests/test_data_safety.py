@@ -3,7 +3,9 @@ a resume with another seed, an export into a checkpoint folder. Each refusal is 
 `error: ...` and exit code 2, and leaves every file as it was. In-process (scripts' `main`), on
 one tiny training run shared by the file."""
 
+import contextlib
 import gc
+import io
 import json
 import os
 import shutil
@@ -82,8 +84,29 @@ def run(tmp_path_factory, corpus):
               "--tokenizer", str(TOKENIZER), "--vocab-size", "300"]
     argv = [*common, "--seed", "5", "--checkpoint-dir", str(d / "ckpt"), "--metrics",
             str(d / "metrics.jsonl")]
-    assert train_script.main(argv) == 0
+    with contextlib.redirect_stdout(io.StringIO()) as out:
+        assert train_script.main(argv) == 0
+    (d / "console.txt").write_text(out.getvalue())
     return d, common, argv, (d / "metrics.jsonl").read_text().splitlines()
+
+
+def test_one_step_numbering_and_a_summary(run):
+    """Steps count from 0 on the console as in the metrics and the checkpoint names (step_N is
+    saved after step N); each save is one line; the last line sums the run up."""
+    d, _, _, lines = run
+    metrics = [json.loads(line) for line in lines]
+    console = (d / "console.txt").read_text().splitlines()
+    shown = [line for line in console if line.startswith("step ")]
+    assert [line.split()[1] for line in shown] == ["0/3", "2/3", "3/3"]  # log, eval, last
+    for line in shown:  # each agrees with the metrics record of its step
+        record = metrics[int(line.split()[1].split("/")[0])]
+        assert f"loss {record['loss']:.4f}" in line, (line, record)
+    assert [line for line in console if line.startswith("saving")] == [
+        f"saving checkpoint {d / 'ckpt' / 'step_1'}", f"saving checkpoint {d / 'ckpt' / 'step_3'}"]
+    assert console[-1].startswith("done: steps 0..3 in ")
+    assert console[-1].endswith(
+        f" s; final loss {metrics[-1]['loss']:.4f}, eval loss {metrics[-1]['eval_loss']:.4f}; "
+        f"wrote metrics {d / 'metrics.jsonl'}, checkpoint {d / 'ckpt' / 'step_3'}")
 
 
 def test_existing_metrics_file_is_refused(run, tmp_path, capsys):
@@ -107,7 +130,9 @@ def test_resume_appends_metrics_without_repeating_steps(run, tmp_path, capsys):
     # No --seed: the saved seed 5 continues the same data order.
     capsys.readouterr()
     assert train_script.main(argv) == 0
-    assert f"--metrics {metrics}: dropped 3 lines of steps 2 and later" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"resumed from {ckpt / 'step_1'}: continuing at step 2\n" in out
+    assert f"--metrics {metrics}: dropped 3 lines of steps 2 and later" in out
     lines = [json.loads(line) for line in metrics.read_text().splitlines()]
     assert [r["step"] for r in lines] == [0, 1, 2, 3]
     assert lines[:2] == [json.loads(line) for line in straight[:2]]
