@@ -248,17 +248,17 @@ def open_checkpoints(args, trainer):
                                      overwrite=args.overwrite, resume=args.resume, lock=True)
     args.seed = manager.seed  # --resume without --seed: the saved run's
     latest = manager.latest_step() if args.resume else None
-    if latest is None:
-        if args.resume:
-            print(f"no checkpoint in {args.checkpoint_dir} yet: starting from step 0")
-        return manager, *initial_state(args, trainer), 0
-    try:
+    try:  # any failure or Ctrl-C before the caller holds the manager: close it (and the lock)
+        if latest is None:
+            if args.resume:
+                print(f"no checkpoint in {args.checkpoint_dir} yet: starting from step 0")
+            return manager, *initial_state(args, trainer), 0
         if latest + 1 >= trainer.tc.steps:  # a checkpoint after step N continues at step N + 1
             raise ConfigError(f"the run in {args.checkpoint_dir} has already done {latest + 1} "
                               f"steps of --steps {trainer.tc.steps}: nothing to train; pass "
                               f"--steps above {latest + 1} to continue it")
         params, opt_state, record = manager.restore(latest, trainer)
-    except ConfigError:
+    except BaseException:
         manager.close()
         raise
     print(f"resumed from {manager.path(latest)}: continuing at step {record['data_position']}")

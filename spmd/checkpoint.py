@@ -148,8 +148,9 @@ def _take_lock(directory: Path) -> Path:
             raise ConfigError(f"checkpoint directory {directory} has a stale lock {path} of "
                               f"process {pid}, which is no longer running; if no other run "
                               "uses the folder, delete that file and retry") from None
-        raise ConfigError(f"checkpoint directory {directory} is in use by process {pid} on "
-                          f"{host} (lock file {path}); wait for that run to end, or give "
+        who = f"process {pid} on {host}" if pid is not None else "another run"
+        raise ConfigError(f"checkpoint directory {directory} is in use by {who} (lock file "
+                          f"{path}); wait for that run to end, or give "
                           "another --checkpoint-dir (delete the file only if that run is "
                           "gone)") from None
     with os.fdopen(fd, "w") as f:
@@ -213,7 +214,7 @@ class CheckpointManager:
             return cls._open(directory, run_info, keep, overwrite, resume, held)
         except BaseException:
             if held:
-                held.unlink()
+                held.unlink(missing_ok=True)
             raise
 
     @classmethod

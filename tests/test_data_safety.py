@@ -75,6 +75,19 @@ def test_stale_lock_names_the_process_and_the_fix(busy, corpus, capsys):
     assert snapshot(busy) == before
 
 
+def test_lock_is_released_on_ctrl_c(tmp_path, corpus, monkeypatch):
+    """Ctrl-C while the model is initialised (the manager open, not yet handed to the training
+    loop, whose own exit closes it): the lock goes with the run."""
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_script, "initial_state", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        train_script.main([*TINY, "--data", str(corpus), "--checkpoint-dir", str(tmp_path)])
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, corpus):
     """One finished run: 4 steps through GPT-2's test tokenizer, checkpoints after steps 1 and
@@ -94,6 +107,7 @@ def test_one_step_numbering_and_a_summary(run):
     """Steps count from 0 on the console as in the metrics and the checkpoint names (step_N is
     saved after step N); each save is one line; the last line sums the run up."""
     d, _, _, lines = run
+    assert not (d / "ckpt" / "train.lock").exists()
     metrics = [json.loads(line) for line in lines]
     console = (d / "console.txt").read_text().splitlines()
     shown = [line for line in console if line.startswith("step ")]
