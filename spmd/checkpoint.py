@@ -133,38 +133,51 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _take_lock(directory: Path) -> Path:
-    """Create DIR/train.lock holding "PID HOST", or refuse in one line if it exists. Orbax deletes
+class _Lock:
+    """DIR/train.lock holding "PID HOST" while a training run writes DIR. Orbax deletes
     uncommitted step folders when it opens DIR, so a second run on DIR would delete the first
-    run's save in flight (and --overwrite its checkpoints): the lock is taken before that."""
-    path = directory / LOCK
-    try:
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
-        text = path.read_text(errors="replace").split()
+    run's save in flight (and --overwrite its checkpoints): the lock is taken before that, and
+    an existing one refuses in one line."""
+
+    def __init__(self, directory: Path):
+        self.path, stat = directory / LOCK, directory.stat()
+        self.found = set(os.listdir(directory)), (stat.st_atime_ns, stat.st_mtime_ns)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise self._refusal(directory) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+
+    def _refusal(self, directory: Path) -> ConfigError:
+        text = self.path.read_text(errors="replace").split()
         pid = int(text[0]) if text and text[0].isdigit() else None
         host = text[1] if len(text) > 1 else "?"
         if pid is not None and host == socket.gethostname() and not _pid_alive(pid):
-            raise ConfigError(f"checkpoint directory {directory} has a stale lock {path} of "
-                              f"process {pid}, which is no longer running; if no other run "
-                              "uses the folder, delete that file and retry") from None
+            return ConfigError(f"checkpoint directory {directory} has a stale lock {self.path} "
+                               f"of process {pid}, which is no longer running; if no other run "
+                               "uses the folder, delete that file and retry")
         who = f"process {pid} on {host}" if pid is not None else "another run"
-        raise ConfigError(f"checkpoint directory {directory} is in use by {who} (lock file "
-                          f"{path}); wait for that run to end, or give "
-                          "another --checkpoint-dir (delete the file only if that run is "
-                          "gone)") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(f"{os.getpid()} {socket.gethostname()}\n")
-    return path
+        return ConfigError(f"checkpoint directory {directory} is in use by {who} (lock file "
+                           f"{self.path}); wait for that run to end, or give another "
+                           "--checkpoint-dir (delete the file only if that run is gone)")
+
+    def release(self) -> None:
+        """Remove the lock; if it was the only change (a refused or restore-only run), DIR is
+        left exactly as found, its times included."""
+        self.path.unlink(missing_ok=True)
+        names, times = self.found
+        if set(os.listdir(self.path.parent)) == names:
+            os.utime(self.path.parent, ns=times)
 
 
-def _lock_everywhere(directory: Path) -> Path | None:
+def _lock_everywhere(directory: Path) -> _Lock | None:
     """Process 0 takes DIR's lock; every process learns whether it did before any opens DIR
     (all processes share DIR, so one lock is enough). Returns the lock on process 0."""
     lock = error = None
     if jax.process_index() == 0:
         try:
-            lock = _take_lock(directory)
+            lock = _Lock(directory)
         except ConfigError as err:
             error = err
     if jax.process_count() > 1:
@@ -183,7 +196,7 @@ class CheckpointManager:
     """One run's checkpoints in one directory. Create with `CheckpointManager.open`."""
 
     def __init__(self, directory: Path, manager: ocp.CheckpointManager, info: dict,
-                 lock: Path | None = None):
+                 lock: _Lock | None = None):
         self.directory, self._manager, self._run_info = directory, manager, info
         self._lock = lock
         self._name_format = ocp.step.standard_name_format(step_prefix=STEP_PREFIX)
@@ -214,7 +227,7 @@ class CheckpointManager:
             return cls._open(directory, run_info, keep, overwrite, resume, held)
         except BaseException:
             if held:
-                held.unlink(missing_ok=True)
+                held.release()
             raise
 
     @classmethod
@@ -375,7 +388,7 @@ class CheckpointManager:
             self._manager.close()
         finally:
             if self._lock:
-                self._lock.unlink(missing_ok=True)
+                self._lock.release()
                 self._lock = None
 
     def __enter__(self) -> "CheckpointManager":

@@ -25,7 +25,9 @@ TINY = ["--cpu-devices", "8", "--preset", "tiny", "--mesh", "data=8", "--seq-len
 
 
 def snapshot(d: Path) -> dict:
-    return {p: p.read_bytes() if p.is_file() else None for p in sorted(d.rglob("*"))}
+    """Files' bytes, folders' times (a lock file made and removed shows there)."""
+    return {p: p.read_bytes() if p.is_file() else p.stat().st_mtime_ns
+            for p in sorted([d, *d.rglob("*")])}
 
 
 def refused(capsys, argv, expect: str, main=train_script.main) -> str:
