@@ -76,10 +76,9 @@ def run_logits(args) -> None:
 def run_export(args) -> None:
     import jax
 
+    from models import ConfigError
     from spmd import hf
     from spmd.sampling import load
-
-    from models import ConfigError
 
     hf.check_new_folder(args.out)  # before reading anything
     out, ckpt = Path(args.out).resolve(), Path(args.checkpoint_dir).resolve()
