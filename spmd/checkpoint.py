@@ -5,7 +5,8 @@ On disk, one directory per saved step (N = the index of the step just completed)
     DIR/step_N/params      nnx.State of global arrays, mesh-independent (OCDBT/Zarr)
     DIR/step_N/opt_state   the optax state, likewise
     DIR/step_N/run         JSON: step, data_position (= N + 1, the next step), seed, model,
-                           train, mesh, and whatever the caller adds (e.g. an RNG state)
+                           train, mesh, [tokenizer], and whatever the caller adds
+    DIR/train.lock         "PID HOST" of the training run writing DIR, while it runs
 
 Orbax writes a step into `step_N.orbax-checkpoint-tmp*` and renames it to `step_N` only once every
 item is on disk, so a save killed midway never looks complete: `latest_step` lists committed

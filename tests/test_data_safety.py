@@ -1,7 +1,8 @@
 """Nothing the user saved is lost: a second run on a checkpoint folder, an existing metrics file,
-a resume with another seed, an export into a checkpoint folder. Each refusal is one line
-`error: ...` and exit code 2, and leaves every file as it was. In-process (scripts' `main`), on
-one tiny training run shared by the file."""
+a resume with another seed or tokenizer, an export into a checkpoint folder, an edited record.
+Each refusal is one line `error: ...` and exit code 2, and leaves every file as it was. Also:
+one step numbering and a summary line, the run's tokenizer in sampling and export. In-process
+(scripts' `main`), on one tiny training run shared by the file."""
 
 import contextlib
 import gc
