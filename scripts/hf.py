@@ -77,13 +77,20 @@ def run_logits(args) -> None:
 def run_export(args) -> None:
     import jax
 
+    from models import ConfigError
     from spmd import hf
     from spmd.sampling import load
 
     hf.check_new_folder(args.out)  # before reading anything
+    out, ckpt = Path(args.out).resolve(), Path(args.checkpoint_dir).resolve()
+    if out == ckpt or ckpt in out.parents:  # a folder there breaks the next --resume
+        raise ConfigError(f"--out {args.out} is inside --checkpoint-dir {args.checkpoint_dir}; "
+                          "give a folder outside it")
     trainer, params, info = load(args.checkpoint_dir, "data=1", 1, jax.devices()[:1],
                                  step=args.step)
     hf.export(trainer.cfg, params, args.out)
+    if info.get("tokenizer") is not None:  # trained with --tokenizer: its tokenizer.json
+        (Path(args.out) / "tokenizer.json").write_text(info["tokenizer"])
     print(f"step {info['step']} of {args.checkpoint_dir} written to {args.out} "
           f"({trainer.cfg.style}, {trainer.cfg.n_layers} layers)")
 

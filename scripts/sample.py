@@ -1,5 +1,6 @@
-"""Generate text from the latest checkpoint of a scripts/train.py run (byte-level model), or
-from a Hugging Face Llama / GPT-2 folder (its tokenizer.json when it has one).
+"""Generate text from the latest checkpoint of a scripts/train.py run (through the tokenizer it
+was trained with, else bytes), or from a Hugging Face Llama / GPT-2 folder (its tokenizer.json
+when it has one).
 
     python scripts/sample.py --checkpoint-dir ckpt --prompt "def main(" --max-new-tokens 200
     python scripts/sample.py --model DIR --prompt "Once upon a time" --mesh tensor=2
@@ -16,11 +17,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.train import configure_devices  # noqa: E402
+from scripts.train import Parser, configure_devices  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--checkpoint-dir", help="the --checkpoint-dir of a scripts/train.py run")
     source.add_argument("--model", help="a Hugging Face folder (config.json, *.safetensors; "
@@ -47,11 +48,12 @@ def main(argv=None) -> int:
 
     from models import ConfigError
     from spmd.mesh import parse_mesh_spec
-    from spmd.sampling import decode, encode, generate, load, open_hf
+    from spmd.sampling import check_sampling, generate, load, open_hf, text_codec
 
     try:
         if args.max_new_tokens < 1:
             raise ConfigError("--max-new-tokens must be at least 1")
+        check_sampling(args.temperature, args.top_k)
         mesh_spec = args.mesh or "data=1"
         size = 1
         for n in parse_mesh_spec(mesh_spec).values():
@@ -62,11 +64,12 @@ def main(argv=None) -> int:
                                                           args.max_new_tokens)
             source = args.model
         else:
-            prompt_bytes = args.prompt.encode("utf-8")
-            trainer, params, info = load(args.checkpoint_dir, mesh_spec,
-                                         len(prompt_bytes) + args.max_new_tokens, devices)
-            prompt = encode(args.prompt, trainer.cfg.vocab_size)
-            detokenize, source = decode, f"checkpoint step {info['step']} of {args.checkpoint_dir}"
+            # The prompt's length in tokens is known once the record's tokenizer is read:
+            # `generate` checks it against the model's max_seq_len.
+            trainer, params, info = load(args.checkpoint_dir, mesh_spec, None, devices)
+            to_ids, detokenize = text_codec(info, trainer.cfg.vocab_size)
+            prompt = to_ids(args.prompt)
+            source = f"checkpoint step {info['step']} of {args.checkpoint_dir}"
         out = generate(trainer, params, prompt, args.max_new_tokens, args.temperature,
                        args.top_k, args.seed, args.cache)
     except ConfigError as err:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tokenizer", default=None, metavar="DIR",
                    help="tokenize text --data with DIR/tokenizer.json instead of bytes")
     add_model_flags(p)
-    p.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+    p.add_argument("--seed", type=int, default=None,
+                   help="init and data order (default 0; on --resume the saved run's)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="compute dtype; weights and optimizer state stay float32")
     p.add_argument("--sequence-parallel", action="store_true")
@@ -69,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="split each step's batch into K sequential chunks, one update")
     p.add_argument("--eval-every", type=int, default=50,
                    help="held-out loss every N steps and at the last (0: never)")
-    p.add_argument("--metrics", default=None, help="write one JSON object per step here")
+    p.add_argument("--metrics", default=None,
+                   help="write one JSON object per step here (a new file; --resume appends)")
     p.add_argument("--log-every", type=int, default=10,
                    help="progress line every N steps when not on a terminal")
     p.add_argument("--plot", default=None, metavar="FILE.png",
@@ -81,7 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--keep", type=int, default=3, help="keep the last K checkpoints")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.add_argument("--overwrite", action="store_true",
-                   help="delete the checkpoints already in --checkpoint-dir and start afresh")
+                   help="delete the checkpoints already in --checkpoint-dir (and replace an "
+                        "existing --metrics file) and start afresh")
     from spmd.distributed import add_flags
 
     add_flags(p)
@@ -213,26 +217,31 @@ def open_checkpoints(args, trainer):
     if not args.checkpoint_dir:
         if args.resume:
             raise ConfigError("--resume needs --checkpoint-dir DIR (where the run was saved)")
+        args.seed = 0 if args.seed is None else args.seed
         return None, *initial_state(args, trainer), 0
-    info = run_info(trainer.cfg, trainer.tc, args.mesh, args.seed)
+    tokenizer = None
+    if args.tokenizer:  # a folder or the file itself, as build read it
+        file = Path(args.tokenizer)
+        tokenizer = (file / "tokenizer.json" if file.is_dir() else file).read_text()
+    info = run_info(trainer.cfg, trainer.tc, args.mesh, args.seed, tokenizer)
     manager = CheckpointManager.open(args.checkpoint_dir, info, keep=args.keep,
-                                     overwrite=args.overwrite, resume=args.resume)
+                                     overwrite=args.overwrite, resume=args.resume, lock=True)
+    args.seed = manager.seed  # --resume without --seed: the saved run's
     latest = manager.latest_step() if args.resume else None
-    if latest is None:
-        if args.resume:
-            print(f"no checkpoint in {args.checkpoint_dir} yet: starting from step 0")
-        return manager, *initial_state(args, trainer), 0
-    try:
+    try:  # any failure or Ctrl-C before the caller holds the manager: close it (and the lock)
+        if latest is None:
+            if args.resume:
+                print(f"no checkpoint in {args.checkpoint_dir} yet: starting from step 0")
+            return manager, *initial_state(args, trainer), 0
         if latest + 1 >= trainer.tc.steps:  # a checkpoint after step N continues at step N + 1
             raise ConfigError(f"the run in {args.checkpoint_dir} has already done {latest + 1} "
                               f"steps of --steps {trainer.tc.steps}: nothing to train; pass "
                               f"--steps above {latest + 1} to continue it")
         params, opt_state, record = manager.restore(latest, trainer)
-    except ConfigError:
+    except BaseException:
         manager.close()
         raise
-    print(f"resumed from {args.checkpoint_dir} step {latest}: continuing at step "
-          f"{record['data_position']}")
+    print(f"resumed from {manager.path(latest)}: continuing at step {record['data_position']}")
     return manager, params, opt_state, record["data_position"]
 
 
@@ -246,11 +255,58 @@ def check_outputs(args: argparse.Namespace, primary: bool = True) -> None:
     if primary:
         problems += [output_error("--metrics", args.metrics),
                      output_error("--plot", args.plot, IMAGE_SUFFIXES)]
+        if not (args.resume or args.overwrite):  # an earlier run's record: never replaced
+            resumed = {"--metrics": "append to it", "--plot": "draw it again"}
+            problems += [f"{option} {path} already exists; give a new file, --resume to "
+                         f"{resumed[option]} (continuing a checkpointed run) or --overwrite to "
+                         "replace it"
+                         for option, path in (("--metrics", args.metrics), ("--plot", args.plot))
+                         if path and Path(path).exists()]
     for problem in filter(None, problems):
         raise ConfigError(problem)
 
 
+def continue_metrics(path: str, start: int) -> None:
+    """A resumed run appends to its metrics file; first the lines of steps `start` and later
+    (written after the checkpoint it resumes from, and a last line cut short by a kill) go, so
+    that no step is listed twice."""
+    file = Path(path)
+    if not file.exists():
+        return
+    lines = file.read_bytes().splitlines(keepends=True)
+
+    def stale(line: bytes) -> bool:
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            return not line.endswith(b"\n")
+        return not line.endswith(b"\n") or isinstance(step, int) and step >= start
+
+    kept = [line for line in lines if not stale(line)]
+    if len(kept) < len(lines):
+        partial = file.with_name(file.name + ".tmp")
+        partial.write_bytes(b"".join(kept))
+        os.replace(partial, file)  # never a half-written metrics file
+        print(f"--metrics {path}: dropped {len(lines) - len(kept)} lines of steps {start} and "
+              "later (they are trained again)")
+
+
+def summary(records: list[dict], wall_s: float, args, manager) -> str:
+    """The run's last line: its steps, wall time, final losses and the files it wrote."""
+    last = records[-1]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    losses = f"final loss {last['loss']:.4f}" + (f", eval loss {evals[-1]:.4f}" if evals else "")
+    files = [f"metrics {args.metrics}"] if args.metrics else []
+    if manager and manager.latest_step() is not None:
+        files.append(f"checkpoint {manager.path(manager.latest_step())}")
+    files += [f"plot {args.plot}"] if args.plot else []
+    files += [f"profile {args.profile_dir}"] if args.profile_dir else []
+    return (f"done: steps {records[0]['step']}..{last['step']} in {wall_s:.1f} s; {losses}; "
+            + ("wrote " + ", ".join(files) if files else "no files written"))
+
+
 def main(argv=None) -> int:
+    began = time.perf_counter()
     args = parse_args(argv)
     configure_devices(args)
     from models import ConfigError
@@ -271,11 +327,14 @@ def main(argv=None) -> int:
 
             check_matplotlib()  # now, not after the whole run
         trainer, (train_tokens, heldout_tokens) = build(args)
+        manager, params, opt_state, start = open_checkpoints(args, trainer)  # sets args.seed
         lc = LoopConfig(args.batch_size, args.seq_len, args.seed, args.eval_every)
-        manager, params, opt_state, start = open_checkpoints(args, trainer)
         print_layout(trainer, params)
-        metrics_file = (open(args.metrics, "a" if start else "w")  # noqa: SIM115
-                        if args.metrics and primary else None)
+        metrics_file = None
+        if args.metrics and primary:
+            if args.resume:
+                continue_metrics(args.metrics, start)
+            metrics_file = open(args.metrics, "a" if args.resume else "w")  # noqa: SIM115
         steps = trainer.tc.steps
         progress, profile = Progress(steps, args.log_every), Profile(args.profile_dir, start)
         records = []
@@ -284,12 +343,15 @@ def main(argv=None) -> int:
             step = record["step"]
             records.append(record)
             profile.after(step, step == steps - 1)
-            if manager and ((step + 1) % args.checkpoint_every == 0 or step == steps - 1):
+            save = manager and ((step + 1) % args.checkpoint_every == 0 or step == steps - 1)
+            if save:
                 manager.save(step, *trainer.to_canonical(params, opt_state))
             if metrics_file:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
             progress.show(record)
+            if save:
+                progress.note(f"saving checkpoint {manager.path(step)}")
         profile.close()
         if metrics_file:
             metrics_file.close()
@@ -299,6 +361,9 @@ def main(argv=None) -> int:
             # A resumed run's metrics file holds the earlier steps too.
             plot(read_metrics(args.metrics) if args.metrics else records, args.plot)
             print(f"loss curves written to {args.plot}")
+        if manager:
+            manager.wait()  # the summary names committed checkpoints only
+        print(summary(records, time.perf_counter() - began, args, manager))
     except (ConfigError, FloatingPointError) as err:
         if isinstance(err, FloatingPointError) and manager:
             manager.wait()  # a save still in flight is a good checkpoint too

@@ -5,7 +5,8 @@ On disk, one directory per saved step (N = the index of the step just completed)
     DIR/step_N/params      nnx.State of global arrays, mesh-independent (OCDBT/Zarr)
     DIR/step_N/opt_state   the optax state, likewise
     DIR/step_N/run         JSON: step, data_position (= N + 1, the next step), seed, model,
-                           train, mesh, and whatever the caller adds (e.g. an RNG state)
+                           train, mesh, [tokenizer], and whatever the caller adds
+    DIR/train.lock         "PID HOST" of the training run writing DIR, while it runs
 
 Orbax writes a step into `step_N.orbax-checkpoint-tmp*` and renames it to `step_N` only once every
 item is on disk, so a save killed midway never looks complete: `latest_step` lists committed
@@ -21,6 +22,7 @@ import json
 import logging
 import os
 import re
+import socket
 import sys
 import warnings
 from pathlib import Path
@@ -36,12 +38,18 @@ from spmd.train_step import TrainConfig, Trainer
 
 STEP_PREFIX = "step"  # directories step_0, step_1, ...
 ITEMS = ("params", "opt_state", "run")
+LOCK = "train.lock"  # DIR/train.lock: "PID HOST" of the training run that writes DIR
 
 
-def run_info(cfg: ModelConfig, tc: TrainConfig, mesh_spec: str, seed: int) -> dict[str, Any]:
-    """What every checkpoint of a run records about it (as JSON-ready dicts)."""
-    return {"seed": seed, "mesh": mesh_spec, "model": dataclasses.asdict(cfg),
+def run_info(cfg: ModelConfig, tc: TrainConfig, mesh_spec: str, seed: int | None,
+             tokenizer: str | None = None) -> dict[str, Any]:
+    """What every checkpoint of a run records about it (as JSON-ready dicts). A seed of None
+    (not given) resumes with the saved run's seed, and is 0 for a new run. `tokenizer`: the
+    text of the tokenizer.json the data went through (none: bytes), so that sampling and
+    export need nothing but the checkpoint."""
+    info = {"seed": seed, "mesh": mesh_spec, "model": dataclasses.asdict(cfg),
             "train": dataclasses.asdict(tc)}
+    return {**info, "tokenizer": tokenizer} if tokenizer is not None else info
 
 
 def _abstract(tree, shardings):
@@ -80,7 +88,10 @@ def _quiet_failed_read_leftovers() -> None:
     one at random, before or after our one-line error or at exit: an "Event loop is closed"
     traceback (TensorStore calling back into the loop Orbax has closed), a "Task/Future
     exception was never retrieved" traceback, a "coroutine ... was never awaited" warning
-    (filtered in `_restore`). Drop exactly those; call before reading."""
+    (filtered in `_restore`), and "Exception ignored in: <coroutine ...>" with the whole
+    TensorStore spec (a read left suspended is closed when collected, and Orbax's
+    `except BaseException: raise Exception(...) from e` turns that GeneratorExit into an
+    error). Drop exactly those; call before reading."""
     asyncio_log = logging.getLogger("asyncio")
     if not any(isinstance(f, _UnretrievedFilter) for f in asyncio_log.filters):
         asyncio_log.addFilter(_UnretrievedFilter())
@@ -90,7 +101,8 @@ def _quiet_failed_read_leftovers() -> None:
 
     def hook(unraisable):
         err = unraisable.exc_value
-        if not (isinstance(err, RuntimeError) and str(err) == "Event loop is closed"):
+        closed_loop = isinstance(err, RuntimeError) and str(err) == "Event loop is closed"
+        if not (closed_loop or isinstance(getattr(err, "__cause__", None), GeneratorExit)):
             previous(unraisable)
 
     hook.quiet_closed_loop = True
@@ -112,20 +124,94 @@ def _make_writable_dir(directory: Path) -> None:
                           "this user may write to")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+class _Lock:
+    """DIR/train.lock holding "PID HOST" while a training run writes DIR. Orbax deletes
+    uncommitted step folders when it opens DIR, so a second run on DIR would delete the first
+    run's save in flight (and --overwrite its checkpoints): the lock is taken before that, and
+    an existing one refuses in one line."""
+
+    def __init__(self, directory: Path):
+        self.path, stat = directory / LOCK, directory.stat()
+        self.found = set(os.listdir(directory)), (stat.st_atime_ns, stat.st_mtime_ns)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            raise self._refusal(directory) from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}\n")
+
+    def _refusal(self, directory: Path) -> ConfigError:
+        text = self.path.read_text(errors="replace").split()
+        pid = int(text[0]) if text and text[0].isdigit() else None
+        host = text[1] if len(text) > 1 else "?"
+        if pid is not None and host == socket.gethostname() and not _pid_alive(pid):
+            return ConfigError(f"checkpoint directory {directory} has a stale lock {self.path} "
+                               f"of process {pid}, which is no longer running; if no other run "
+                               "uses the folder, delete that file and retry")
+        who = f"process {pid} on {host}" if pid is not None else "another run"
+        return ConfigError(f"checkpoint directory {directory} is in use by {who} (lock file "
+                           f"{self.path}); wait for that run to end, or give another "
+                           "--checkpoint-dir (delete the file only if that run is gone)")
+
+    def release(self) -> None:
+        """Remove the lock; if it was the only change (a refused or restore-only run), DIR is
+        left exactly as found, its times included."""
+        self.path.unlink(missing_ok=True)
+        names, times = self.found
+        if set(os.listdir(self.path.parent)) == names:
+            os.utime(self.path.parent, ns=times)
+
+
+def _lock_everywhere(directory: Path) -> _Lock | None:
+    """Process 0 takes DIR's lock; every process learns whether it did before any opens DIR
+    (all processes share DIR, so one lock is enough). Returns the lock on process 0."""
+    lock = error = None
+    if jax.process_index() == 0:
+        try:
+            lock = _Lock(directory)
+        except ConfigError as err:
+            error = err
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        ok = multihost_utils.broadcast_one_to_all(jax.numpy.int32(error is None))
+        if not int(ok):
+            error = error or ConfigError(f"process 0 could not lock checkpoint directory "
+                                         f"{directory} (see its error)")
+    if error:
+        raise error
+    return lock
+
+
 class CheckpointManager:
     """One run's checkpoints in one directory. Create with `CheckpointManager.open`."""
 
-    def __init__(self, directory: Path, manager: ocp.CheckpointManager, info: dict):
+    def __init__(self, directory: Path, manager: ocp.CheckpointManager, info: dict,
+                 lock: _Lock | None = None):
         self.directory, self._manager, self._run_info = directory, manager, info
+        self._lock = lock
         self._name_format = ocp.step.standard_name_format(step_prefix=STEP_PREFIX)
 
     @classmethod
     def open(cls, directory: str | Path, run_info: dict, *, keep: int = 3,
-             overwrite: bool = False, resume: bool = False) -> "CheckpointManager":
+             overwrite: bool = False, resume: bool = False,
+             lock: bool = False) -> "CheckpointManager":
         """Open DIR for a fresh run (refused if it holds checkpoints, unless `overwrite`, which
         deletes them) or, with `resume`, to continue the run saved there (refused if the saved
         model config differs). Uncommitted leftovers of a killed save are deleted either way.
-        DIR is created now unless `resume` (which refuses a DIR that does not exist)."""
+        DIR is created now unless `resume` (which refuses a DIR that does not exist). With
+        `lock` (a training run), DIR/train.lock is held until `close` and refuses a second run
+        before anything in DIR is touched."""
         directory = Path(directory).absolute()
         if overwrite and resume:
             raise ConfigError("--overwrite and --resume exclude each other; pick one")
@@ -137,6 +223,16 @@ class CheckpointManager:
             raise ConfigError(f"--resume: checkpoint directory {directory} does not exist; "
                               "check the path, or drop --resume to start a new run")
         _make_writable_dir(directory)
+        held = _lock_everywhere(directory) if lock else None
+        try:
+            return cls._open(directory, run_info, keep, overwrite, resume, held)
+        except BaseException:
+            if held:
+                held.release()
+            raise
+
+    @classmethod
+    def _open(cls, directory, run_info, keep, overwrite, resume, held) -> "CheckpointManager":
         options = ocp.CheckpointManagerOptions(
             step_prefix=STEP_PREFIX,
             preservation_policy=ocp.checkpoint_managers.LatestN(keep),
@@ -144,28 +240,31 @@ class CheckpointManager:
             enable_async_checkpointing=True,
         )
         manager = ocp.CheckpointManager(directory, options=options, item_names=ITEMS)
-        self = cls(directory, manager, json.loads(json.dumps(run_info)))
+        self = cls(directory, manager, json.loads(json.dumps(run_info)), held)
         latest = self.latest_step()
         if latest is not None and not resume:
             if not overwrite:
                 manager.close()
                 raise ConfigError(
                     f"checkpoint directory {directory} already holds checkpoints (latest: "
-                    f"{self._path(latest).name}); pass --resume to continue that run or "
+                    f"{self.path(latest).name}); pass --resume to continue that run or "
                     "--overwrite to delete them and start afresh"
                 )
             for step in manager.all_steps():
                 manager.delete(step)
         elif latest is not None:
             try:
-                self._check_model(latest, self.read_info(latest))
+                self._check_run(latest, self.read_info(latest))
             except ConfigError:
                 manager.close()
                 raise
+        if "seed" in self._run_info and self.seed is None:  # nothing saved to take it from
+            self._run_info["seed"] = 0
         return self
 
     # ---- queries ----------------------------------------------------------------------
-    def _path(self, step: int) -> Path:
+    def path(self, step: int) -> Path:
+        """DIR/step_N, the checkpoint saved after step N."""
         return self.directory / self._name_format.build_name(step)
 
     def all_steps(self) -> list[int]:
@@ -182,12 +281,35 @@ class CheckpointManager:
         args = ocp.args.Composite(run=ocp.args.JsonRestore())
         return self._restore(step, args).run
 
+    @property
+    def seed(self):
+        """The run's seed: the saved run's when resuming without one (`run_info` seed None)."""
+        return self._run_info.get("seed")
+
+    def _check_run(self, step: int, record: dict) -> None:
+        """A resumed run continues the saved one: the same model, tokenizer and seed (which
+        fixes the data order); a seed of None takes the saved one."""
+        self._check_model(step, record)
+        if record.get("tokenizer") != self._run_info.get("tokenizer"):
+            raise ConfigError(f"cannot resume from {self.path(step)}: it was trained on "
+                              "another tokenizer (or bytes) than this run's --tokenizer; give "
+                              "the run's --tokenizer, or --overwrite to start afresh")
+        saved, given = record.get("seed"), self._run_info.get("seed")
+        if given is None:
+            self._run_info["seed"] = saved
+        elif saved is not None and saved != given:
+            raise ConfigError(
+                f"cannot resume from {self.path(step)}: it was saved with --seed {saved} but "
+                f"this run has --seed {given}, which would change the data order; pass --seed "
+                f"{saved} or drop --seed (the saved one is used)"
+            )
+
     def _check_model(self, step: int, record: dict) -> None:
         saved, current = record.get("model", {}), self._run_info.get("model", {})
         for field in sorted(set(saved) | set(current)):
             if saved.get(field) != current.get(field):
                 raise ConfigError(
-                    f"cannot resume from {self._path(step)}: it was saved with model {field}="
+                    f"cannot resume from {self.path(step)}: it was saved with model {field}="
                     f"{saved.get(field)!r} but this run has {field}={current.get(field)!r}; "
                     "use the saved model settings, or --overwrite to start afresh"
                 )
@@ -199,7 +321,7 @@ class CheckpointManager:
         Give the canonical state (`Trainer.to_canonical`: uneven stages' padding dropped), so
         that it restores onto any mesh."""
         if step in self.all_steps():
-            raise ConfigError(f"checkpoint {self._path(step)} already exists; delete it first")
+            raise ConfigError(f"checkpoint {self.path(step)} already exists; delete it first")
         record = {"step": step, "data_position": step + 1, **self._run_info, **(info or {})}
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params),
@@ -213,7 +335,7 @@ class CheckpointManager:
         """(params, opt_state, info) of `step`, each array placed in `trainer`'s shardings."""
         if step not in self.all_steps():
             raise ConfigError(
-                f"no complete checkpoint {self._path(step)}; saved steps: {self.all_steps()}"
+                f"no complete checkpoint {self.path(step)}; saved steps: {self.all_steps()}"
             )
         abstract_params, abstract_opt = _abstract_state(trainer)
         params_sharding, opt_sharding = trainer.canonical_shardings
@@ -239,14 +361,21 @@ class CheckpointManager:
             for name in args.keys():
                 if out[name] is None:
                     raise FileNotFoundError(f"item {name!r} is missing")
+            record = out["run"] if "run" in args.keys() else {"step": step,
+                                                               "data_position": step + 1}
+            if not (isinstance(record, dict) and isinstance(record.get("model", {}), dict)
+                    and (record.get("step"), record.get("data_position")) == (step, step + 1)):
+                # An edited record: its fields are used as they are, so they must be sound.
+                raise ValueError(f"its record is not that of step {step} (its step, "
+                                 "data_position or model was edited)")
             return out
         except Exception as err:  # noqa: BLE001 - converted to one line for the user
             warnings.filterwarnings("ignore", UNAWAITED, RuntimeWarning)  # ... or at exit
             earlier = [s for s in self.all_steps() if s < step]
-            previous = (f"after deleting it, --resume continues from {self._path(earlier[-1])}"
+            previous = (f"after deleting it, --resume continues from {self.path(earlier[-1])}"
                         if earlier else "there is no earlier checkpoint")
             raise ConfigError(
-                f"checkpoint {self._path(step)} is unreadable ({_one_line(err)}); "
+                f"checkpoint {self.path(step)} is unreadable ({_one_line(err)}); "
                 f"delete it or resume from an earlier step ({previous})"
             ) from err
 
@@ -255,8 +384,13 @@ class CheckpointManager:
         self._manager.wait_until_finished()
 
     def close(self) -> None:
-        """Finish pending saves and release Orbax's threads."""
-        self._manager.close()
+        """Finish pending saves, release Orbax's threads, then the lock (if held)."""
+        try:
+            self._manager.close()
+        finally:
+            if self._lock:
+                self._lock.release()
+                self._lock = None
 
     def __enter__(self) -> "CheckpointManager":
         return self

@@ -12,18 +12,20 @@ def format_eta(seconds: float) -> str:
 
 class Progress:
     """On a terminal one line rewritten in place (evaluations stay on screen); otherwise one
-    line every `log_every` steps. ETA = mean wall time per step since the first step (which
-    compiles), evaluations and saves included."""
+    line every `log_every` steps. Steps are numbered from 0, as in the metrics and checkpoint
+    names (step_N is saved after step N). ETA = mean wall time per step since the first step
+    (which compiles), evaluations and saves included."""
 
     def __init__(self, steps: int, log_every: int, stream=None):
         self.steps, self.log_every = steps, log_every
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
         self.clock: tuple[float, int] | None = None  # (time, step) after the first step
+        self.open_line = False  # a terminal line that the next step rewrites
 
     def show(self, record: dict) -> None:
         step, last = record["step"], record["step"] == self.steps - 1
-        line = (f"step {step + 1:>5}/{self.steps}  loss {record['loss']:.4f}  "
+        line = (f"step {step:>5}/{self.steps - 1}  loss {record['loss']:.4f}  "
                 f"lr {record['lr']:.2e}  |g| {record['grad_norm']:.3f}  "
                 f"{record['tokens_per_s']:,.0f} tok/s")
         if "eval_loss" in record:
@@ -37,8 +39,14 @@ class Progress:
         if self.tty:
             end = "\n" if "eval_loss" in record or last else ""
             print("\r" + line + "\x1b[K", end=end, file=self.stream, flush=True)
+            self.open_line = not end
         elif step % self.log_every == 0 or last or "eval_loss" in record:
             print(line, file=self.stream, flush=True)
+
+    def note(self, text: str) -> None:
+        """One line of its own (a checkpoint saved), below the progress line."""
+        print(("\n" if self.open_line else "") + text, file=self.stream, flush=True)
+        self.open_line = False
 
 
 class Profile:

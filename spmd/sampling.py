@@ -12,6 +12,7 @@ attention is causal (masked), so the logits at position `length - 1` never see t
 
 import dataclasses
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -47,10 +48,11 @@ def _check_no_stage(mesh_spec: str) -> None:
                           f"(got {mesh_spec})")
 
 
-def load(directory: str | Path, mesh_spec: str, seq_len: int, devices=None,
+def load(directory: str | Path, mesh_spec: str, seq_len: int | None, devices=None,
          step: int | None = None):
     """(trainer, params, run record) of checkpoint `step` (default the latest) in `directory`,
-    on `mesh_spec`.
+    on `mesh_spec`, for sequences of `seq_len` tokens (None: up to the model's max_seq_len,
+    when the prompt's length in tokens is known only from the record's tokenizer).
 
     The trainer is built from the saved model and train config; the checkpoint is opened read
     only (a training run may still be writing there). Params are mesh-independent, so a run
@@ -78,6 +80,7 @@ def load(directory: str | Path, mesh_spec: str, seq_len: int, devices=None,
                               f"steps: {probe.all_steps()}")
         info = probe.read_info(step)
         cfg = ModelConfig(**_known(ModelConfig, info["model"]))
+        seq_len = cfg.max_seq_len if seq_len is None else seq_len
         _check_length(seq_len, cfg)
         # Sampling runs without pipeline stages: the run's stage split does not apply.
         tc = TrainConfig(**{**_known(TrainConfig, info["train"]), "grad_accum": 1,
@@ -90,6 +93,24 @@ def load(directory: str | Path, mesh_spec: str, seq_len: int, devices=None,
     finally:
         raw.close()
     return trainer, params, info
+
+
+def text_codec(info: dict, vocab_size: int):
+    """(text → token ids, ids → text) of a checkpoint's run: through the tokenizer.json its
+    record holds (the one train.py --tokenizer read), else bytes."""
+    if info.get("tokenizer") is None:
+        return lambda text: encode(text, vocab_size), decode
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(info["tokenizer"])
+
+    def to_ids(text: str) -> np.ndarray:  # as the training data: no special tokens
+        ids = np.asarray(tokenizer.encode(text, add_special_tokens=False).ids, np.int32)
+        if ids.size == 0:
+            raise ConfigError("--prompt is empty; give at least one character")
+        return ids
+
+    return to_ids, lambda tokens: tokenizer.decode([int(t) for t in tokens])
 
 
 def encode(text: str, vocab_size: int) -> np.ndarray:
@@ -154,11 +175,20 @@ def open_hf(path: str | Path, mesh_spec: str, text: str, new_tokens: int):
     return trainer, params, prompt, detokenize
 
 
+def check_sampling(temperature: float, top_k: int) -> None:
+    """A NaN, infinite or negative temperature (or a negative top-k) is one line, before any
+    model is loaded."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0: greedy), got "
+                          f"{temperature}")
+    if top_k < 0:
+        raise ConfigError(f"--top-k must be >= 0 (0: all tokens), got {top_k}")
+
+
 def _check(cfg: ModelConfig, prompt_size: int, new_tokens: int, temperature: float,
            top_k: int) -> None:
     _check_length(prompt_size + new_tokens, cfg)
-    if temperature < 0 or top_k < 0:
-        raise ConfigError("--temperature and --top-k must be >= 0")
+    check_sampling(temperature, top_k)
 
 
 def _sampler(trainer: Trainer, prompt_size: int, length: int, temperature: float, top_k: int,

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Valid apart from the case's flags (and --data {d}/ok.txt where a case gives none: 1000 tokens,
 # enough for --seq-len 32 with a held-out part).
 BASE = ["--cpu-devices", "8", "--preset", "tiny", "--mesh", "data=8", "--steps", "1",
-        "--seq-len", "32", "--vocab-size", "256", "--metrics", "{d}/metrics.jsonl"]
+        "--seq-len", "32", "--vocab-size", "256", "--metrics", "{d}/new.jsonl"]
 OK = ["--data", "{d}/ok.txt"]
 PP = ["--mesh", "stage=2,data=4"]  # pipeline flags need a stage axis
 
