@@ -223,6 +223,10 @@ def open_checkpoints(args, trainer):
     if args.tokenizer:  # a folder or the file itself, as build read it
         file = Path(args.tokenizer)
         tokenizer = (file / "tokenizer.json" if file.is_dir() else file).read_text()
+    fresh = None
+    if not args.resume:  # first, so a bad --init-from-hf leaves --overwrite's checkpoints alone
+        args.seed = 0 if args.seed is None else args.seed
+        fresh = initial_state(args, trainer)
     info = run_info(trainer.cfg, trainer.tc, args.mesh, args.seed, tokenizer)
     manager = CheckpointManager.open(args.checkpoint_dir, info, keep=args.keep,
                                      overwrite=args.overwrite, resume=args.resume, lock=True)
@@ -232,7 +236,7 @@ def open_checkpoints(args, trainer):
         if latest is None:
             if args.resume:
                 print(f"no checkpoint in {args.checkpoint_dir} yet: starting from step 0")
-            return manager, *initial_state(args, trainer), 0
+            return manager, *(fresh or initial_state(args, trainer)), 0
         if latest + 1 >= trainer.tc.steps:  # a checkpoint after step N continues at step N + 1
             raise ConfigError(f"the run in {args.checkpoint_dir} has already done {latest + 1} "
                               f"steps of --steps {trainer.tc.steps}: nothing to train; pass "

@@ -268,6 +268,22 @@ def test_bad_weights_are_one_line(tmp_path, capfd, change, expect):
     one_line_error(capfd, code, str(folder), expect)
 
 
+def test_bad_weights_in_train_touch_no_checkpoint_dir(tmp_path, capfd):
+    """train.py --init-from-hf loads the weights before it opens --checkpoint-dir, so NaN
+    weights (found only as each device reads its block) neither create the folder nor, with
+    --overwrite, delete the checkpoints in it."""
+    folder, ckpt = tmp_path / "model", tmp_path / "ckpt"
+    shutil.copytree(FIXTURES / "llama", folder)
+    _weights(change=_poison("lm_head.weight", np.nan))(folder)
+    text = tmp_path / "text.txt"
+    text.write_bytes(bytes(range(256)) * 4)
+    code = train_script.main(["--init-from-hf", str(folder), "--data", str(text), "--steps", "1",
+                              "--seq-len", "16", "--batch-size", "8", "--mesh", "data=8",
+                              "--checkpoint-dir", str(ckpt), "--overwrite"])
+    one_line_error(capfd, code, "tensor lm_head.weight holds NaN or infinite")
+    assert not ckpt.exists()
+
+
 def _loaded_line(folder) -> str:
     """What a load from `folder` prints: every tensor of the fixture file is read."""
     tensors = load_file(Path(folder) / "model.safetensors")
