@@ -135,7 +135,7 @@ def hf_config(args: argparse.Namespace):
             raise ConfigError(f"{text} conflicts with {args.init_from_hf}/config.json "
                               f"({field}={getattr(cfg, field)!r}); the model shape comes from "
                               "--init-from-hf: drop the flag")
-    if args.seq_len > cfg.max_seq_len:
+    if args.seq_len is not None and args.seq_len > cfg.max_seq_len:  # else check_run_flags fits it
         why = (f"max_position_embeddings={positions}" if llama
                else f"n_positions={positions}, the rows of its learned position table")
         fix = f", or pass --max-seq-len {args.seq_len} to train past it" if llama else ""

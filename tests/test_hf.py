@@ -318,27 +318,32 @@ def test_logits_cli_json():
 
 
 @pytest.mark.parametrize("style,flags,follow", [
-    ("gpt2", [], r"give (--seq-len \d+) or less"),  # learned positions: only a shorter --seq-len
+    ("gpt2", ["--seq-len", "128"], r"give (--seq-len \d+) or less"),  # learned positions
     ("llama", ["--seq-len", "256"], r"pass (--max-seq-len \d+)"),  # rotary: no table to outgrow
 ], ids=STYLES[::-1])
 def test_init_from_hf_seq_len_error_can_be_followed(tmp_path, style, flags, follow):
-    """train.py --init-from-hf with a --seq-len past the folder's positions (GPT-2 by default:
-    128 > n_positions 64) is refused with a fix, and the run built with that fix is accepted
+    """train.py --init-from-hf with a --seq-len past the folder's positions (GPT-2: 128 >
+    n_positions 64) is refused with a fix, and the run built with that fix is accepted
     (in-process, up to the Trainer; nothing compiles). It used to ask GPT-2 for a --max-seq-len
-    that the next run refused as conflicting with config.json."""
+    that the next run refused as conflicting with config.json. Without --seq-len the run takes
+    128 or the folder's positions where fewer (it used to compare None with an int and crash)."""
     import re
 
     text = tmp_path / "text.txt"
     text.write_text((ROOT / "README.md").read_text()[:20_000])
-    run = ["--init-from-hf", str(FIXTURES / style), "--tokenizer", str(FIXTURES / style),
-           "--data", str(text), "--steps", "1", "--batch-size", "8", "--mesh", "data=8",
-           "--eval-every", "0", *flags]
+    base = ["--init-from-hf", str(FIXTURES / style), "--tokenizer", str(FIXTURES / style),
+            "--data", str(text), "--steps", "1", "--batch-size", "8", "--mesh", "data=8",
+            "--eval-every", "0"]
+    run = [*base, *flags]
     with pytest.raises(ConfigError) as err:
         train_script.build(train_script.parse_args(run))
     fix = re.search(follow, str(err.value))
     assert fix and "--seq-len" in str(err.value), err.value
     trainer, _ = train_script.build(train_script.parse_args([*run, *fix[1].split()]))
     assert trainer.cfg.max_seq_len == {"gpt2": 64, "llama": 256}[style]  # Trainer checked it
+    args = train_script.parse_args(base)  # no --seq-len
+    train_script.build(args)
+    assert args.seq_len == {"gpt2": 64, "llama": 128}[style]  # 128, or n_positions if fewer
 
 
 def test_fine_tune_from_hf_then_export(tmp_path, capfd):
