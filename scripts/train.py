@@ -32,7 +32,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "largest of 4, 2, 1 that divides the heads, kv heads and devices, the "
                         "rest data: data=2,tensor=4 for small on 8 devices)")
     p.add_argument("--cpu-devices", type=int, default=None,
-                   help="emulate N CPU devices (default 8 when no accelerator is present)")
+                   help="emulate N CPU devices and run on them (default: an accelerator where "
+                        "there is one, else 8 CPU devices unless XLA_FLAGS sets a count)")
     p.add_argument("--data", default=None,
                    help="text file, folder of text, or uint16 .bin (default: stdlib sources)")
     p.add_argument("--steps", type=int, default=300, help="optimizer steps")
@@ -78,7 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plot", default=None, metavar="FILE.png",
                    help="draw the train and eval loss curves here at the end (matplotlib)")
     p.add_argument("--profile-dir", default=None,
-                   help="write a jax.profiler trace of steps 2..4 of this run here")
+                   help="write a jax.profiler trace of the 3 steps after this run's first "
+                        "(which compiles) here")
     p.add_argument("--checkpoint-dir", default=None, help="save checkpoints here (orbax)")
     p.add_argument("--checkpoint-every", type=int, default=100, help="save every N steps")
     p.add_argument("--keep", type=int, default=3, help="keep the last K checkpoints")
