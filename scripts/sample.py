@@ -1,6 +1,7 @@
-"""Generate text from the latest checkpoint of a scripts/train.py run (through the tokenizer it
-was trained with, else bytes), or from a Hugging Face Llama / GPT-2 folder (its tokenizer.json
-when it has one).
+"""Generate text from a scripts/train.py checkpoint or a Hugging Face Llama / GPT-2 folder.
+
+The latest checkpoint of the run goes through the tokenizer it was trained with, else bytes; a
+Hugging Face folder through its tokenizer.json when it has one.
 
     python scripts/sample.py --checkpoint-dir ckpt --prompt "def main(" --max-new-tokens 200
     python scripts/sample.py --model DIR --prompt "Once upon a time" --mesh tensor=2
@@ -37,7 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", dest="cache", action="store_false",
                    help="recompute the whole sequence for every token (the reference path) "
-                        "instead of prefill + one step per token with a KV cache")
+                        "instead of prefill + one step per token with a KV cache (default: "
+                        "the cache)")
     return p.parse_args(argv)
 
 
