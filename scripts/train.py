@@ -9,9 +9,11 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -311,7 +313,22 @@ def summary(records: list[dict], wall_s: float, args, manager) -> str:
             + ("wrote " + ", ".join(files) if files else "no files written"))
 
 
+def exit_on_sigterm(signum, frame) -> NoReturn:
+    """SIGTERM (a scheduler's preemption, `kill`) ends the run as Ctrl-C does, through the
+    `finally`s: a save in flight completes and the checkpoint lock is released, so the requeued
+    job's --resume finds the folder free. Python's default would exit without them."""
+    sys.exit(128 + signum)
+
+
 def main(argv=None) -> int:
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        return run(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(argv=None) -> int:
     began = time.perf_counter()
     args = parse_args(argv)
     configure_devices(args)

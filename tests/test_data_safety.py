@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -78,17 +79,26 @@ def test_stale_lock_names_the_process_and_the_fix(busy, corpus, capsys):
     assert snapshot(busy) == before
 
 
-def test_lock_is_released_on_ctrl_c(tmp_path, corpus, monkeypatch):
-    """Ctrl-C while the model is initialised (the manager open, not yet handed to the training
-    loop, whose own exit closes it): the lock goes with the run."""
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])
+def test_lock_is_released_on_ctrl_c_and_sigterm(tmp_path, corpus, monkeypatch, stop):
+    """Ctrl-C, or a scheduler's SIGTERM (preemption), while the model is initialised (--resume
+    of a folder with no checkpoint yet: the manager is open, not yet handed to the training
+    loop, whose own exit closes it): the lock goes with the run, so a requeued job's --resume
+    is not refused; the SIGTERM handler is the caller's again afterwards."""
 
     def interrupted(*args):
+        if stop == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
         raise KeyboardInterrupt
 
+    handler = signal.getsignal(signal.SIGTERM)
     monkeypatch.setattr(train_script, "initial_state", interrupted)
-    with pytest.raises(KeyboardInterrupt):
-        train_script.main([*TINY, "--data", str(corpus), "--checkpoint-dir", str(tmp_path)])
+    with pytest.raises(SystemExit if stop == "sigterm" else KeyboardInterrupt) as stopped:
+        train_script.main([*TINY, "--data", str(corpus), "--checkpoint-dir", str(tmp_path),
+                           "--resume"])
+    assert stop == "ctrl-c" or stopped.value.code == 128 + signal.SIGTERM
     assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is handler
 
 
 @pytest.fixture(scope="module")
