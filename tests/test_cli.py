@@ -51,10 +51,11 @@ def test_same_loss_curve_on_every_mesh(tmp_path, corpus):
     # One run per family through the command line; every layout x schedule is held to one
     # device in-process (tests/test_tensor_parallel.py, tests/test_executor.py).
     # "stage=4,tensor=2": uneven stages, the last with no layer (padding slots only)
-    for mesh in ["data=4,tensor=2 --sequence-parallel", "stage=4,tensor=2 --stage-layers 1,2,1,0",
-                 "stage=2,tensor=4 --schedule interleaved --virtual-stages 2",
-                 "stage=2,data=4 --schedule zb-h1 --microbatches 2 --sequence-parallel"]:
-        curve = [r["loss"] for r in losses(tmp_path, corpus, "m", "--mesh", *mesh.split())]
+    for i, mesh in enumerate([
+            "data=4,tensor=2 --sequence-parallel", "stage=4,tensor=2 --stage-layers 1,2,1,0",
+            "stage=2,tensor=4 --schedule interleaved --virtual-stages 2",
+            "stage=2,data=4 --schedule zb-h1 --microbatches 2 --sequence-parallel"]):
+        curve = [r["loss"] for r in losses(tmp_path, corpus, f"m{i}", "--mesh", *mesh.split())]
         assert curve == pytest.approx(one, rel=1e-5), mesh
 
 
