@@ -228,7 +228,8 @@ def open_checkpoints(args, trainer):
         file = Path(args.tokenizer)
         tokenizer = (file / "tokenizer.json" if file.is_dir() else file).read_text()
     fresh = None
-    if not args.resume:  # first, so a bad --init-from-hf leaves --overwrite's checkpoints alone
+    if not args.resume:  # before open, so a bad --init-from-hf leaves --overwrite's checkpoints
+        CheckpointManager.check_free(args.checkpoint_dir, args.overwrite)  # but refuse first
         args.seed = 0 if args.seed is None else args.seed
         fresh = initial_state(args, trainer)
     info = run_info(trainer.cfg, trainer.tc, args.mesh, args.seed, tokenizer)

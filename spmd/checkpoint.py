@@ -17,6 +17,7 @@ reads only its own shards), so a checkpoint from any mesh restores onto any othe
 ever holds the full model.
 """
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -143,25 +144,19 @@ class _Lock:
     def __init__(self, directory: Path):
         self.path, stat = directory / LOCK, directory.stat()
         self.found = set(os.listdir(directory)), (stat.st_atime_ns, stat.st_mtime_ns)
-        try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            raise self._refusal(directory) from None
+        for _ in range(2):  # a second try: the holder may release it while we read it
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                break
+            except FileExistsError:
+                refusal = _lock_refusal(self.path)
+                if refusal:
+                    raise refusal from None
+        else:
+            raise ConfigError(f"checkpoint directory {directory}: cannot take its lock "
+                              f"{self.path}; another run is starting there")
         with os.fdopen(fd, "w") as f:
             f.write(f"{os.getpid()} {socket.gethostname()}\n")
-
-    def _refusal(self, directory: Path) -> ConfigError:
-        text = self.path.read_text(errors="replace").split()
-        pid = int(text[0]) if text and text[0].isdigit() else None
-        host = text[1] if len(text) > 1 else "?"
-        if pid is not None and host == socket.gethostname() and not _pid_alive(pid):
-            return ConfigError(f"checkpoint directory {directory} has a stale lock {self.path} "
-                               f"of process {pid}, which is no longer running; if no other run "
-                               "uses the folder, delete that file and retry")
-        who = f"process {pid} on {host}" if pid is not None else "another run"
-        return ConfigError(f"checkpoint directory {directory} is in use by {who} (lock file "
-                           f"{self.path}); wait for that run to end, or give another "
-                           "--checkpoint-dir (delete the file only if that run is gone)")
 
     def release(self) -> None:
         """Remove the lock; if it was the only change (a refused or restore-only run), DIR is
@@ -169,7 +164,36 @@ class _Lock:
         self.path.unlink(missing_ok=True)
         names, times = self.found
         if set(os.listdir(self.path.parent)) == names:
-            os.utime(self.path.parent, ns=times)
+            with contextlib.suppress(OSError):  # setting times needs DIR's owner: best effort
+                os.utime(self.path.parent, ns=times)
+
+
+def _lock_refusal(path: Path) -> ConfigError | None:
+    """Why DIR's lock file `path` refuses a run (None: it is gone). A pid that is not alive on
+    this host, or is this very process (a container restarted with the same pid), is a stale
+    lock left by a run killed outright."""
+    try:
+        text = path.read_text(errors="replace").split()
+    except FileNotFoundError:
+        return None
+    directory = path.parent
+    pid = int(text[0]) if text and text[0].isdigit() else None
+    host = text[1] if len(text) > 1 else "?"
+    if pid is not None and host == socket.gethostname() and (pid == os.getpid() or
+                                                             not _pid_alive(pid)):
+        return ConfigError(f"checkpoint directory {directory} has a stale lock {path} of "
+                           f"process {pid}, which is no longer running; if no other run uses "
+                           "the folder, delete that file and retry")
+    who = f"process {pid} on {host}" if pid is not None else "another run"
+    return ConfigError(f"checkpoint directory {directory} is in use by {who} (lock file "
+                       f"{path}); wait for that run to end, or give another --checkpoint-dir "
+                       "(delete the file only if that run is gone)")
+
+
+def _holds_checkpoints(directory: Path, latest: Path) -> ConfigError:
+    return ConfigError(f"checkpoint directory {directory} already holds checkpoints (latest: "
+                       f"{latest.name}); pass --resume to continue that run or --overwrite to "
+                       "delete them and start afresh")
 
 
 def _lock_everywhere(directory: Path) -> _Lock | None:
@@ -179,7 +203,7 @@ def _lock_everywhere(directory: Path) -> _Lock | None:
     if jax.process_index() == 0:
         try:
             lock = _Lock(directory)
-        except ConfigError as err:
+        except Exception as err:  # any failure: the other processes must hear of it, not hang
             error = err
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -201,6 +225,23 @@ class CheckpointManager:
         self.directory, self._manager, self._run_info = directory, manager, info
         self._lock = lock
         self._name_format = ocp.step.standard_name_format(step_prefix=STEP_PREFIX)
+
+    @staticmethod
+    def check_free(directory: str | Path, overwrite: bool) -> None:
+        """A fresh run's refusals that need no model, checked before it initialises (with
+        --init-from-hf a read of every weight): DIR locked, or holding checkpoints without
+        --overwrite. `open` checks them again as it takes the lock; it comes after the
+        initialisation, so that a load that fails has deleted nothing."""
+        directory = Path(directory).absolute()
+        if not directory.is_dir():
+            return
+        refusal = _lock_refusal(directory / LOCK)
+        if refusal:
+            raise refusal
+        name_format = ocp.step.standard_name_format(step_prefix=STEP_PREFIX)
+        steps = sorted(m.step for m in name_format.find_all(directory))
+        if steps and not overwrite:
+            raise _holds_checkpoints(directory, directory / name_format.build_name(steps[-1]))
 
     @classmethod
     def open(cls, directory: str | Path, run_info: dict, *, keep: int = 3,
@@ -245,11 +286,7 @@ class CheckpointManager:
         if latest is not None and not resume:
             if not overwrite:
                 manager.close()
-                raise ConfigError(
-                    f"checkpoint directory {directory} already holds checkpoints (latest: "
-                    f"{self.path(latest).name}); pass --resume to continue that run or "
-                    "--overwrite to delete them and start afresh"
-                )
+                raise _holds_checkpoints(directory, self.path(latest))
             for step in manager.all_steps():
                 manager.delete(step)
         elif latest is not None:

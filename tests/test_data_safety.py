@@ -61,22 +61,47 @@ def busy(tmp_path) -> Path:
 @pytest.mark.parametrize("flags", [[], ["--resume"], ["--overwrite"]])
 def test_second_run_on_a_busy_checkpoint_dir_touches_nothing(busy, corpus, capsys, flags):
     """Orbax deletes uncommitted step folders when it opens DIR: the lock must refuse first."""
-    (busy / "train.lock").write_text(f"{os.getpid()} {socket.gethostname()}\n")
+    (busy / "train.lock").write_text(f"{os.getppid()} {socket.gethostname()}\n")
     before = snapshot(busy)
     refused(capsys, [*TINY, "--data", str(corpus), "--checkpoint-dir", str(busy), *flags],
-            f"is in use by process {os.getpid()} on {socket.gethostname()} (lock file ")
+            f"is in use by process {os.getppid()} on {socket.gethostname()} (lock file ")
     assert snapshot(busy) == before
 
 
-def test_stale_lock_names_the_process_and_the_fix(busy, corpus, capsys):
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    (busy / "train.lock").write_text(f"{gone.pid} {socket.gethostname()}\n")
+@pytest.mark.parametrize("owner", ["gone", "this process"])
+def test_stale_lock_names_the_process_and_the_fix(busy, corpus, capsys, owner):
+    """A pid that has ended, or this very process's pid (a container restarted with the same
+    pid: no lock of ours exists before we take it), is a run killed outright."""
+    if owner == "gone":
+        gone = subprocess.Popen(["true"])
+        gone.wait()
+        pid = gone.pid
+    else:
+        pid = os.getpid()
+    (busy / "train.lock").write_text(f"{pid} {socket.gethostname()}\n")
     before = snapshot(busy)
     refused(capsys, [*TINY, "--data", str(corpus), "--checkpoint-dir", str(busy)],
-            f"stale lock {busy / 'train.lock'} of process {gone.pid}, which is no longer "
+            f"stale lock {busy / 'train.lock'} of process {pid}, which is no longer "
             "running; if no other run uses the folder, delete that file")
     assert snapshot(busy) == before
+
+
+@pytest.mark.parametrize("held", ["lock", "checkpoint"])
+def test_busy_folder_is_refused_before_the_model_is_built(tmp_path, corpus, monkeypatch, capsys,
+                                                          held):
+    """A fresh run initialises (with --init-from-hf: reads every weight) before it opens DIR,
+    so that a load that fails deletes nothing; a lock or checkpoints in DIR are refused first."""
+    if held == "lock":
+        (tmp_path / "train.lock").write_text(f"{os.getppid()} {socket.gethostname()}\n")
+    else:
+        (tmp_path / "step_2").mkdir()
+
+    def initial_state(*args):
+        raise AssertionError("the model was built before the refusal")
+
+    monkeypatch.setattr(train_script, "initial_state", initial_state)
+    refused(capsys, [*TINY, "--data", str(corpus), "--checkpoint-dir", str(tmp_path)],
+            "is in use by process" if held == "lock" else "already holds checkpoints")
 
 
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm"])

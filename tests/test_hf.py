@@ -277,11 +277,14 @@ def test_bad_weights_in_train_touch_no_checkpoint_dir(tmp_path, capfd):
     _weights(change=_poison("lm_head.weight", np.nan))(folder)
     text = tmp_path / "text.txt"
     text.write_bytes(bytes(range(256)) * 4)
+    (ckpt / "step_3" / "params").mkdir(parents=True)  # an earlier run's checkpoint
+    (ckpt / "step_3" / "params" / "data").write_bytes(b"weights")
+    before = sorted(ckpt.rglob("*"))
     code = train_script.main(["--init-from-hf", str(folder), "--data", str(text), "--steps", "1",
                               "--seq-len", "16", "--batch-size", "8", "--mesh", "data=8",
                               "--checkpoint-dir", str(ckpt), "--overwrite"])
     one_line_error(capfd, code, "tensor lm_head.weight holds NaN or infinite")
-    assert not ckpt.exists()
+    assert sorted(ckpt.rglob("*")) == before
 
 
 def _loaded_line(folder) -> str:
