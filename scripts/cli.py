@@ -25,7 +25,7 @@ LIMITS = {
     "warmup": (0, None), "microbatches": (1, None), "virtual_stages": (1, None),
     "grad_accum": (1, None), "eval_every": (0, None), "log_every": (1, None),
     "checkpoint_every": (1, None), "keep": (1, None), "num_processes": (1, None),
-    "process_id": (0, None), "generate": (0, None),
+    "process_id": (0, None), "generate": (0, None), "max_new_tokens": (1, None), "step": (0, None),
     "seed": (0, 2**63 - 1),  # numpy's generator takes no negative seed, jax.random.key a C long
 }
 # What matplotlib writes without extra packages; a path is checked against these at start, so a

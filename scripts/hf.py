@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.train import Parser, configure_devices
+from scripts.cli import Parser, check_limits, configure_devices
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -34,7 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     for s in (lg, ex):
         s.add_argument("--cpu-devices", type=int, default=None,
                        help="emulate N CPU devices (selects the CPU)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_limits(p, args)
+    return args
 
 
 def parse_tokens(text: str) -> list[int]:
@@ -97,10 +99,7 @@ def run_export(args) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.cpu_devices is not None and args.cpu_devices < 1:
-        print(f"error: --cpu-devices must be at least 1, got {args.cpu_devices}", file=sys.stderr)
-        return 2
-    configure_devices(args)
+    configure_devices(args.cpu_devices)
     from models import ConfigError
 
     try:

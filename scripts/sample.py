@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.train import Parser, configure_devices  # noqa: E402
+from scripts.cli import Parser, check_limits, configure_devices  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -40,12 +40,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="recompute the whole sequence for every token (the reference path) "
                         "instead of prefill + one step per token with a KV cache (default: "
                         "the cache)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_limits(p, args)
+    return args
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    configure_devices(args)
+    configure_devices(args.cpu_devices)
     import jax
 
     from models import ConfigError
@@ -53,8 +55,6 @@ def main(argv=None) -> int:
     from spmd.sampling import check_sampling, generate, load, open_hf, text_codec
 
     try:
-        if args.max_new_tokens < 1:
-            raise ConfigError("--max-new-tokens must be at least 1")
         check_sampling(args.temperature, args.top_k)
         mesh_spec = args.mesh or "data=1"
         size = 1

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts import cli  # noqa: E402
 
-from scripts.cli import (  # noqa: E402, F401  (Parser: scripts/hf.py imports it from here)
+from scripts.cli import (  # noqa: E402
     FIELD, IMAGE_SUFFIXES, MODEL_FLAGS, Parser, add_model_flags, check_limits, output_dir_error,
     output_error)
 from scripts.cli import check_run_flags as _check_run_flags  # noqa: E402
@@ -98,11 +98,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a finite number above 0, got {args.lr}")
     return args
-
-
-def configure_devices(args: argparse.Namespace) -> None:
-    """Must run before jax is imported (see `scripts.cli.configure_devices`)."""
-    cli.configure_devices(args.cpu_devices)
 
 
 def check_run_flags(args: argparse.Namespace, cfg) -> int:
@@ -332,7 +327,7 @@ def main(argv=None) -> int:
 def run(argv=None) -> int:
     began = time.perf_counter()
     args = parse_args(argv)
-    configure_devices(args)
+    cli.configure_devices(args.cpu_devices)  # before jax is imported
     from models import ConfigError
     from spmd.loop import LoopConfig, train
     from spmd.progress import Profile, Progress

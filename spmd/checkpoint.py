@@ -110,19 +110,32 @@ def _quiet_failed_read_leftovers() -> None:
     sys.unraisablehook = hook
 
 
+def _unusable(directory: Path) -> ConfigError | None:
+    """Why `directory` cannot hold checkpoints, seen without writing anything (None: it can):
+    it is a file, a parent is a file, or the nearest existing part of it is not writable."""
+    if directory.exists() and not directory.is_dir():
+        return ConfigError(f"checkpoint directory {directory} is a file; give a folder")
+    existing = next(p for p in (directory, *directory.parents) if p.exists())
+    if not existing.is_dir():
+        return ConfigError(f"cannot create checkpoint directory {directory} ({existing} is a "
+                           "file); give a folder that can be created")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return ConfigError(f"checkpoint directory {directory} is not writable; give a folder "
+                           "this user may write to")
+    return None
+
+
 def _make_writable_dir(directory: Path) -> None:
     """Create `directory` now, so that a path that cannot hold checkpoints is one line at start
     rather than a traceback (or a failed save in a background thread) later."""
+    unusable = _unusable(directory)
+    if unusable:
+        raise unusable
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        blocker = next((p for p in directory.parents if p.exists()), None)
-        why = f"{blocker} is a file" if blocker and not blocker.is_dir() else err.strerror
-        raise ConfigError(f"cannot create checkpoint directory {directory} ({why}); "
+        raise ConfigError(f"cannot create checkpoint directory {directory} ({err.strerror}); "
                           "give a folder that can be created") from err
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise ConfigError(f"checkpoint directory {directory} is not writable; give a folder "
-                          "this user may write to")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -229,19 +242,17 @@ class CheckpointManager:
     @staticmethod
     def check_free(directory: str | Path, overwrite: bool) -> None:
         """A fresh run's refusals that need no model, checked before it initialises (with
-        --init-from-hf a read of every weight): DIR locked, or holding checkpoints without
-        --overwrite. `open` checks them again as it takes the lock; it comes after the
-        initialisation, so that a load that fails has deleted nothing."""
+        --init-from-hf a read of every weight) and without writing: DIR unusable, locked, or
+        holding checkpoints without --overwrite. `open` checks them again as it takes the lock;
+        it comes after the initialisation, so that a load that fails has deleted nothing."""
         directory = Path(directory).absolute()
-        if not directory.is_dir():
-            return
-        refusal = _lock_refusal(directory / LOCK)
+        name_format = ocp.step.standard_name_format(step_prefix=STEP_PREFIX)
+        steps = directory.is_dir() and sorted(m.step for m in name_format.find_all(directory))
+        refusal = _unusable(directory) or directory.is_dir() and _lock_refusal(directory / LOCK)
+        if not refusal and steps and not overwrite:
+            refusal = _holds_checkpoints(directory, directory / name_format.build_name(steps[-1]))
         if refusal:
             raise refusal
-        name_format = ocp.step.standard_name_format(step_prefix=STEP_PREFIX)
-        steps = sorted(m.step for m in name_format.find_all(directory))
-        if steps and not overwrite:
-            raise _holds_checkpoints(directory, directory / name_format.build_name(steps[-1]))
 
     @classmethod
     def open(cls, directory: str | Path, run_info: dict, *, keep: int = 3,
@@ -258,8 +269,6 @@ class CheckpointManager:
             raise ConfigError("--overwrite and --resume exclude each other; pick one")
         if keep < 1:
             raise ConfigError(f"--keep must be at least 1 checkpoint, got {keep}")
-        if directory.exists() and not directory.is_dir():
-            raise ConfigError(f"checkpoint directory {directory} is a file; give a folder")
         if resume and not directory.exists():  # a mistyped path must not start a new run
             raise ConfigError(f"--resume: checkpoint directory {directory} does not exist; "
                               "check the path, or drop --resume to start a new run")

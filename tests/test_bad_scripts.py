@@ -5,7 +5,7 @@ behaviour needs one."""
 
 import pytest
 
-from scripts import bench, explain, launch_local, plot, schedule
+from scripts import bench, explain, hf, launch_local, plot, sample, schedule
 
 
 def refused(parse, argv, capsys) -> str:
@@ -45,6 +45,23 @@ def test_schedule_defaults_and_file_conflicts(capsys):
     assert refused(schedule.parse_args, ["--schedule-file", "my.json", "--stages", "2"],
                    capsys) == ("--stages 2 conflicts with --schedule-file my.json (the file "
                                "sets it); drop --stages")
+
+
+@pytest.mark.parametrize("parse,args,expect", [
+    (sample.parse_args, ["--cpu-devices", "0"], "--cpu-devices must be at least 1, got 0"),
+    (sample.parse_args, ["--seed", "-1"], "--seed must be between 0 and 9223372036854775807"),
+    (sample.parse_args, ["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (hf.parse_args, ["logits", "--model", "m", "--tokens", "1", "--cpu-devices", "-2"],
+     "--cpu-devices must be at least 1, got -2"),
+    (hf.parse_args, ["export", "--checkpoint-dir", "c", "--out", "o", "--step", "-1"],
+     "--step must be at least 0, got -1"),
+], ids=["sample-devices", "sample-seed", "sample-tokens", "hf-devices", "hf-step"])
+def test_sample_and_hf_limits(parse, args, expect, capsys):
+    """The same range checks as train.py's (a --cpu-devices 0 became 8 devices, a negative one
+    went into XLA_FLAGS)."""
+    if parse is sample.parse_args:
+        args = ["--checkpoint-dir", "c", "--prompt", "x", *args]
+    assert refused(parse, args, capsys).startswith(expect)
 
 
 @pytest.mark.parametrize("args,expect", [
