@@ -135,11 +135,13 @@ def hf_config(args: argparse.Namespace):
                               f"({field}={getattr(cfg, field)!r}); the model shape comes from "
                               "--init-from-hf: drop the flag")
     if args.seq_len is not None and args.seq_len > cfg.max_seq_len:  # else check_run_flags fits it
-        why = (f"max_position_embeddings={positions}" if llama
-               else f"n_positions={positions}, the rows of its learned position table")
+        why = (f"--max-seq-len {cfg.max_seq_len}" if llama and args.max_seq_len
+               else f"max_position_embeddings={positions} of {args.init_from_hf}" if llama
+               else f"n_positions={positions} of {args.init_from_hf}, the rows of its learned "
+                    "position table")
         fix = f", or pass --max-seq-len {args.seq_len} to train past it" if llama else ""
         raise ConfigError(f"--seq-len {args.seq_len} is longer than the {cfg.max_seq_len} "
-                          f"positions of {args.init_from_hf} ({why}); give --seq-len "
+                          f"positions the model has ({why}); give --seq-len "
                           f"{cfg.max_seq_len} or less{fix}")
     return cfg
 

@@ -349,6 +349,17 @@ def test_init_from_hf_seq_len_error_can_be_followed(tmp_path, style, flags, foll
     assert args.seq_len == {"gpt2": 64, "llama": 128}[style]  # 128, or n_positions if fewer
 
 
+def test_init_from_hf_seq_len_error_names_the_limit_in_force():
+    """A Llama's --max-seq-len raised, but not enough: the error names that flag's limit, not
+    the folder's max_position_embeddings."""
+    args = train_script.parse_args(["--init-from-hf", str(FIXTURES / "llama"), "--seq-len", "512",
+                                    "--max-seq-len", "256"])
+    with pytest.raises(ConfigError, match=r"^--seq-len 512 is longer than the 256 positions the "
+                                          r"model has \(--max-seq-len 256\); give --seq-len 256 "
+                                          r"or less, or pass --max-seq-len 512"):
+        train_script.hf_config(args)
+
+
 def test_fine_tune_from_hf_then_export(tmp_path, capfd):
     """train.py --init-from-hf --tokenizer trains two steps (also through zb-h1 in bfloat16,
     from the same loss); scripts/hf.py exports the saved
