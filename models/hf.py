@@ -513,12 +513,17 @@ class Folder:
         return self._slice(name)[index]
 
 
+def tokenizer_file(path: str | Path) -> Path:
+    """The `tokenizer.json` of folder `path`, or `path` itself if it is a file."""
+    return Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+
+
 def load_tokenizer(path: str | Path) -> Callable[[bytes], np.ndarray]:
     """The `tokenizer.json` of folder `path` (or that file itself), through the `tokenizers`
     package, as UTF-8 text → int32 token ids (ids may pass uint16: Llama 3 has 128,256)."""
     from tokenizers import Tokenizer
 
-    file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+    file = tokenizer_file(path)
     if not file.is_file():
         raise ConfigError(f"--tokenizer {path}: no tokenizer.json there; give a Hugging Face "
                           "model folder that has one")

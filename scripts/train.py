@@ -213,6 +213,7 @@ def initial_state(args, trainer):
 def open_checkpoints(args, trainer):
     """(manager or None, params, opt_state, first step): fresh, or restored from the latest."""
     from models import ConfigError
+    from models.hf import tokenizer_file
     from spmd.checkpoint import CheckpointManager, run_info
 
     if not args.checkpoint_dir:
@@ -220,10 +221,7 @@ def open_checkpoints(args, trainer):
             raise ConfigError("--resume needs --checkpoint-dir DIR (where the run was saved)")
         args.seed = 0 if args.seed is None else args.seed
         return None, *initial_state(args, trainer), 0
-    tokenizer = None
-    if args.tokenizer:  # a folder or the file itself, as build read it
-        file = Path(args.tokenizer)
-        tokenizer = (file / "tokenizer.json" if file.is_dir() else file).read_text()
+    tokenizer = tokenizer_file(args.tokenizer).read_text() if args.tokenizer else None
     fresh = None
     if not args.resume:  # before open, so a bad --init-from-hf leaves --overwrite's checkpoints
         CheckpointManager.check_free(args.checkpoint_dir, args.overwrite)  # but refuse first
@@ -251,7 +249,7 @@ def open_checkpoints(args, trainer):
     return manager, params, opt_state, record["data_position"]
 
 
-def check_outputs(args: argparse.Namespace, primary: bool = True) -> None:
+def check_run_outputs(args: argparse.Namespace, primary: bool = True) -> None:
     """What the run writes during or after its work (metrics, plot, profile): a path that
     cannot take it is refused at start, not after the training. Only the primary process
     writes metrics and the plot."""
@@ -342,7 +340,7 @@ def run(argv=None) -> int:
         primary = distributed.is_primary()
         if not primary:  # only process 0 prints progress (errors still go to stderr)
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-        check_outputs(args, primary)
+        check_run_outputs(args, primary)
         if args.plot and primary:
             from scripts.plot import check_matplotlib
 

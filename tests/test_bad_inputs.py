@@ -118,12 +118,12 @@ def test_bad_output_path_is_refused_at_start(args, expect, tmp_path):
     """Checked before training (they were found only when the plot or the trace was written,
     after the run)."""
     from models.config import ConfigError
-    from scripts.train import check_outputs
+    from scripts.train import check_run_outputs
 
     (tmp_path / "a_file").touch()
     args = parse_args([a.format(d=tmp_path) for a in args])
     with pytest.raises(ConfigError) as err:
-        check_outputs(args)
+        check_run_outputs(args)
     assert str(err.value).startswith(expect.format(d=tmp_path))
 
 
