@@ -64,7 +64,7 @@ def check_layout(text: str, devices: int) -> None:
     elif schedule not in SCHEDULES:
         problem = f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)}"
     else:
-        sizes = parse_mesh_spec(mesh, "--layouts")
+        sizes = parse_mesh_spec(mesh)
         if ":" in text and sizes["stage"] == 1:
             problem = f"schedule {schedule} needs stage > 1 in the mesh"
         elif math.prod(sizes.values()) != devices:
@@ -184,7 +184,7 @@ def main(argv=None) -> int:
 
     def trainer(layout, m):
         spec, schedule, sp = parse_layout("data=1" if layout == "single" else layout)
-        mesh = make_mesh(spec, jax.devices()[:1] if layout == "single" else None, "--layouts")
+        mesh = make_mesh(spec, jax.devices()[:1] if layout == "single" else None)
         v = chunks_needed(schedule)
         tc = TrainConfig(microbatches=m, schedule=schedule, virtual_stages=v, remat=args.remat)
         return Trainer(cfg, tc, mesh, Rules(sp), shape)

@@ -125,6 +125,11 @@ def check_outputs(parser: argparse.ArgumentParser, *checks: str | None) -> None:
             parser.error(problem)
 
 
+def schedule_conflict(schedule: str, schedule_file: str) -> str:
+    return (f"--schedule {schedule} conflicts with --schedule-file {schedule_file}; give one "
+            "of them")
+
+
 def check_run_flags(args: argparse.Namespace, cfg, seq_len: int) -> int:
     """Fill in the defaults that depend on the model (--mesh: `spmd.mesh.default_mesh`;
     --seq-len: `seq_len` or the model's max_seq_len where that is shorter), so that every
@@ -145,8 +150,7 @@ def check_run_flags(args: argparse.Namespace, cfg, seq_len: int) -> int:
     stages = parse_mesh_spec(args.mesh)["stage"]
     schedule, schedule_file = args.schedule, getattr(args, "schedule_file", None)
     if schedule and schedule_file:
-        raise ConfigError(f"--schedule {schedule} conflicts with --schedule-file "
-                          f"{schedule_file}; give one of them")
+        raise ConfigError(schedule_conflict(schedule, schedule_file))
     if schedule and not schedule.endswith(".json") and schedule not in SCHEDULES:
         raise ConfigError(f"unknown schedule {schedule!r}; use one of {', '.join(SCHEDULES)} "
                           "for --schedule")

@@ -29,7 +29,7 @@ from pipeline.simulate import simulate  # noqa: E402
 
 
 from scripts.cli import (  # noqa: E402
-    IMAGE_SUFFIXES, Parser, check_limits, check_outputs, output_error)
+    IMAGE_SUFFIXES, Parser, check_limits, check_outputs, output_error, schedule_conflict)
 
 # The simulator and the drawings take seconds at these sizes (zb-h1 at p=64, m=512: about 2 s
 # on one core); far beyond them a typo would run for minutes.
@@ -57,8 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
              "--virtual-stages": args.virtual_stages}
     if args.schedule_file:  # the file holds p, m and v: a flag would be silently ignored
         if args.schedule:
-            parser.error(f"--schedule {args.schedule} conflicts with --schedule-file "
-                         f"{args.schedule_file}; give one of them")
+            parser.error(schedule_conflict(args.schedule, args.schedule_file))
         for name, value in sizes.items():
             if value is not None:
                 parser.error(f"{name} {value} conflicts with --schedule-file "

@@ -14,30 +14,28 @@ from models.config import ConfigError
 AXES = ("data", "fsdp", "stage", "tensor")
 
 
-def parse_mesh_spec(spec: str, flag: str = "--mesh") -> dict[str, int]:
-    """`"data=2,tensor=4"` → `{"data": 2, "fsdp": 1, "stage": 1, "tensor": 4}`; errors name
-    `flag`, the option the spec came from."""
+def parse_mesh_spec(spec: str) -> dict[str, int]:
+    """`"data=2,tensor=4"` → `{"data": 2, "fsdp": 1, "stage": 1, "tensor": 4}`."""
     sizes, seen = dict.fromkeys(AXES, 1), set()
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, value = part.partition("=")
         name = name.strip()
         if name not in AXES:
             raise ConfigError(
-                f"unknown mesh axis {name!r} in {flag} {spec!r}; axes are {', '.join(AXES)}"
+                f"unknown mesh axis {name!r} in --mesh {spec!r}; axes are {', '.join(AXES)}"
             )
         if name in seen:  # the last would silently win
-            raise ConfigError(f"mesh axis {name} is given twice in {flag} {spec!r}; give it once")
+            raise ConfigError(f"mesh axis {name} is given twice in --mesh {spec!r}; give it once")
         seen.add(name)
         if not value.strip().isdigit() or int(value) < 1:
             raise ConfigError(
-                f"mesh axis {name} needs a positive integer size, got {value!r} in {flag} {spec!r}"
+                f"mesh axis {name} needs a positive integer size, got {value!r} in --mesh {spec!r}"
             )
         sizes[name] = int(value)
     return sizes
 
 
-def make_mesh(spec: str | dict[str, int], devices: list | None = None,
-              flag: str = "--mesh") -> Mesh:
+def make_mesh(spec: str | dict[str, int], devices: list | None = None) -> Mesh:
     """A mesh with Auto axes over `devices` (default: all devices).
 
     Auto, not Explicit (jax 0.10's default): the compiler propagates shardings from the
@@ -45,15 +43,14 @@ def make_mesh(spec: str | dict[str, int], devices: list | None = None,
     a vocab-sharded embedding gather and a scan over stacked layers compile as they are. The
     parallel layout is then stated in exactly one place, `spmd.rules`.
     """
-    sizes = (parse_mesh_spec(spec, flag) if isinstance(spec, str)
-             else {**dict.fromkeys(AXES, 1), **spec})
+    sizes = parse_mesh_spec(spec) if isinstance(spec, str) else {**dict.fromkeys(AXES, 1), **spec}
     devices = list(jax.devices() if devices is None else devices)
     shape = tuple(sizes[a] for a in AXES)
     if int(np.prod(shape)) != len(devices):
         text = ",".join(f"{a}={n}" for a, n in sizes.items() if n > 1) or "data=1"
         raise ConfigError(
             f"mesh {text} needs {int(np.prod(shape))} devices but {len(devices)} are available; "
-            f"make the axis sizes multiply to {len(devices)} (e.g. {flag} data={len(devices)})"
+            f"make the axis sizes multiply to {len(devices)} (e.g. --mesh data={len(devices)})"
             " or change --cpu-devices"
         )
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * len(AXES), devices=devices)
