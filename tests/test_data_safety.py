@@ -310,11 +310,12 @@ def test_resume_without_the_runs_tokenizer_is_refused(run, capsys):
 
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-1"])
-def test_sample_refuses_a_temperature_that_is_not_a_number_above_0(run, value, capsys):
-    """Refused before the model loads (NaN passed `temperature < 0` and sampled garbage)."""
+def test_sample_refuses_a_temperature_that_is_not_a_number_above_0(tmp_path, value, capsys):
+    """Refused before the model loads (NaN passed `temperature < 0` and sampled garbage): the
+    checkpoint folder does not even exist, and that is not what the error names."""
     from scripts import sample as sample_script
 
-    refused(capsys, ["--checkpoint-dir", str(run[0] / "ckpt"), "--prompt", "x",
+    refused(capsys, ["--checkpoint-dir", str(tmp_path / "none"), "--prompt", "x",
                      "--max-new-tokens", "4", "--temperature", value],
             f"--temperature must be a finite number >= 0 (0: greedy), got {float(value)}",
             main=sample_script.main)
