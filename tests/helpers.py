@@ -9,13 +9,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models import PRESETS, ModelConfig
-from spmd import analysis
-from spmd.hlo import collectives
-from spmd.loop import parameter_table
-from spmd.mesh import make_mesh
-from spmd.rules import Rules
-from spmd.train_step import TrainConfig, Trainer
+from tppjax.measure import analysis
+from tppjax.measure.hlo import collectives
+from tppjax.models import PRESETS, ModelConfig
+from tppjax.spmd.loop import parameter_table
+from tppjax.spmd.mesh import make_mesh
+from tppjax.spmd.rules import Rules
+from tppjax.spmd.train_step import TrainConfig, Trainer
 
 # Divisible by every tensor size up to 8 (16 heads, 8 kv-heads: grouped-query, 2 per group);
 # vocab 250 is NOT a multiple of 8: it is padded to 256 and the pad logits are masked.

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 
 if TYPE_CHECKING:  # only the config's fields are read; nothing from `models` runs here
-    from models import ModelConfig
+    from tppjax.models import ModelConfig
 
 GPT2_LAYERNORM_EPS = 1e-5  # GPT-2's `layer_norm_epsilon`
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts.train import parse_args
-from spmd.loop import LoopConfig, train
+from tppjax.cli.train import parse_args
+from tppjax.spmd.loop import LoopConfig, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # Valid apart from the case's flags (and --data {d}/ok.txt where a case gives none: 1000 tokens,
@@ -78,9 +78,9 @@ UNKNOWN = ("unknown schedule 'bogus'; use one of gpipe, 1f1b, interleaved, zb-h1
 ])
 def test_bad_run_flags_are_refused_before_anything_is_built(args, expect):
     """In-process: the checks that need the model and the device count, not a compile."""
-    from models.config import ConfigError
-    from scripts.cli import model_config
-    from scripts.train import check_run_flags
+    from tppjax.cli.flags import model_config
+    from tppjax.cli.train import check_run_flags
+    from tppjax.models.config import ConfigError
 
     args = parse_args(BASE[2:8] + args)  # tiny on data=8, one step
     with pytest.raises(ConfigError) as err:
@@ -96,11 +96,11 @@ def test_every_preset_runs_on_the_defaults(preset, mesh, seq_len):
     """`train.py --preset tiny` failed on the default mesh (tensor=4 does not divide tiny's 2
     kv heads) and --seq-len (128 > its 64 positions): both now default from the model, and
     the Trainer (which checks every divisibility, compiling nothing) accepts them."""
-    from scripts.cli import model_config
-    from scripts.train import check_run_flags
-    from spmd.mesh import make_mesh
-    from spmd.rules import Rules
-    from spmd.train_step import TrainConfig, Trainer
+    from tppjax.cli.flags import model_config
+    from tppjax.cli.train import check_run_flags
+    from tppjax.spmd.mesh import make_mesh
+    from tppjax.spmd.rules import Rules
+    from tppjax.spmd.train_step import TrainConfig, Trainer
 
     args = parse_args(["--preset", preset])
     cfg = model_config(args, "small")
@@ -117,8 +117,8 @@ def test_every_preset_runs_on_the_defaults(preset, mesh, seq_len):
 def test_bad_output_path_is_refused_at_start(args, expect, tmp_path):
     """Checked before training (they were found only when the plot or the trace was written,
     after the run)."""
-    from models.config import ConfigError
-    from scripts.train import check_run_outputs
+    from tppjax.cli.train import check_run_outputs
+    from tppjax.models.config import ConfigError
 
     (tmp_path / "a_file").touch()
     args = parse_args([a.format(d=tmp_path) for a in args])
@@ -137,8 +137,8 @@ def test_bad_output_path_is_refused_at_start(args, expect, tmp_path):
 ])
 def test_bad_model_names_the_flags(args, expect):
     """The model's own checks name the flags to change (they named config fields only)."""
-    from models.config import ConfigError
-    from scripts.cli import model_config
+    from tppjax.cli.flags import model_config
+    from tppjax.models.config import ConfigError
 
     with pytest.raises(ConfigError) as err:
         model_config(parse_args(["--preset", "tiny", "--kv-heads", "1", *args]), "small").validate()
@@ -215,8 +215,8 @@ def test_bad_file_is_one_line_and_exit_2_and_touches_nothing(args, expect, tmp_p
 def test_unwritable_checkpoint_dir_is_refused_even_as_root(tmp_path, monkeypatch):
     """Root may write anywhere (so the real-permission case above skips as root, which CI is):
     here the permission check itself answers no, and nothing is written into the folder."""
-    from models.config import ConfigError
-    from spmd import checkpoint
+    from tppjax.models.config import ConfigError
+    from tppjax.spmd import checkpoint
 
     monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: False)
     target = tmp_path / "read_only"

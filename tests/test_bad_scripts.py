@@ -5,7 +5,7 @@ behaviour needs one."""
 
 import pytest
 
-from scripts import bench, explain, hf, launch_local, plot, sample, schedule
+from tppjax.cli import bench, explain, hf, launch_local, plot, sample, schedule
 
 
 def refused(parse, argv, capsys) -> str:
@@ -112,7 +112,7 @@ UNKNOWN = ("unknown schedule 'bogus'; use one of gpipe, 1f1b, interleaved, zb-h1
 def test_explain_pipeline_flags(args, expect):
     """In-process, refused before anything compiles (they were ignored without a stage axis:
     it explained another layout than the one asked for)."""
-    from models.config import ConfigError
+    from tppjax.models.config import ConfigError
 
     with pytest.raises(ConfigError) as err:
         explain.explain(explain.parse_args(args))
@@ -123,10 +123,10 @@ def test_explain_defaults_fit():
     """`explain.py` with no flags failed on its own defaults (tensor=4 on tiny's 2 kv heads)
     and named --kv-heads, which it did not have: the mesh now follows the model, and the
     model flags are its own. The Trainer checks every divisibility, compiling nothing."""
-    from scripts.cli import check_run_flags, model_config
-    from spmd.mesh import make_mesh
-    from spmd.rules import Rules
-    from spmd.train_step import TrainConfig, Trainer
+    from tppjax.cli.flags import check_run_flags, model_config
+    from tppjax.spmd.mesh import make_mesh
+    from tppjax.spmd.rules import Rules
+    from tppjax.spmd.train_step import TrainConfig, Trainer
 
     args = explain.parse_args([])
     cfg = model_config(args, "tiny")

@@ -3,9 +3,9 @@ simulator's, scaled back from its integer ticks without distortion."""
 
 import pytest
 
-from models import PRESETS
-from pipeline.schedules import make_schedule
-from spmd.measure import predict_lockstep_s, predict_step_s, time_actions
+from tppjax.measure.timing import predict_lockstep_s, predict_step_s, time_actions
+from tppjax.models import PRESETS
+from tppjax.pipeline.schedules import make_schedule
 
 
 @pytest.mark.parametrize("split", [False, True])

@@ -1,5 +1,5 @@
-"""What the compiled step executes (`spmd.census`) against docs/design.md §2's closed forms
-(`spmd.analysis.expected`) for every schedule and the tensor, SP and FSDP layouts; the executed
+"""What the compiled step executes (`tppjax.measure.census`) against docs/design.md §2's closed forms
+(`tppjax.measure.analysis.expected`) for every schedule and the tensor, SP and FSDP layouts; the executed
 FLOPs against the model's and, a second way, against each pipeline action compiled alone times
 the schedule table; and `scripts/explain.py --json` end to end."""
 
@@ -16,15 +16,15 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from models import Transformer
-from pipeline.actions import StageActions
-from pipeline.executor import action_counts, plan
-from pipeline.run import head_parts
-from pipeline.schedules import SCHEDULES, chunks_needed, make_schedule
-from pipeline.simulate import simulate
-from spmd import analysis, census, hlo
-from spmd.rules import batch_shards
 from tests.helpers import BATCH, SEQ, TEST_MODEL, compiled, weight_gathers
+from tppjax.measure import analysis, census, hlo
+from tppjax.models import Transformer
+from tppjax.pipeline.actions import StageActions
+from tppjax.pipeline.executor import action_counts, plan
+from tppjax.pipeline.schedules import SCHEDULES, chunks_needed, make_schedule
+from tppjax.pipeline.simulate import simulate
+from tppjax.spmd.pipelined import head_parts
+from tppjax.spmd.rules import batch_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 PIPE = "data=2,stage=2,tensor=2"

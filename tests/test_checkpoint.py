@@ -12,10 +12,10 @@ import jax
 import numpy as np
 import pytest
 
-from models.config import ConfigError
-from spmd.checkpoint import CheckpointManager, run_info
-from spmd.train_step import TrainConfig
 from tests.helpers import RTOL, TEST_MODEL, batch, rel_err, trainer
+from tppjax.models.config import ConfigError
+from tppjax.spmd.checkpoint import CheckpointManager, run_info
+from tppjax.spmd.train_step import TrainConfig
 
 MESH = "data=2,tensor=4"
 INFO = run_info(TEST_MODEL, TrainConfig(), MESH, seed=0)
@@ -151,7 +151,7 @@ def test_pipeline_checkpoint_restores_onto_every_layout(tmp_path):
 # the uncommitted directory it leaves is exactly what a kill at any earlier moment leaves, or less.
 CRASHING_SAVE = """
 import os, signal, sys
-from spmd.checkpoint import CheckpointManager
+from tppjax.spmd.checkpoint import CheckpointManager
 from tests.test_checkpoint import INFO, MESH, TEST_MODEL, trainer
 
 rename = os.rename

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scripts import train as train_script
+from tppjax.cli import train as train_script
 
 TOKENIZER = Path(__file__).parent / "fixtures" / "hf" / "gpt2"  # 300 ids
 TINY = ["--cpu-devices", "8", "--preset", "tiny", "--mesh", "data=8", "--seq-len", "32",
@@ -205,7 +205,7 @@ def test_resume_with_another_seed_is_refused(run, capsys):
 
 def test_export_into_the_checkpoint_dir_is_refused(run, capsys):
     """A model folder inside DIR would be in the way of the next --resume."""
-    from scripts import hf as hf_script
+    from tppjax.cli import hf as hf_script
 
     d = run[0]
     before = snapshot(d)
@@ -233,7 +233,7 @@ def test_reads_left_suspended_by_a_failed_read_are_not_reported(monkeypatch):
     """A failed checkpoint read leaves other reads suspended; collected, each printed "Exception
     ignored in: <coroutine ...>" and a TensorStore spec (a hundred lines) after the one error
     line. Other unraisable errors still reach Python's hook."""
-    from spmd.checkpoint import _quiet_failed_read_leftovers
+    from tppjax.spmd.checkpoint import _quiet_failed_read_leftovers
 
     seen = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: seen.append(repr(u.exc_value)))
@@ -273,9 +273,9 @@ def test_sample_and_export_use_the_tokenizer_of_the_run(run, tmp_path, capsys, m
     prompt and decodes the output with it (not as bytes), export writes it next to the model."""
     from tokenizers import Tokenizer
 
-    from scripts import hf as hf_script
-    from scripts import sample as sample_script
-    from spmd import sampling
+    from tppjax.cli import hf as hf_script
+    from tppjax.cli import sample as sample_script
+    from tppjax.spmd import sampling
 
     d = run[0]
     tokenizer = Tokenizer.from_file(str(TOKENIZER / "tokenizer.json"))
@@ -313,7 +313,7 @@ def test_resume_without_the_runs_tokenizer_is_refused(run, capsys):
 def test_sample_refuses_a_temperature_that_is_not_a_number_above_0(tmp_path, value, capsys):
     """Refused before the model loads (NaN passed `temperature < 0` and sampled garbage): the
     checkpoint folder does not even exist, and that is not what the error names."""
-    from scripts import sample as sample_script
+    from tppjax.cli import sample as sample_script
 
     refused(capsys, ["--checkpoint-dir", str(tmp_path / "none"), "--prompt", "x",
                      "--max-new-tokens", "4", "--temperature", value],

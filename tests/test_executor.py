@@ -10,13 +10,13 @@ import pytest
 from flax import nnx
 from flax.core import spmd as flax_spmd
 
-from models import transformer
-from pipeline.actions import StageActions
-from pipeline.executor import pipelined_loss, plan
-from pipeline.gpipe import gpipe, to_microbatches, to_stages
-from pipeline.run import head_parts
-from pipeline.schedules import chunks_needed, make_schedule
 from tests.helpers import TEST_MODEL, assert_matches_reference, batch, loss_and_grads, trainer
+from tppjax.models import transformer
+from tppjax.pipeline.actions import StageActions
+from tppjax.pipeline.executor import pipelined_loss, plan
+from tppjax.pipeline.gpipe import gpipe, to_microbatches, to_stages
+from tppjax.pipeline.schedules import chunks_needed, make_schedule
+from tppjax.spmd.pipelined import head_parts
 
 PIPE_MODEL = dataclasses.replace(TEST_MODEL, n_layers=8)
 # GPT-2 as GPT-2 is: multi-head, MLP 4·d, biases, learned positions, head tied to the embedding

@@ -15,11 +15,11 @@ import pytest
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from models import ConfigError
-from models.hf import Folder, config_from_hf, layout, load_tokenizer
-from scripts import hf as hf_script
-from scripts import train as train_script
-from spmd import hf
+from tppjax.cli import hf as hf_script
+from tppjax.cli import train as train_script
+from tppjax.models import ConfigError
+from tppjax.models.hf import Folder, config_from_hf, layout, load_tokenizer
+from tppjax.spmd import hf
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures" / "hf"
@@ -387,7 +387,7 @@ def test_fine_tune_from_hf_then_export(tmp_path, capfd):
     assert 0 < abs(f32 - bf16) <= 0.02, (f32, bf16)
     capfd.readouterr()
     assert hf_script.main(["export", "--checkpoint-dir", str(ckpt), "--out", str(out)]) == 0
-    from spmd.sampling import load
+    from tppjax.spmd.sampling import load
 
     trained = flat(load(ckpt, "data=1", 1, jax.devices()[:1])[1])
     exported = flat(hf.open_model(out, "data=1", 8)[1])

@@ -1,4 +1,4 @@
-"""spmd.hlo reads the right collectives (op, bytes, count, axes, name) from compiled HLO.
+"""tppjax.measure.hlo reads the right collectives (op, bytes, count, axes, name) from compiled HLO.
 
 Expected sizes are computed from the shapes in each test, never from the program text.
 """
@@ -9,7 +9,7 @@ import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from spmd import hlo
+from tppjax.measure import hlo
 
 AXES = ("data", "fsdp", "stage", "tensor")
 F32 = 4

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import build_config
 from tests.helpers import TEST_MODEL, trainer
+from tppjax.models import build_config
 
 # Weights (projections and embedding tables) decay; norm gains and biases do not.
 DECAYED = {

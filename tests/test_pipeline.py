@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from pipeline.gpipe import from_stages, to_stages
-from spmd import census
 from tests.helpers import TEST_MODEL, assert_matches_reference, batch, loss_and_grads, trainer
+from tppjax.measure import census
+from tppjax.pipeline.gpipe import from_stages, to_stages
 
 PIPE_MODEL = dataclasses.replace(TEST_MODEL, n_layers=8)
 SHAPE = (40, 8)  # per-data-shard batch 40 or 20: divisible by m in {1, p} and by 2p+1 = 5

@@ -13,12 +13,12 @@ import pytest
 from flax import nnx
 from jax.sharding import AxisType
 
-from models.config import ConfigError
-from models.transformer import apply_layer, project
-from pipeline.executor import pipelined_loss
-from pipeline.schedules import SCHEDULES, chunks_needed, make_schedule
-from spmd.mesh import make_mesh
 from tests.helpers import RTOL, rel_err
+from tppjax.models.config import ConfigError
+from tppjax.models.transformer import apply_layer, project
+from tppjax.pipeline.executor import pipelined_loss
+from tppjax.pipeline.schedules import SCHEDULES, chunks_needed, make_schedule
+from tppjax.spmd.mesh import make_mesh
 
 D, LAYERS, M, ROWS, T = 16, 4, 4, 4, 6  # width, layers, micro-batches, rows each, length
 

@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import Transformer, cross_entropy
 from tests import reference
 from tests.helpers import RTOL, TEST_MODEL, batch, rel_err
+from tppjax.models import Transformer, cross_entropy
 
 CONFIGS = {
     # Grouped-query (16 heads, 8 kv heads), untied head; vocab 250 is padded to 256.

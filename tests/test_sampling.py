@@ -10,12 +10,12 @@ import jax
 import numpy as np
 import pytest
 
-from models import build_config
-from scripts import sample
-from spmd.checkpoint import CheckpointManager, run_info
-from spmd import analysis, hlo
-from spmd.sampling import _buffer, _sampler, generate, generation_speed
-from spmd.train_step import TrainConfig
+from tppjax.cli import sample
+from tppjax.measure import analysis, hlo
+from tppjax.models import build_config
+from tppjax.spmd.checkpoint import CheckpointManager, run_info
+from tppjax.spmd.sampling import _buffer, _sampler, generate, generation_speed
+from tppjax.spmd.train_step import TrainConfig
 
 from .helpers import trainer
 

@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline.draw import to_json
-from pipeline.executor import plan
-from pipeline.schedules import (
+from tests.helpers import TEST_MODEL, assert_matches_reference, loss_and_grads
+from tppjax.pipeline.draw import to_json
+from tppjax.pipeline.executor import plan
+from tppjax.pipeline.schedules import (
     SCHEDULES,
     ScheduleError,
     chunks_needed,
@@ -22,8 +23,7 @@ from pipeline.schedules import (
     read_schedule_file,
     schedule_from_data,
 )
-from pipeline.simulate import closed_form, simulate
-from tests.helpers import TEST_MODEL, assert_matches_reference, loss_and_grads
+from tppjax.pipeline.simulate import closed_form, simulate
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = dataclasses.replace(TEST_MODEL, n_layers=4)

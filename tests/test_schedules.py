@@ -19,10 +19,16 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.draw import ascii_timeline, save_png, summary, to_json
-from pipeline.schedules import (
-    SCHEDULES, Action, Schedule, ScheduleError, chunks_needed, make_schedule)
-from pipeline.simulate import closed_form, simulate
+from tppjax.pipeline.draw import ascii_timeline, save_png, summary, to_json
+from tppjax.pipeline.schedules import (
+    SCHEDULES,
+    Action,
+    Schedule,
+    ScheduleError,
+    chunks_needed,
+    make_schedule,
+)
+from tppjax.pipeline.simulate import closed_form, simulate
 
 REPO = Path(__file__).resolve().parents[1]
 PS = range(1, 9)

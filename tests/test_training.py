@@ -14,11 +14,11 @@ import jax
 import numpy as np
 import pytest
 
-from models.config import ConfigError
-from pipeline.schedules import make_schedule, schedule_to_data
-from spmd.data import Batches
-from spmd.mesh import parse_mesh_spec
 from tests.helpers import RTOL, TEST_MODEL, batch, rel_err, trainer
+from tppjax.models.config import ConfigError
+from tppjax.pipeline.schedules import make_schedule, schedule_to_data
+from tppjax.spmd.data import Batches
+from tppjax.spmd.mesh import parse_mesh_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 # Single device, 2 layers: each subprocess compiles in a few seconds.
@@ -169,7 +169,7 @@ def test_nan_stops_with_the_last_good_checkpoint(tmp_path, corpus):
                          r"the last good checkpoint is step (\d+)", lines[0])
     assert match and int(match[4]) == int(match[3]) - 1 >= 0, lines[0]
     bad = int(match[3])
-    from spmd.sampling import load
+    from tppjax.spmd.sampling import load
 
     tr, params, info = load(ckpt, "data=1", 32, jax.devices()[:1])
     assert info["step"] == bad - 1 and info["train"]["learning_rate"] == 1e30

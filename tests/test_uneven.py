@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from models import Transformer
-from models.config import ConfigError
-from pipeline.actions import StageActions
-from pipeline.layout import StageLayout, balance, parse_stage_layers, stage_layout
-from spmd.checkpoint import CheckpointManager, run_info
-from spmd.train_step import TrainConfig
 from tests.helpers import TEST_MODEL, assert_matches_reference, batch, trainer
+from tppjax.models import Transformer
+from tppjax.models.config import ConfigError
+from tppjax.pipeline.actions import StageActions
+from tppjax.pipeline.layout import StageLayout, balance, parse_stage_layers, stage_layout
+from tppjax.spmd.checkpoint import CheckpointManager, run_info
+from tppjax.spmd.train_step import TrainConfig
 
 CFG6 = dataclasses.replace(TEST_MODEL, n_layers=6)
 CFG5 = dataclasses.replace(TEST_MODEL, n_layers=5)

@@ -1,7 +1,0 @@
-"""The Transformer: logical axis names only; meshes live in `spmd`."""
-
-from models.config import PRESETS, ConfigError, ModelConfig, build_config
-from models.transformer import Transformer, cross_entropy, scan_blocks
-
-__all__ = ["PRESETS", "ConfigError", "ModelConfig", "Transformer", "build_config", "cross_entropy",
-           "scan_blocks"]

@@ -1,0 +1,406 @@
+"""Train a Transformer with data, tensor and pipeline parallelism on a named mesh.
+
+With no arguments: a small byte-level model on the Python standard library's sources, on 8
+emulated CPU devices, mesh data=2 x tensor=4. Same seed + same data ⇒ the same loss curve on
+every mesh. Bad settings print one line and exit with code 2.
+"""
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn
+
+from tppjax.cli import flags as cli
+from tppjax.cli.flags import (
+    FIELD,
+    IMAGE_SUFFIXES,
+    MODEL_FLAGS,
+    Parser,
+    add_model_flags,
+    check_limits,
+    output_dir_error,
+    output_error,
+)
+from tppjax.cli.flags import check_run_flags as _check_run_flags
+
+SEQ_LEN = 128  # without --seq-len: this, or the model's max_seq_len where that is shorter
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = Parser(description=__doc__.splitlines()[0])
+    p.add_argument("--mesh", default=None,
+                   help="axis sizes over data, fsdp, stage, tensor (default: tensor = the "
+                        "largest of 4, 2, 1 that divides the heads, kv heads and devices, the "
+                        "rest data: data=2,tensor=4 for small on 8 devices)")
+    p.add_argument("--cpu-devices", type=int, default=None,
+                   help="emulate N CPU devices and run on them (default: an accelerator where "
+                        "there is one, else 8 CPU devices unless XLA_FLAGS sets a count)")
+    p.add_argument("--data", default=None,
+                   help="text file, folder of text, or uint16 .bin (default: stdlib sources)")
+    p.add_argument("--steps", type=int, default=300, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch (sequences)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help=f"tokens per sequence (default {SEQ_LEN}, or the model's max_seq_len "
+                        "where that is shorter)")
+    p.add_argument("--preset", default=None,
+                   help="tiny | small | base: the model's size (default small)")
+    p.add_argument("--init-from-hf", default=None, metavar="DIR",
+                   help="fine-tune a Hugging Face Llama/GPT-2 folder (its config sets the model)")
+    p.add_argument("--tokenizer", default=None, metavar="DIR",
+                   help="tokenize text --data with DIR/tokenizer.json instead of bytes")
+    add_model_flags(p)
+    p.add_argument("--seed", type=int, default=None,
+                   help="init and data order (default 0; on --resume the saved run's)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="compute dtype; weights and optimizer state stay float32")
+    p.add_argument("--sequence-parallel", action="store_true")
+    p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
+    p.add_argument("--warmup", type=int, default=30, help="linear warm-up steps")
+    p.add_argument("--microbatches", type=int, default=None,
+                   help="pipeline micro-batches per step (default: 2 x stages)")
+    p.add_argument("--schedule", default=None, help="pipeline schedule (stage > 1; default gpipe)")
+    p.add_argument("--schedule-file", default=None, metavar="FILE",
+                   help="pipeline schedule from a JSON file, as `scripts/schedule.py --json` "
+                        "prints it; micro-batches and virtual stages default to the file's")
+    p.add_argument("--virtual-stages", type=int, default=None, help="chunks per stage (default 1)")
+    p.add_argument("--stage-layers", default=None, metavar="N,N,...|auto",
+                   help="layers per virtual stage, in model order (e.g. 1,2,2,1), or auto: "
+                        "balanced by cost, the head counted on the last (default: even when "
+                        "the layers divide, else auto)")
+    p.add_argument("--remat", choices=["none", "layer", "stage"], default="none",
+                   help="recompute activations in the backward pass")
+    p.add_argument("--grad-accum", type=int, default=1,
+                   help="split each step's batch into K sequential chunks, one update")
+    p.add_argument("--eval-every", type=int, default=50,
+                   help="held-out loss every N steps and at the last (0: never)")
+    p.add_argument("--metrics", default=None,
+                   help="write one JSON object per step here (a new file; --resume appends)")
+    p.add_argument("--log-every", type=int, default=10,
+                   help="progress line every N steps when not on a terminal")
+    p.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw the train and eval loss curves here at the end (matplotlib)")
+    p.add_argument("--profile-dir", default=None,
+                   help="write a jax.profiler trace of the 3 steps after this run's first "
+                        "(which compiles) here")
+    p.add_argument("--checkpoint-dir", default=None, help="save checkpoints here (orbax)")
+    p.add_argument("--checkpoint-every", type=int, default=100, help="save every N steps")
+    p.add_argument("--keep", type=int, default=3, help="keep the last K checkpoints")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete the checkpoints already in --checkpoint-dir (and replace an "
+                        "existing --metrics file) and start afresh")
+    from tppjax.spmd.distributed import add_flags
+
+    add_flags(p)
+    args = p.parse_args(argv)
+    check_limits(p, args)
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a finite number above 0, got {args.lr}")
+    return args
+
+
+def check_run_flags(args: argparse.Namespace, cfg) -> int:
+    """`tppjax.cli.flags.check_run_flags` with this script's --seq-len default."""
+    return _check_run_flags(args, cfg, SEQ_LEN)
+
+
+def hf_config(args: argparse.Namespace):
+    """The model of --init-from-hf DIR. Its shape comes from DIR/config.json, so a model flag
+    that says otherwise is refused (one that agrees is fine). Two flags set no shape and may
+    differ: --vocab-multiple (padding) and, for Llama, --max-seq-len (only a limit: rotary
+    positions have no table; GPT-2's n_positions is the rows of its position table). A --seq-len
+    past the positions is refused here with the fix that works for DIR's kind of model."""
+    import dataclasses
+
+    from tppjax.models import ConfigError
+    from tppjax.models.hf import Folder
+
+    padding = {"vocab_multiple": args.vocab_multiple} if args.vocab_multiple else {}
+    with Folder(args.init_from_hf, compute_dtype=args.dtype, **padding) as folder:
+        cfg = folder.cfg
+    if args.preset is not None:
+        raise ConfigError(f"--preset conflicts with --init-from-hf {args.init_from_hf} (the "
+                          "model comes from its config.json); drop --preset")
+    llama, positions = cfg.style == "llama", cfg.max_seq_len
+    if llama and args.max_seq_len:
+        cfg = dataclasses.replace(cfg, max_seq_len=args.max_seq_len)
+    given = {k: getattr(args, k) for k in [*MODEL_FLAGS, "tie_embeddings"]}
+    for flag, value in given.items():
+        field = FIELD.get(flag, flag)
+        if value is not None and value != getattr(cfg, field):
+            text = "--" + ("no-" if value is False else "") + flag.replace("_", "-")
+            text += "" if isinstance(value, bool) else f" {value}"
+            raise ConfigError(f"{text} conflicts with {args.init_from_hf}/config.json "
+                              f"({field}={getattr(cfg, field)!r}); the model shape comes from "
+                              "--init-from-hf: drop the flag")
+    if args.seq_len is not None and args.seq_len > cfg.max_seq_len:  # else check_run_flags fits it
+        why = (f"--max-seq-len {cfg.max_seq_len}" if llama and args.max_seq_len
+               else f"max_position_embeddings={positions} of {args.init_from_hf}" if llama
+               else f"n_positions={positions} of {args.init_from_hf}, the rows of its learned "
+                    "position table")
+        fix = f", or pass --max-seq-len {args.seq_len} to train past it" if llama else ""
+        raise ConfigError(f"--seq-len {args.seq_len} is longer than the {cfg.max_seq_len} "
+                          f"positions the model has ({why}); give --seq-len "
+                          f"{cfg.max_seq_len} or less{fix}")
+    return cfg
+
+
+def build(args: argparse.Namespace):
+    from tppjax.pipeline.layout import parse_stage_layers
+    from tppjax.spmd.data import byte_tokens, check_split, check_vocab, load_tokens, split_heldout
+    from tppjax.spmd.mesh import make_mesh
+    from tppjax.spmd.rules import Rules
+    from tppjax.spmd.train_step import TrainConfig, Trainer
+
+    cfg = hf_config(args) if args.init_from_hf else cli.model_config(args, "small")
+    stages = check_run_flags(args, cfg)
+    mesh = make_mesh(args.mesh)
+    schedule, m, v = args.schedule or "gpipe", 2 * stages if stages > 1 else 1, 1
+    if args.schedule_file:
+        from tppjax.pipeline.schedules import read_schedule_file
+
+        sched = read_schedule_file(args.schedule_file)
+        schedule, m, v = args.schedule_file, sched.microbatches, sched.virtual_stages
+    tc = TrainConfig(
+        steps=args.steps, learning_rate=args.lr, warmup_steps=args.warmup,
+        microbatches=args.microbatches or m, schedule=schedule,
+        virtual_stages=args.virtual_stages or v, remat=args.remat,
+        stage_layers=parse_stage_layers(args.stage_layers),
+        grad_accum=args.grad_accum,
+    )
+    encode = byte_tokens
+    if args.tokenizer:
+        from tppjax.models.hf import load_tokenizer
+
+        encode = load_tokenizer(args.tokenizer)
+    tokens = load_tokens(args.data, encode)
+    source = "the default corpus" if args.data is None else f"--data {args.data}"
+    check_vocab(tokens, cfg.vocab_size, source)
+    check_split(tokens, args.seq_len, args.eval_every > 0, source)
+    trainer = Trainer(cfg, tc, mesh, Rules(args.sequence_parallel), (args.batch_size, args.seq_len))
+    return trainer, split_heldout(tokens)
+
+
+def print_layout(trainer, params) -> None:
+    from tppjax.spmd.loop import parameter_table
+    from tppjax.spmd.mesh import describe
+
+    rows = parameter_table(trainer, params)
+    count = trainer.parameter_count()
+    print(f"mesh: {describe(trainer.mesh)}")
+    print(f"parameters: {count:,}  ({trainer.cfg.style} style, {trainer.cfg.n_layers} layers)")
+    width = max(len(r[0]) for r in rows)
+    for path, shape, logical, spec, shard in rows:
+        print(f"  {path:<{width}}  {str(shape):<16} {str(logical):<34} {spec:<30} shard {shard}")
+    if trainer.stages > 1:
+        from tppjax.spmd.pipelined import describe_pipeline
+
+        print(describe_pipeline(trainer))
+
+
+def initial_state(args, trainer):
+    """Fresh (params, opt_state): --init-from-hf DIR's weights, else drawn from --seed."""
+    if args.init_from_hf:
+        from tppjax.spmd.hf import init_state
+
+        params, opt_state, loaded = init_state(args.init_from_hf, trainer)
+        print(f"loaded {loaded} from {args.init_from_hf}")
+        return params, opt_state
+    return trainer.init(args.seed)
+
+
+def open_checkpoints(args, trainer):
+    """(manager or None, params, opt_state, first step): fresh, or restored from the latest."""
+    from tppjax.models import ConfigError
+    from tppjax.models.hf import tokenizer_file
+    from tppjax.spmd.checkpoint import CheckpointManager, run_info
+
+    if not args.checkpoint_dir:
+        if args.resume:
+            raise ConfigError("--resume needs --checkpoint-dir DIR (where the run was saved)")
+        args.seed = 0 if args.seed is None else args.seed
+        return None, *initial_state(args, trainer), 0
+    tokenizer = tokenizer_file(args.tokenizer).read_text() if args.tokenizer else None
+    fresh = None
+    if not args.resume:  # before open, so a bad --init-from-hf leaves --overwrite's checkpoints
+        CheckpointManager.check_free(args.checkpoint_dir, args.overwrite)  # but refuse first
+        args.seed = 0 if args.seed is None else args.seed
+        fresh = initial_state(args, trainer)
+    info = run_info(trainer.cfg, trainer.tc, args.mesh, args.seed, tokenizer)
+    manager = CheckpointManager.open(args.checkpoint_dir, info, keep=args.keep,
+                                     overwrite=args.overwrite, resume=args.resume, lock=True)
+    args.seed = manager.seed  # --resume without --seed: the saved run's
+    latest = manager.latest_step() if args.resume else None
+    try:  # any failure or Ctrl-C before the caller holds the manager: close it (and the lock)
+        if latest is None:
+            if args.resume:
+                print(f"no checkpoint in {args.checkpoint_dir} yet: starting from step 0")
+            return manager, *(fresh or initial_state(args, trainer)), 0
+        if latest + 1 >= trainer.tc.steps:  # a checkpoint after step N continues at step N + 1
+            raise ConfigError(f"the run in {args.checkpoint_dir} has already done {latest + 1} "
+                              f"steps of --steps {trainer.tc.steps}: nothing to train; pass "
+                              f"--steps above {latest + 1} to continue it")
+        params, opt_state, record = manager.restore(latest, trainer)
+    except BaseException:
+        manager.close()
+        raise
+    print(f"resumed from {manager.path(latest)}: continuing at step {record['data_position']}")
+    return manager, params, opt_state, record["data_position"]
+
+
+def check_run_outputs(args: argparse.Namespace, primary: bool = True) -> None:
+    """What the run writes during or after its work (metrics, plot, profile): a path that
+    cannot take it is refused at start, not after the training. Only the primary process
+    writes metrics and the plot."""
+    from tppjax.models import ConfigError
+
+    problems = [output_dir_error("--profile-dir", args.profile_dir)]
+    if primary:
+        problems += [output_error("--metrics", args.metrics),
+                     output_error("--plot", args.plot, IMAGE_SUFFIXES)]
+        if not (args.resume or args.overwrite):  # an earlier run's record: never replaced
+            resumed = {"--metrics": "append to it", "--plot": "draw it again"}
+            problems += [f"{option} {path} already exists; give a new file, --resume to "
+                         f"{resumed[option]} (continuing a checkpointed run) or --overwrite to "
+                         "replace it"
+                         for option, path in (("--metrics", args.metrics), ("--plot", args.plot))
+                         if path and Path(path).exists()]
+    for problem in filter(None, problems):
+        raise ConfigError(problem)
+
+
+def continue_metrics(path: str, start: int) -> None:
+    """A resumed run appends to its metrics file; first the lines of steps `start` and later
+    (written after the checkpoint it resumes from, and a last line cut short by a kill) go, so
+    that no step is listed twice."""
+    file = Path(path)
+    if not file.exists():
+        return
+    lines = file.read_bytes().splitlines(keepends=True)
+
+    def stale(line: bytes) -> bool:
+        try:
+            step = json.loads(line).get("step")
+        except (ValueError, AttributeError):
+            return not line.endswith(b"\n")
+        return not line.endswith(b"\n") or isinstance(step, int) and step >= start
+
+    kept = [line for line in lines if not stale(line)]
+    if len(kept) < len(lines):
+        partial = file.with_name(file.name + ".tmp")
+        partial.write_bytes(b"".join(kept))
+        os.replace(partial, file)  # never a half-written metrics file
+        print(f"--metrics {path}: dropped {len(lines) - len(kept)} lines of steps {start} and "
+              "later (they are trained again)")
+
+
+def summary(records: list[dict], wall_s: float, args, manager) -> str:
+    """The run's last line: its steps, wall time, final losses and the files it wrote."""
+    last = records[-1]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    losses = f"final loss {last['loss']:.4f}" + (f", eval loss {evals[-1]:.4f}" if evals else "")
+    files = [f"metrics {args.metrics}"] if args.metrics else []
+    if manager and manager.latest_step() is not None:
+        files.append(f"checkpoint {manager.path(manager.latest_step())}")
+    files += [f"plot {args.plot}"] if args.plot else []
+    files += [f"profile {args.profile_dir}"] if args.profile_dir else []
+    return (f"done: steps {records[0]['step']}..{last['step']} in {wall_s:.1f} s; {losses}; "
+            + ("wrote " + ", ".join(files) if files else "no files written"))
+
+
+def exit_on_sigterm(signum, frame) -> NoReturn:
+    """SIGTERM (a scheduler's preemption, `kill`) ends the run as Ctrl-C does, through the
+    `finally`s: a save in flight completes and the checkpoint lock is released, so the requeued
+    job's --resume finds the folder free. Python's default would exit without them."""
+    sys.exit(128 + signum)
+
+
+def main(argv=None) -> int:
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        return run(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run(argv=None) -> int:
+    began = time.perf_counter()
+    args = parse_args(argv)
+    cli.configure_devices(args.cpu_devices)  # before jax is imported
+    from tppjax.models import ConfigError
+    from tppjax.spmd.loop import LoopConfig, train
+    from tppjax.spmd.progress import Profile, Progress
+
+    manager = profile = None
+    try:
+        from tppjax.spmd import distributed
+
+        distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+        primary = distributed.is_primary()
+        if not primary:  # only process 0 prints progress (errors still go to stderr)
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115
+        check_run_outputs(args, primary)
+        if args.plot and primary:
+            from tppjax.cli.plot import check_matplotlib
+
+            check_matplotlib()  # now, not after the whole run
+        trainer, (train_tokens, heldout_tokens) = build(args)
+        manager, params, opt_state, start = open_checkpoints(args, trainer)  # sets args.seed
+        lc = LoopConfig(args.batch_size, args.seq_len, args.seed, args.eval_every)
+        print_layout(trainer, params)
+        metrics_file = None
+        if args.metrics and primary:
+            if args.resume:
+                continue_metrics(args.metrics, start)
+            metrics_file = open(args.metrics, "a" if args.resume else "w")  # noqa: SIM115
+        steps = trainer.tc.steps
+        progress, profile = Progress(steps, args.log_every), Profile(args.profile_dir, start)
+        records = []
+        for record, (params, opt_state) in train(trainer, lc, train_tokens, heldout_tokens,
+                                                 params, opt_state, start):
+            step = record["step"]
+            records.append(record)
+            profile.after(step, step == steps - 1)
+            save = manager and ((step + 1) % args.checkpoint_every == 0 or step == steps - 1)
+            if save:
+                manager.save(step, *trainer.to_canonical(params, opt_state))
+            if metrics_file:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+            progress.show(record)
+            if save:
+                progress.note(f"saving checkpoint {manager.path(step)}")
+        profile.close()
+        if metrics_file:
+            metrics_file.close()
+        if args.plot and primary:
+            from tppjax.cli.plot import plot, read_metrics
+
+            # A resumed run's metrics file holds the earlier steps too.
+            plot(read_metrics(args.metrics) if args.metrics else records, args.plot)
+            print(f"loss curves written to {args.plot}")
+        if manager:
+            manager.wait()  # the summary names committed checkpoints only
+        print(summary(records, time.perf_counter() - began, args, manager))
+    except (ConfigError, FloatingPointError) as err:
+        if isinstance(err, FloatingPointError) and manager:
+            manager.wait()  # a save still in flight is a good checkpoint too
+            if manager.latest_step() is not None:
+                err = f"{err}; the last good checkpoint is step {manager.latest_step()}"
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    finally:
+        if profile:
+            profile.close()
+        if manager:
+            manager.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
