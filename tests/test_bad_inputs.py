@@ -80,7 +80,7 @@ def test_bad_run_flags_are_refused_before_anything_is_built(args, expect):
     """In-process: the checks that need the model and the device count, not a compile."""
     from tppjax.cli.flags import model_config
     from tppjax.cli.train import check_run_flags
-    from tppjax.models.config import ConfigError
+    from tppjax.errors import ConfigError
 
     args = parse_args(BASE[2:8] + args)  # tiny on data=8, one step
     with pytest.raises(ConfigError) as err:
@@ -118,7 +118,7 @@ def test_bad_output_path_is_refused_at_start(args, expect, tmp_path):
     """Checked before training (they were found only when the plot or the trace was written,
     after the run)."""
     from tppjax.cli.train import check_run_outputs
-    from tppjax.models.config import ConfigError
+    from tppjax.errors import ConfigError
 
     (tmp_path / "a_file").touch()
     args = parse_args([a.format(d=tmp_path) for a in args])
@@ -138,7 +138,7 @@ def test_bad_output_path_is_refused_at_start(args, expect, tmp_path):
 def test_bad_model_names_the_flags(args, expect):
     """The model's own checks name the flags to change (they named config fields only)."""
     from tppjax.cli.flags import model_config
-    from tppjax.models.config import ConfigError
+    from tppjax.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
         model_config(parse_args(["--preset", "tiny", "--kv-heads", "1", *args]), "small").validate()
@@ -215,7 +215,7 @@ def test_bad_file_is_one_line_and_exit_2_and_touches_nothing(args, expect, tmp_p
 def test_unwritable_checkpoint_dir_is_refused_even_as_root(tmp_path, monkeypatch):
     """Root may write anywhere (so the real-permission case above skips as root, which CI is):
     here the permission check itself answers no, and nothing is written into the folder."""
-    from tppjax.models.config import ConfigError
+    from tppjax.errors import ConfigError
     from tppjax.spmd import checkpoint
 
     monkeypatch.setattr(checkpoint.os, "access", lambda path, mode: False)

@@ -112,7 +112,7 @@ UNKNOWN = ("unknown schedule 'bogus'; use one of gpipe, 1f1b, interleaved, zb-h1
 def test_explain_pipeline_flags(args, expect):
     """In-process, refused before anything compiles (they were ignored without a stage axis:
     it explained another layout than the one asked for)."""
-    from tppjax.models.config import ConfigError
+    from tppjax.errors import ConfigError
 
     with pytest.raises(ConfigError) as err:
         explain.explain(explain.parse_args(args))

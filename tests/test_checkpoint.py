@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import RTOL, TEST_MODEL, batch, rel_err, trainer
-from tppjax.models.config import ConfigError
+from tppjax.errors import ConfigError
 from tppjax.spmd.checkpoint import CheckpointManager, run_info
 from tppjax.spmd.train_step import TrainConfig
 

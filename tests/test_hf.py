@@ -17,7 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 from tppjax.cli import hf as hf_script
 from tppjax.cli import train as train_script
-from tppjax.models import ConfigError
+from tppjax.errors import ConfigError
 from tppjax.models.hf import Folder, config_from_hf, layout, load_tokenizer
 from tppjax.spmd import hf
 

@@ -156,7 +156,7 @@ def test_cluster_detection_reads_only_the_environment():
 
 
 def test_single_process_needs_nothing_and_bad_flags_are_config_errors(monkeypatch):
-    from tppjax.models import ConfigError
+    from tppjax.errors import ConfigError
 
     for var in ("SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri", "TPU_WORKER_HOSTNAMES",
                 "MEGASCALE_COORDINATOR_ADDRESS", "TPU_PROCESS_ADDRESSES"):

@@ -14,9 +14,10 @@ from flax import nnx
 from jax.sharding import AxisType
 
 from tests.helpers import RTOL, rel_err
-from tppjax.models.config import ConfigError
-from tppjax.models.transformer import apply_layer, project
+from tppjax.errors import ConfigError
+from tppjax.models.transformer import project
 from tppjax.pipeline.executor import pipelined_loss
+from tppjax.pipeline.gpipe import apply_layer
 from tppjax.pipeline.schedules import SCHEDULES, chunks_needed, make_schedule
 from tppjax.spmd.mesh import make_mesh
 

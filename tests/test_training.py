@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import RTOL, TEST_MODEL, batch, rel_err, trainer
-from tppjax.models.config import ConfigError
+from tppjax.errors import ConfigError
 from tppjax.pipeline.schedules import make_schedule, schedule_to_data
 from tppjax.spmd.data import Batches
 from tppjax.spmd.mesh import parse_mesh_spec

@@ -13,11 +13,12 @@ import pytest
 from flax import nnx
 
 from tests.helpers import TEST_MODEL, assert_matches_reference, batch, trainer
+from tppjax.errors import ConfigError
 from tppjax.models import Transformer
-from tppjax.models.config import ConfigError
 from tppjax.pipeline.actions import StageActions
-from tppjax.pipeline.layout import StageLayout, balance, parse_stage_layers, stage_layout
+from tppjax.pipeline.layout import StageLayout, balance, parse_stage_layers
 from tppjax.spmd.checkpoint import CheckpointManager, run_info
+from tppjax.spmd.pipelined import stage_layout
 from tppjax.spmd.train_step import TrainConfig
 
 CFG6 = dataclasses.replace(TEST_MODEL, n_layers=6)

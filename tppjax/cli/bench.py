@@ -58,7 +58,7 @@ def check_layout(text: str, devices: int) -> None:
     """Refuse a layout that would fail later or be read as another one (an empty mesh is one
     device; a schedule on a mesh without stages would be ignored): ConfigError naming it and
     the syntax. Needs jax (spmd.mesh imports it)."""
-    from tppjax.models import ConfigError
+    from tppjax.errors import ConfigError
     from tppjax.pipeline.schedules import SCHEDULES
     from tppjax.spmd.mesh import parse_mesh_spec
 
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
 
 def run(argv=None) -> int:
     """`main`, with a bad setting (a layout the model or batch does not fit) as one line."""
-    from tppjax.models import ConfigError
+    from tppjax.errors import ConfigError
 
     try:
         return main(argv)

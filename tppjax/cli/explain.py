@@ -241,7 +241,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     configure_devices(args.cpu_devices)
     os.environ["JAX_PLATFORMS"] = "cpu"  # what it explains is the emulated devices' program
-    from tppjax.models import ConfigError
+    from tppjax.errors import ConfigError
 
     try:
         result = explain(args)

@@ -139,7 +139,7 @@ def check_run_flags(args: argparse.Namespace, cfg, seq_len: int) -> int:
     (the device count), so it runs after `configure_devices`."""
     import jax
 
-    from tppjax.models import ConfigError
+    from tppjax.errors import ConfigError
     from tppjax.pipeline.schedules import SCHEDULES
     from tppjax.spmd.mesh import default_mesh, parse_mesh_spec
 

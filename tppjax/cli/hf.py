@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def parse_tokens(text: str) -> list[int]:
-    from tppjax.models import ConfigError
+    from tppjax.errors import ConfigError
 
     try:
         tokens = [int(p) for p in text.replace(",", " ").split()]
@@ -52,7 +52,7 @@ def parse_tokens(text: str) -> list[int]:
 def run_logits(args) -> None:
     import numpy as np
 
-    from tppjax.models import ConfigError
+    from tppjax.errors import ConfigError
     from tppjax.models.hf import Folder
     from tppjax.spmd.hf import logits, open_model
 
@@ -77,7 +77,7 @@ def run_logits(args) -> None:
 def run_export(args) -> None:
     import jax
 
-    from tppjax.models import ConfigError
+    from tppjax.errors import ConfigError
     from tppjax.spmd import hf
     from tppjax.spmd.sampling import load
 
@@ -98,7 +98,7 @@ def run_export(args) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     configure_devices(args.cpu_devices)
-    from tppjax.models import ConfigError
+    from tppjax.errors import ConfigError
 
     try:
         {"logits": run_logits, "export": run_export}[args.command](args)

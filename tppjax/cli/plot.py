@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from tppjax.cli.flags import IMAGE_SUFFIXES, Parser, check_outputs, output_error
-from tppjax.models.config import ConfigError
+from tppjax.errors import ConfigError
 
 MISSING = "plotting needs matplotlib, which is not installed: pip install matplotlib"
 

@@ -47,7 +47,7 @@ def main(argv=None) -> int:
     configure_devices(args.cpu_devices)
     import jax
 
-    from tppjax.models import ConfigError
+    from tppjax.errors import ConfigError
     from tppjax.spmd.mesh import parse_mesh_spec
     from tppjax.spmd.sampling import check_sampling, generate, load, open_hf, text_codec
 

@@ -117,7 +117,7 @@ def hf_config(args: argparse.Namespace):
     past the positions is refused here with the fix that works for DIR's kind of model."""
     import dataclasses
 
-    from tppjax.models import ConfigError
+    from tppjax.errors import ConfigError
     from tppjax.models.hf import Folder
 
     padding = {"vocab_multiple": args.vocab_multiple} if args.vocab_multiple else {}
@@ -216,7 +216,7 @@ def initial_state(args, trainer):
 
 def open_checkpoints(args, trainer):
     """(manager or None, params, opt_state, first step): fresh, or restored from the latest."""
-    from tppjax.models import ConfigError
+    from tppjax.errors import ConfigError
     from tppjax.models.hf import tokenizer_file
     from tppjax.spmd.checkpoint import CheckpointManager, run_info
 
@@ -257,7 +257,7 @@ def check_run_outputs(args: argparse.Namespace, primary: bool = True) -> None:
     """What the run writes during or after its work (metrics, plot, profile): a path that
     cannot take it is refused at start, not after the training. Only the primary process
     writes metrics and the plot."""
-    from tppjax.models import ConfigError
+    from tppjax.errors import ConfigError
 
     problems = [output_dir_error("--profile-dir", args.profile_dir)]
     if primary:
@@ -332,7 +332,7 @@ def run(argv=None) -> int:
     began = time.perf_counter()
     args = parse_args(argv)
     cli.configure_devices(args.cpu_devices)  # before jax is imported
-    from tppjax.models import ConfigError
+    from tppjax.errors import ConfigError
     from tppjax.spmd.loop import LoopConfig, train
     from tppjax.spmd.progress import Profile, Progress
 

@@ -25,7 +25,7 @@ import re
 import numpy as np
 
 from tppjax.measure import analysis, hlo
-from tppjax.models.transformer import ACTIVE_SCOPE
+from tppjax.pipeline.layout import ACTIVE_SCOPE
 
 _ACTION = re.compile(r"(?:^|/)action_(idle|F|head|B|BX|BW)(?=/|$)")
 _ACTIVE = re.compile(rf"(?:^|[/(]){ACTIVE_SCOPE}(?=[/)]|$)")

@@ -5,9 +5,7 @@ from typing import Literal
 
 import jax.numpy as jnp
 
-
-class ConfigError(ValueError):
-    """A bad user setting. Scripts print it as one line (naming the value and the fix), exit 2."""
+from tppjax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)

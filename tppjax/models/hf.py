@@ -32,7 +32,8 @@ import ml_dtypes  # noqa: F401 - registers numpy's "bfloat16": published Llama w
 import numpy as np
 from safetensors import safe_open
 
-from tppjax.models.config import ConfigError, ModelConfig
+from tppjax.errors import ConfigError
+from tppjax.models.config import ModelConfig
 
 Index = tuple[slice, ...]
 LLAMA, GPT2 = "LlamaForCausalLM", "GPT2LMHeadModel"

@@ -238,45 +238,16 @@ class Block(nnx.Module):
         return x if cache is None else (x, cache)
 
 
-def apply_layer(layer, state, x: jax.Array) -> jax.Array:
-    """One layer on x: `layer` is an `nnx.GraphDef` (merged with `state`, its parameters) or a
-    plain function (params, x) -> y (the pipeline API takes either)."""
-    if isinstance(layer, nnx.GraphDef):
-        return nnx.merge(layer, state)(x)
-    return layer(state, x)
-
-
-# The named scope of a layer that runs in a stack with skipped slots (`active` below): the
-# compiled program counts both branches of the `lax.cond` on every slot, so `tppjax.measure.census` weights
-# the ops in this scope by the real layers only.
-ACTIVE_SCOPE = "active_layer"
-
-
-def scan_blocks(block_def, stacked: nnx.State, x: jax.Array, remat: bool = False,
-                active: jax.Array | None = None):
+def scan_blocks(block_def, stacked: nnx.State, x: jax.Array, remat: bool = False) -> jax.Array:
     """Apply blocks stacked on a leading axis with `lax.scan`: compile time does not grow with L.
-
-    A plain function over split state (not `nnx.scan`) so the pipeline can call it on any slice
-    of the `layers` axis; `block_def` as in `apply_layer`. `active` ([L] bools): skip the
-    blocks where it is False (the pipeline's padding slots, `pipeline.layout`), with a
-    `lax.cond`, so they cost nothing; the block that runs is named `ACTIVE_SCOPE`.
-    """
+    A plain function over split state (not `nnx.scan`), so any slice of the `layers` axis runs."""
 
     def one_block(x, layer_state):
-        return apply_layer(block_def, layer_state, x)
+        return nnx.merge(block_def, layer_state)(x)
 
     if remat:
         one_block = jax.checkpoint(one_block)
-
-    if active is None:
-        return jax.lax.scan(lambda x, w: (one_block(x, w), None), x, stacked)[0]
-
-    def body(x, layer):
-        layer_state, on = layer
-        return jax.lax.cond(on, jax.named_scope(ACTIVE_SCOPE)(one_block), lambda x, _: x, x,
-                            layer_state), None
-
-    return jax.lax.scan(body, x, (stacked, active))[0]
+    return jax.lax.scan(lambda x, w: (one_block(x, w), None), x, stacked)[0]
 
 
 class LMHead(nnx.Module):

@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tppjax.models.transformer import ACTIVE_SCOPE, apply_layer, project_hook
-from tppjax.pipeline.gpipe import stage_function, vary
+from tppjax.models.transformer import project_hook
+from tppjax.pipeline.gpipe import apply_layer, stage_function, vary
+from tppjax.pipeline.layout import ACTIVE_SCOPE
 
 
 def _tapped_weight(v) -> bool:

@@ -44,11 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from tppjax.models.config import ConfigError
-from tppjax.models.transformer import ACTIVE_SCOPE
+from tppjax.errors import ConfigError
 from tppjax.pipeline.actions import StageActions
 from tppjax.pipeline.gpipe import DP, to_stages, vary, widen
-from tppjax.pipeline.layout import StageLayout
+from tppjax.pipeline.layout import ACTIVE_SCOPE, StageLayout
 from tppjax.pipeline.schedules import Action as Act
 from tppjax.pipeline.schedules import Schedule, ScheduleError, make_schedule
 from tppjax.pipeline.simulate import simulate

@@ -19,12 +19,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
-from tppjax.models.transformer import scan_blocks
-from tppjax.spmd.rules import BATCH_AXES
+from tppjax.pipeline.layout import ACTIVE_SCOPE
 
-DP = BATCH_AXES  # the data-parallel mesh axes: the batch is split over them (spmd.rules)
+DP = ("data", "fsdp")  # the mesh axes that split the batch by default (tppjax.spmd.rules)
 
 
 def vary(tree):
@@ -74,6 +74,14 @@ def to_microbatches(x: jax.Array, m: int) -> jax.Array:
     return jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
 
 
+def apply_layer(layer, state, x: jax.Array) -> jax.Array:
+    """One layer on x: `layer` is an `nnx.GraphDef` (merged with `state`, its parameters) or a
+    plain function (params, x) -> y (the pipeline API takes either)."""
+    if isinstance(layer, nnx.GraphDef):
+        return nnx.merge(layer, state)(x)
+    return layer(state, x)
+
+
 def stage_function(block_def, remat: str):
     """One stage's forward: its L/p layers under `lax.scan`, with the chosen recomputation.
 
@@ -81,8 +89,22 @@ def stage_function(block_def, remat: str):
     inside the layer; "stage": keep only the stage input, recompute the whole stage.
     """
 
+    def one_layer(x, layer_state):
+        return apply_layer(block_def, layer_state, x)
+
+    if remat == "layer":
+        one_layer = jax.checkpoint(one_layer)
+
     def run(params, x, active=None):
-        return scan_blocks(block_def, params, x, remat=remat == "layer", active=active)
+        if active is None:
+            return jax.lax.scan(lambda x, w: (one_layer(x, w), None), x, params)[0]
+
+        def slot(x, layer):  # a padding slot (active False) is skipped: no FLOPs
+            w, on = layer
+            return jax.lax.cond(on, jax.named_scope(ACTIVE_SCOPE)(one_layer), lambda x, _: x,
+                                x, w), None
+
+        return jax.lax.scan(slot, x, (params, active))[0]
 
     return jax.checkpoint(run) if remat == "stage" else run
 

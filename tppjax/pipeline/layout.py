@@ -22,7 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tppjax.models.config import ConfigError, ModelConfig
+from tppjax.errors import ConfigError
+
+# The named scope of a layer that runs in a stack with padding slots (skipped by a `lax.cond`):
+# the compiled program counts both branches on every slot, so `tppjax.measure.census` weights
+# the ops in this scope by the real layers only.
+ACTIVE_SCOPE = "active_layer"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,16 +77,6 @@ class StageLayout:
         return [range(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:], strict=True)]
 
 
-def head_cost(cfg: ModelConfig, seq_len: int) -> float:
-    """The head and loss's forward FLOPs per token, in layers (the last virtual stage runs it):
-    the output projection 2·D·V against a layer's 2·(its matmul weights) + attention 4·T·D."""
-    d, f, h = cfg.d_model, cfg.d_ff, cfg.head_dim
-    ins = 2 if cfg.style == "llama" else 1
-    layer = 2 * (d * (cfg.n_heads + 2 * cfg.n_kv_heads) * h + cfg.n_heads * h * d
-                 + d * ins * f + f * d) + 4 * seq_len * d
-    return 2 * d * cfg.padded_vocab / layer
-
-
 def balance(n_layers: int, n_virtual: int, last_extra: float,
             device_of: list[int] | None = None) -> tuple[int, ...]:
     """Layers per virtual stage that keep the busiest device's cost low: a device's cost is
@@ -122,28 +117,3 @@ def parse_stage_layers(text: str | None) -> tuple[int, ...] | str | None:
         raise ConfigError(f"--stage-layers {text!r}: give layers per virtual stage as "
                           "non-negative integers, like 1,2,2,1, or 'auto'")
     return counts
-
-
-def stage_layout(cfg: ModelConfig, stages: int, virtual_stages: int, seq_len: int,
-                 stage_layers: tuple[int, ...] | str | None = None,
-                 device_of: list[int] | None = None) -> StageLayout:
-    """The layout a run uses: `stage_layers` per virtual stage if given; "auto" or None with
-    layers that do not divide evenly: `balance` (over the devices of `device_of`, the stage
-    that holds each virtual stage); else even."""
-    n = stages * virtual_stages
-    if isinstance(stage_layers, str) and stage_layers != "auto":
-        stage_layers = parse_stage_layers(stage_layers)
-    if isinstance(stage_layers, (list, tuple)):
-        stage_layers = tuple(stage_layers)
-        if min(stage_layers, default=0) < 0:
-            raise ConfigError(f"--stage-layers {','.join(map(str, stage_layers))} has a "
-                              "negative count; give layers per virtual stage, 0 or more")
-        if len(stage_layers) != n or sum(stage_layers) != cfg.n_layers:
-            raise ConfigError(
-                f"--stage-layers {','.join(map(str, stage_layers))} must give {n} numbers "
-                f"(stages x virtual stages = {stages} x {virtual_stages}) that sum to the "
-                f"{cfg.n_layers} layers; fix the list or use --stage-layers auto")
-        return StageLayout(stage_layers)
-    if stage_layers is None and cfg.n_layers % n == 0:
-        return StageLayout((cfg.n_layers // n,) * n)
-    return StageLayout(balance(cfg.n_layers, n, head_cost(cfg, seq_len), device_of))

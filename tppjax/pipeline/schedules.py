@@ -64,7 +64,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from tppjax.models.config import ConfigError
+from tppjax.errors import ConfigError
 
 SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipe-v")
 # looped: chunk c of stage s is virtual stage c·p + s (micro-batches loop through the stages

@@ -33,8 +33,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from tppjax.errors import ConfigError
 from tppjax.models import Transformer
-from tppjax.models.config import ConfigError, ModelConfig
+from tppjax.models.config import ModelConfig
 from tppjax.spmd.train_step import TrainConfig, Trainer
 
 STEP_PREFIX = "step"  # directories step_0, step_1, ...

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tppjax.models.config import ConfigError
+from tppjax.errors import ConfigError
 
 TEXT_SUFFIXES = {".py", ".txt", ".md", ".rst"}
 DEFAULT_CORPUS_BYTES = 8 << 20  # the first 8 MiB of the standard library: enough, loads fast

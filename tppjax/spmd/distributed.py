@@ -57,7 +57,7 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None, *, heartbeat_timeout_s: int = 100) -> bool:
     """Start JAX's distributed runtime when the flags or the environment ask for it (True), or
     do nothing for a single-process run (False). Call before any other JAX work."""
-    from tppjax.models.config import ConfigError
+    from tppjax.errors import ConfigError
 
     if coordinator not in (None, "auto"):
         if not re.fullmatch(r"\[?[^\s\]]+\]?:\d{1,5}", coordinator):

@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
 
-from tppjax.models.config import ConfigError
+from tppjax.errors import ConfigError
 from tppjax.models.hf import Folder, layout, save
 from tppjax.spmd.mesh import make_mesh, parse_mesh_spec
 from tppjax.spmd.rules import Rules, batch_shards

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from tppjax.models.config import ConfigError
+from tppjax.errors import ConfigError
 
 AXES = ("data", "fsdp", "stage", "tensor")
 

@@ -18,10 +18,11 @@ The embedding always runs outside, on every stage (a gather: cheap to repeat).
 import jax
 from flax import nnx
 
-from tppjax.models import ConfigError, ModelConfig, Transformer, cross_entropy
+from tppjax.errors import ConfigError
+from tppjax.models import ModelConfig, Transformer, cross_entropy
 from tppjax.pipeline.executor import pipelined_loss
 from tppjax.pipeline.gpipe import gpipe, to_microbatches, to_stages
-from tppjax.pipeline.layout import StageLayout
+from tppjax.pipeline.layout import StageLayout, balance, parse_stage_layers
 from tppjax.pipeline.schedules import make_schedule, validate
 from tppjax.pipeline.simulate import simulate
 from tppjax.spmd.rules import batch_shards
@@ -98,3 +99,38 @@ def describe_pipeline(trainer) -> str:
         text = ", ".join(f"{r.start}..{r.stop - 1}" if r else "none" for r in chunks)
         lines.append(f"  stage {s}: layers {text}")
     return "\n".join(lines)
+
+
+def head_cost(cfg: ModelConfig, seq_len: int) -> float:
+    """The head and loss's forward FLOPs per token, in layers (the last virtual stage runs it):
+    the output projection 2·D·V against a layer's 2·(its matmul weights) + attention 4·T·D."""
+    d, f, h = cfg.d_model, cfg.d_ff, cfg.head_dim
+    ins = 2 if cfg.style == "llama" else 1
+    layer = 2 * (d * (cfg.n_heads + 2 * cfg.n_kv_heads) * h + cfg.n_heads * h * d
+                 + d * ins * f + f * d) + 4 * seq_len * d
+    return 2 * d * cfg.padded_vocab / layer
+
+
+def stage_layout(cfg: ModelConfig, stages: int, virtual_stages: int, seq_len: int,
+                 stage_layers: tuple[int, ...] | str | None = None,
+                 device_of: list[int] | None = None) -> StageLayout:
+    """The layout a run uses: `stage_layers` per virtual stage if given; "auto" or None with
+    layers that do not divide evenly: `balance` (over the devices of `device_of`, the stage
+    that holds each virtual stage); else even."""
+    n = stages * virtual_stages
+    if isinstance(stage_layers, str) and stage_layers != "auto":
+        stage_layers = parse_stage_layers(stage_layers)
+    if isinstance(stage_layers, (list, tuple)):
+        stage_layers = tuple(stage_layers)
+        if min(stage_layers, default=0) < 0:
+            raise ConfigError(f"--stage-layers {','.join(map(str, stage_layers))} has a "
+                              "negative count; give layers per virtual stage, 0 or more")
+        if len(stage_layers) != n or sum(stage_layers) != cfg.n_layers:
+            raise ConfigError(
+                f"--stage-layers {','.join(map(str, stage_layers))} must give {n} numbers "
+                f"(stages x virtual stages = {stages} x {virtual_stages}) that sum to the "
+                f"{cfg.n_layers} layers; fix the list or use --stage-layers auto")
+        return StageLayout(stage_layers)
+    if stage_layers is None and cfg.n_layers % n == 0:
+        return StageLayout((cfg.n_layers // n,) * n)
+    return StageLayout(balance(cfg.n_layers, n, head_cost(cfg, seq_len), device_of))

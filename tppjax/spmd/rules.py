@@ -11,7 +11,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tppjax.models.config import ConfigError, ModelConfig
+from tppjax.errors import ConfigError
+from tppjax.models.config import ModelConfig
 
 Rule = tuple[str, str | tuple[str, ...] | None]
 

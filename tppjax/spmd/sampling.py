@@ -23,7 +23,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from flax.core import spmd as flax_spmd
 
-from tppjax.models import ConfigError, ModelConfig
+from tppjax.errors import ConfigError
+from tppjax.models import ModelConfig
 from tppjax.spmd.checkpoint import ITEMS, STEP_PREFIX, CheckpointManager
 from tppjax.spmd.mesh import make_mesh, parse_mesh_spec
 from tppjax.spmd.rules import Rules, batch_shards

@@ -17,7 +17,8 @@ from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import NamedSharding, PartitionSpec
 
-from tppjax.models import ConfigError, ModelConfig, Transformer, cross_entropy
+from tppjax.errors import ConfigError
+from tppjax.models import ModelConfig, Transformer, cross_entropy
 from tppjax.spmd.rules import BATCH_AXES, Rules, batch_shards, check_layout, param_shardings
 
 Remat = Literal["none", "layer", "stage"]
@@ -103,9 +104,8 @@ class Trainer:
             raise ConfigError(f"--stage-layers {tc.stage_layers} needs pipeline stages; add "
                               "stage=N to the --mesh or drop --stage-layers")
         if self.stages > 1:
-            from tppjax.pipeline.layout import stage_layout
             from tppjax.pipeline.schedules import make_schedule
-            from tppjax.spmd.pipelined import check_pipeline
+            from tppjax.spmd.pipelined import check_pipeline, stage_layout
 
             # Each accumulation chunk goes through the pipeline: it is the pipeline's batch.
             check_pipeline(cfg, tc, dict(mesh.shape), batch_shape[0] // tc.grad_accum)
