@@ -95,12 +95,45 @@ class Norm(nnx.Module):
         return y.astype(x.dtype)
 
 
+_sequence_hook = None  # see `sequence_hook`
+
+
+@contextlib.contextmanager
+def sequence_hook(hook):
+    """While tracing in this context, the sequence is laid out by `hook` (context parallelism,
+    `spmd.ring_attention`): slot j of every (B, T, ...) activation holds the token at position
+    `hook.positions(T)[j]` (rotary and position embeddings read it), and training attention is
+    `hook.attend(q, k, v)`, causal over those positions. The model itself stays mesh-free."""
+    global _sequence_hook
+    previous, _sequence_hook = _sequence_hook, hook
+    try:
+        yield
+    finally:
+        _sequence_hook = previous
+
+
+def token_positions(length: int, start: jax.Array | int = 0) -> jax.Array:
+    """Absolute position of each of `length` slots whose first token is at `start`; under a
+    `sequence_hook`, the hook's order (training only: start 0)."""
+    if _sequence_hook is not None:
+        return jnp.asarray(_sequence_hook.positions(length))
+    return jnp.arange(length) + start
+
+
+def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Causal attention, (B, T, N, H) queries against (B, T, K, H) keys and values."""
+    if _sequence_hook is not None:
+        return _sequence_hook.attend(q, k, v)
+    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+
+
 def rotary(x: jax.Array, theta: float, start: jax.Array | int = 0) -> jax.Array:
     """Rotary position embedding (Su et al. 2021), rotate-half form, on (B, T, heads, H) whose
     first token is at absolute position `start` (generation feeds one token at a time)."""
     t, h = x.shape[1], x.shape[-1]
     inv_freq = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
-    positions = jnp.arange(t, dtype=jnp.float32) + start  # exact integers in float32 below 2^24
+    # Exact integers in float32 below 2^24.
+    positions = token_positions(t, start).astype(jnp.float32)
     angles = positions[:, None] * inv_freq[None, :]  # (T, H/2)
     cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -161,7 +194,7 @@ class Attention(nnx.Module):
                 q, k = rotary(q, cfg.rope_theta, start), rotary(k, cfg.rope_theta, start)
         with jax.named_scope("attn_core"):
             if cache is None:
-                o = jax.nn.dot_product_attention(q, k, v, is_causal=True)  # (B, T, N, H)
+                o = attend(q, k, v)  # (B, T, N, H)
             else:
                 cache = KVCache(*(constrain(jax.lax.dynamic_update_slice_in_dim(c, new, start, 1),
                                             KV_NAMES) for c, new in zip(cache, (k, v))))
@@ -297,7 +330,9 @@ class Transformer(nnx.Module):
             # (reduce-scatter over T with sequence parallelism).
             x = constrain(jnp.take(self.embedding[...], tokens, axis=0), ("batch", None, "embed"))
             if self.cfg.style == "gpt2":
-                x = x + jax.lax.dynamic_slice_in_dim(self.positions[...], start, tokens.shape[1])
+                table, t = self.positions[...], tokens.shape[1]
+                x = x + (jax.lax.dynamic_slice_in_dim(table, start, t) if _sequence_hook is None
+                         else table[token_positions(t)])
             return constrain(x.astype(self.cfg.dtype), ("batch", "seq", "embed"))
 
     def run_blocks(self, x: jax.Array, remat: bool = False) -> jax.Array:

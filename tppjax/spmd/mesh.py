@@ -1,8 +1,9 @@
 """Named device meshes from a spec such as `data=2,stage=2,tensor=2`.
 
-Every mesh has all four axes, in this order (missing ones have size 1), so the rules table and
+Every mesh has all five axes, in this order (missing ones have size 1), so the rules table and
 the pipeline can always name them. `tensor` is innermost: its collectives are the most frequent,
-so it gets the closest devices (same host, fastest links).
+so it gets the closest devices (same host, fastest links); `context` (ring attention's sends,
+once per layer) comes next.
 """
 
 import jax
@@ -11,11 +12,11 @@ from jax.sharding import AxisType, Mesh
 
 from tppjax.errors import ConfigError
 
-AXES = ("data", "fsdp", "stage", "tensor")
+AXES = ("data", "fsdp", "stage", "context", "tensor")
 
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:
-    """`"data=2,tensor=4"` → `{"data": 2, "fsdp": 1, "stage": 1, "tensor": 4}`."""
+    """`"data=2,tensor=4"` → `{"data": 2, "fsdp": 1, "stage": 1, "context": 1, "tensor": 4}`."""
     sizes, seen = dict.fromkeys(AXES, 1), set()
     for part in filter(None, (p.strip() for p in spec.split(","))):
         name, _, value = part.partition("=")

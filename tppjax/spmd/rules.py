@@ -26,6 +26,10 @@ def batch_shards(mesh_shape) -> int:
     """Into how many parts the batch is split: the product of the `BATCH_AXES` sizes."""
     return int(np.prod([mesh_shape[axis] for axis in BATCH_AXES]))
 
+# The mesh axis that splits the sequence (context parallelism): ring attention's sends, and a
+# gradient all-reduce like data parallelism's, since every context shard holds all the weights.
+CONTEXT_AXIS = "context"
+
 # The mesh axis that splits the weights (ZeRO-3): the census and closed forms read it here.
 WEIGHT_AXIS = "fsdp"
 
@@ -47,7 +51,10 @@ def activation_rules(sequence_parallel: bool) -> tuple[Rule, ...]:
         ("batch", BATCH_AXES),  # data parallelism: gradient all-reduce once per step
         # Sequence parallelism splits T between blocks: each all-reduce of X becomes a
         # reduce-scatter (after row-parallel) + all-gather (before column-parallel), same bytes.
-        ("seq", "tensor" if sequence_parallel else None),
+        # Context parallelism splits T everywhere (`tokens`, inside a block): attention is the
+        # only op that mixes positions, and its ring passes K, V around (`spmd.ring_attention`).
+        ("seq", (CONTEXT_AXIS, "tensor") if sequence_parallel else CONTEXT_AXIS),
+        ("tokens", CONTEXT_AXIS),
         ("embed", None),
         ("heads", "tensor"),
         ("kv_heads", "tensor"),
@@ -96,8 +103,12 @@ def check_layout(
         (cfg.d_model, mesh_shape[WEIGHT_AXIS], "d_model", WEIGHT_AXIS, "d-model"),
         (batch, dp, "batch size", " x ".join(BATCH_AXES), "batch-size"),
     ]
+    cp = mesh_shape[CONTEXT_AXIS]
+    if cp > 1:  # zigzag: 2·cp equal chunks (`spmd.ring_attention`)
+        need.append((seq_len, 2 * cp, "sequence length", f"2 x {CONTEXT_AXIS}", "seq-len"))
     if rules.sequence_parallel:
-        need.append((seq_len, t, "sequence length (sequence parallelism)", "tensor", "seq-len"))
+        need.append((seq_len, cp * t, "sequence length (sequence parallelism)",
+                     f"{CONTEXT_AXIS} x tensor" if cp > 1 else "tensor", "seq-len"))
     for value, size, what, axis, flag in need:
         if value % size:
             raise ConfigError(

@@ -19,7 +19,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tppjax.errors import ConfigError
 from tppjax.models import ModelConfig, Transformer, cross_entropy
-from tppjax.spmd.rules import BATCH_AXES, Rules, batch_shards, check_layout, param_shardings
+from tppjax.models.transformer import sequence_hook
+from tppjax.spmd.ring_attention import ring
+from tppjax.spmd.rules import (BATCH_AXES, CONTEXT_AXIS, Rules, batch_shards, check_layout,
+                               param_shardings)
 
 Remat = Literal["none", "layer", "stage"]
 
@@ -201,7 +204,10 @@ class Trainer:
     # ---- the traced functions ---------------------------------------------------------
     def loss(self, params, inputs, targets, forward_only: bool = False):
         """Mean next-token loss over the global batch; the pipeline when `stage` > 1."""
-        with flax_spmd.logical_axis_rules(self.rules.activations):
+        hook = ring(self.mesh.shape[CONTEXT_AXIS])  # context parallelism: zigzag + ring
+        if hook is not None:
+            inputs, targets = hook.permute(inputs), hook.permute(targets)
+        with flax_spmd.logical_axis_rules(self.rules.activations), sequence_hook(hook):
             model = nnx.merge(self.graphdef, params)
             if self.stages > 1:
                 from tppjax.spmd.pipelined import pipeline_loss
