@@ -1,20 +1,27 @@
 """Context parallelism: causal attention with the sequence split over the `context` mesh axis.
 
 Ring attention (Liu et al. 2023): each of the cp shards keeps its queries; keys and values go
-around the ring with `ppermute`, one hop per step, and each step's partial result is merged by
-an online softmax (running max and sum of exponentials, as in FlashAttention). The sequence is
-laid out zigzag (Llama 3's context parallelism): cut into 2·cp chunks, shard i holds chunks i
-and 2·cp−1−i, so every shard has the same causal work. The permutation is applied to tokens and
-targets before the embedding (`permute`); the mean loss does not depend on token order, and
-rotary / position embeddings read the true positions (`models.transformer.sequence_hook`).
+around the ring, one hop per step, and each step's partial result is merged by an online
+softmax (running max and sum of exponentials, as in FlashAttention). The sequence is laid out
+zigzag (Llama 3's context parallelism): cut into 2·cp chunks, shard i holds chunks i and
+2·cp−1−i, so every shard has the same causal work. The permutation is applied to tokens and
+targets before the embedding (`ContextRing.permute`); the mean loss does not depend on token
+order, and rotary / position embeddings read the true positions
+(`models.transformer.sequence_hook`).
 
-The backward pass (`jax.custom_vjp`) keeps only the shard's own q, k, v, output and log-sum-exp,
-and runs the ring again: it recomputes each step's scores and passes dK, dV along with K, V;
-after the last step they take one more hop home. So no ring step's K/V is stored.
+Written in the global view, T reshaped to (cp, T/cp) with the cp axis on `context`: a hop is
+`jnp.roll` along it, which the partitioner compiles to one collective-permute. No `shard_map`,
+so it nests in the pipeline's (manual over `stage`) as it is: on jax 0.10.2 a `shard_map`
+manual over `context` inside it failed to lower once differentiated (its residuals were given
+the outer manual axes too).
+
+The backward pass (`jax.custom_vjp`) keeps only q, k, v, the output and the log-sum-exp, and
+runs the ring again: it recomputes each step's scores and passes dK, dV along with K, V; after
+the last step they take one more hop home. So no ring step's K/V is stored.
 
 Sends per attention call, E = elements of one shard's K (B/dp · T/cp · K/t · H), w its dtype's
-bytes: forward 2·(cp−1) sends of E·w (K and V); backward 2·(cp−1) of E·w (K, V again) and
-2·cp of E·4 (dK, dV, accumulated in float32). `measure.analysis.ring_sends` has the closed form.
+bytes: forward 2·(cp−1) of E·w (K and V); backward 2·(cp−1) of E·w (K, V again) and 2·cp of E·4
+(dK, dV, accumulated in float32). `measure.analysis.ring_sends` is this closed form.
 """
 
 import dataclasses
@@ -23,9 +30,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
 
-from tppjax.spmd.rules import CONTEXT_AXIS as AXIS
+from tppjax.models.transformer import constrain
+
+# Logical names of the ring's arrays: C is the cp axis (`tokens`, on `context`), T here T/cp.
+KV = ("batch", "tokens", None, "kv_heads", None)  # k, v: (B, C, T, K, H)
+QUERIES = ("batch", "tokens", None, "kv_heads", None, None)  # q, o: (B, C, T, K, G, H)
+PER_QUERY = ("batch", "tokens", "kv_heads", None, None)  # max, lse: (B, C, K, G, T)
 
 
 def zigzag(length: int, shards: int) -> np.ndarray:
@@ -35,100 +46,101 @@ def zigzag(length: int, shards: int) -> np.ndarray:
     return np.concatenate([np.concatenate([chunks[i], chunks[-1 - i]]) for i in range(shards)])
 
 
-def _scores(q, k, q_pos, k_pos):
-    """Scaled scores (B, K, G, Tq, Tk) of grouped queries (B, Tq, K, G, H) against keys
-    (B, Tk, K, H), and the causal mask (Tq, Tk) from the tokens' true positions."""
-    s = jnp.einsum("bqkgh,bskh->bkgqs", q, k) / np.sqrt(q.shape[-1])
-    return s, k_pos[None, :] <= q_pos[:, None]
+def _hop(x, names=KV):
+    """One hop around the ring: shard i's block goes to shard i + 1 (a collective-permute)."""
+    return constrain(jnp.roll(x, 1, axis=1), names)
 
 
-def _ring(x, shards: int):
-    """Pass x one hop around the ring: shard i sends to shard i + 1."""
-    return jax.lax.ppermute(x, AXIS, [(i, (i + 1) % shards) for i in range(shards)])
+def _scores(q, k, pos, hop):
+    """Scaled scores (B, C, K, G, Tq, Tk) of q against the keys that arrived after `hop` hops
+    (shard i then holds shard i − hop's), and the causal mask (C, Tq, Tk) by true positions."""
+    s = jnp.einsum("bcqkgh,bcskh->bckgqs", q, k) / np.sqrt(q.shape[-1])
+    k_pos = pos[(jnp.arange(pos.shape[0]) - hop) % pos.shape[0]]
+    return s, (k_pos[:, None, :] <= pos[:, :, None])[None, :, None, None]
 
 
-def _local(order: np.ndarray, shards: int):
-    """This shard's index and the true positions of every shard's slots, (cp, T/cp)."""
-    return jax.lax.axis_index(AXIS), jnp.asarray(order.reshape(shards, -1))
+def _forward(q, k, v, pos):
+    """float32 q (B, C, T, K, G, H), k and v (B, C, T, K, H) → (output like q, log-sum-exp)."""
 
-
-def _forward(q, k, v, order, shards):
-    """Local (B, T/cp, K, G, H) float32 queries, (B, T/cp, K, H) keys and values →
-    (output like q, log-sum-exp (B, K, G, T/cp))."""
-    me, pos = _local(order, shards)
-
-    def merge(state, k, v, source):
+    def merge(state, k, v, hop):
         m, total, acc = state
-        s, mask = _scores(q, k, pos[me], pos[source])
+        s, mask = _scores(q, k, pos, hop)
         m_new = jnp.maximum(m, jnp.where(mask, s, -jnp.inf).max(-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         fix = jnp.exp(m - m_new)  # rescale what was summed under the old max
-        return (m_new, total * fix + p.sum(-1),
-                acc * fix[..., None] + jnp.einsum("bkgqs,bskh->bkgqh", p, v))
+        acc = acc * fix[..., None] + jnp.einsum("bckgqs,bcskh->bckgqh", p, v)
+        return (constrain(m_new, PER_QUERY), constrain(total * fix + p.sum(-1), PER_QUERY),
+                constrain(acc, (*PER_QUERY, None)))
 
-    # Step 0 is the shard's own (diagonal) block: every query sees at least itself there, so
+    # Hop 0 is each shard's own (diagonal) block: every query sees at least itself there, so
     # the running max is finite from then on.
-    b, t, kh, g, _ = q.shape
-    start = (jnp.full((b, kh, g, t), -jnp.inf), jnp.zeros((b, kh, g, t)),
-             jnp.zeros((b, kh, g, t, q.shape[-1])))
-    state = merge(start, k, v, me)
+    b, c, t, kh, g, h = q.shape
+    start = (jnp.full((b, c, kh, g, t), -jnp.inf), jnp.zeros((b, c, kh, g, t)),
+             jnp.zeros((b, c, kh, g, t, h)))
+    state = merge(start, k, v, 0)
 
     def step(carry, hop):
         state, k, v = carry
-        k, v = _ring(k, shards), _ring(v, shards)
-        return (merge(state, k, v, (me - hop) % shards), k, v), None
+        k, v = _hop(k), _hop(v)
+        return (merge(state, k, v, hop), k, v), None
 
-    (m, total, acc), _, _ = jax.lax.scan(step, (state, k, v), jnp.arange(1, shards))[0]
-    o = jnp.moveaxis(acc / total[..., None], 3, 1)  # (B, T/cp, K, G, H)
-    return o, m + jnp.log(total)
+    (m, total, acc), _, _ = jax.lax.scan(step, (state, k, v), jnp.arange(1, c))[0]
+    o = jnp.moveaxis(acc / total[..., None], -2, 2)  # (B, C, T, K, G, H)
+    return constrain(o, QUERIES), m + jnp.log(total)
 
 
-def _backward(q, k, v, o, lse, do, order, shards):
+def _backward(q, k, v, o, lse, do, pos):
     """FlashAttention's backward, one ring step at a time; dK, dV travel with K, V."""
-    me, pos = _local(order, shards)
-    delta = jnp.einsum("bqkgh,bqkgh->bkgq", do, o)
+    delta = jnp.einsum("bcqkgh,bcqkgh->bckgq", do, o)
 
-    def grads(k, v, source):
-        s, mask = _scores(q, k, pos[me], pos[source])
+    def grads(k, v, hop):
+        s, mask = _scores(q, k, pos, hop)
         p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
-        ds = p * (jnp.einsum("bqkgh,bskh->bkgqs", do, v) - delta[..., None]) / np.sqrt(q.shape[-1])
-        return (jnp.einsum("bkgqs,bskh->bqkgh", ds, k), jnp.einsum("bkgqs,bqkgh->bskh", ds, q),
-                jnp.einsum("bkgqs,bqkgh->bskh", p, do))
+        dp = jnp.einsum("bcqkgh,bcskh->bckgqs", do, v)
+        ds = p * (dp - delta[..., None]) / np.sqrt(q.shape[-1])
+        return (constrain(jnp.einsum("bckgqs,bcskh->bcqkgh", ds, k), QUERIES),
+                constrain(jnp.einsum("bckgqs,bcqkgh->bcskh", ds, q), KV),
+                constrain(jnp.einsum("bckgqs,bcqkgh->bcskh", p, do), KV))
 
-    dq, dk, dv = grads(k, v, me)
+    dq, dk, dv = grads(k, v, 0)
 
     def step(carry, hop):
-        dq, k, v, dk, dv = (carry[0], *(_ring(x, shards) for x in carry[1:]))
-        gq, gk, gv = grads(k, v, (me - hop) % shards)
+        dq, *moving = carry
+        k, v, dk, dv = map(_hop, moving)
+        gq, gk, gv = grads(k, v, hop)
         return (dq + gq, k, v, dk + gk, dv + gv), None
 
-    dq, _, _, dk, dv = jax.lax.scan(step, (dq, k, v, dk, dv), jnp.arange(1, shards))[0]
-    if shards > 1:  # the block held now is shard me + 1's: one more hop takes dK, dV home
-        dk, dv = _ring(dk, shards), _ring(dv, shards)
+    dq, _, _, dk, dv = jax.lax.scan(step, (dq, k, v, dk, dv), jnp.arange(1, q.shape[1]))[0]
+    if q.shape[1] > 1:  # the block held now is shard i + 1's: one more hop takes dK, dV home
+        dk, dv = _hop(dk), _hop(dv)
     return dq, dk, dv
 
 
-def _ring_attention(order: np.ndarray, shards: int):
-    """The per-shard attention (inside `shard_map` over `context`), with its custom backward."""
+@functools.cache
+def _ring_attention(order: tuple[int, ...], shards: int):
+    """Attention over (B, T, N, H) q and (B, T, K, H) k, v laid out by `order`, with the
+    custom backward that runs the ring again."""
+    pos = np.asarray(order).reshape(shards, -1)
 
-    def grouped(q, k):  # (B, T, N, H) → float32 (B, T, K, G, H)
-        b, t, n, h = q.shape
-        return q.astype(jnp.float32).reshape(b, t, k.shape[2], n // k.shape[2], h)
+    def split(x, k=None):  # (B, T, heads, H) → float32 (B, C, T/C, K[, G], H)
+        b, t, n, h = x.shape
+        groups = () if k is None else (k.shape[2], n // k.shape[2])
+        return constrain(x.astype(jnp.float32).reshape(b, shards, t // shards, *groups or (n,), h),
+                         QUERIES if groups else KV)
 
     @jax.custom_vjp
     def attention(q, k, v):
         return fwd(q, k, v)[0]
 
     def fwd(q, k, v):
-        f32 = [grouped(q, k), k.astype(jnp.float32), v.astype(jnp.float32)]
-        o, lse = _forward(*f32, order, shards)
+        o, lse = _forward(split(q, k), split(k), split(v), jnp.asarray(pos))
         return o.reshape(q.shape).astype(q.dtype), (q, k, v, o, lse)
 
     def bwd(res, do):
         q, k, v, o, lse = res
-        dq, dk, dv = _backward(grouped(q, k), k.astype(jnp.float32), v.astype(jnp.float32),
-                               o, lse, grouped(do, k), order, shards)
-        return dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+        dq, dk, dv = _backward(split(q, k), split(k), split(v), o, lse, split(do, k),
+                               jnp.asarray(pos))
+        return tuple(d.reshape(x.shape).astype(x.dtype) for d, x in ((dq, q), (dk, k), (dv, v)))
 
     attention.defvjp(fwd, bwd)
     return attention
@@ -148,15 +160,11 @@ class ContextRing:
         return tokens[:, self.positions(tokens.shape[1])]
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-        """Causal attention of (B, T, N, H) queries, (B, T, K, H) keys and values, T split
-        over `context`; batch and heads keep the shardings the compiler gave them."""
-        spec = PartitionSpec(None, AXIS)
-        ring = _ring_attention(self.positions(q.shape[1]), self.shards)
-        return jax.shard_map(ring, in_specs=(spec,) * 3, out_specs=spec,
-                             axis_names={AXIS})(q, k, v)
+        """Causal attention of (B, T, N, H) queries, (B, T, K, H) keys and values."""
+        order = tuple(int(i) for i in self.positions(q.shape[1]))
+        return _ring_attention(order, self.shards)(q, k, v)
 
 
-@functools.cache
 def ring(shards: int) -> ContextRing | None:
     """The hook for `shards` context shards; None (plain attention) for one."""
     return ContextRing(shards) if shards > 1 else None
