@@ -181,12 +181,12 @@ class Attention(nnx.Module):
         result is (y, cache). Same projections, same rotary, same attention kernel as training.
         """
         cfg, dt, g = self.cfg, self.cfg.dtype, self.group
-        x = constrain(x, ("batch", None, "embed"))  # sequence parallelism: all-gather T here
+        x = constrain(x, ("batch", "tokens", "embed"))  # sequence parallelism: all-gather T here
         with jax.named_scope("attn_qkv"):
             qkv = project("btd,dkch->btkch", x, self.wqkv)  # c = G + 2
             if self.biases:
                 qkv = qkv + self.bqkv[...].astype(dt)
-            qkv = constrain(qkv, ("batch", None, "kv_heads", None, None))
+            qkv = constrain(qkv, ("batch", "tokens", "kv_heads", None, None))
             b, t = x.shape[:2]
             q = qkv[:, :, :, :g].reshape(b, t, cfg.n_heads, cfg.head_dim)  # heads k*G .. k*G+G-1
             k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # (B, T, K, H)
@@ -202,7 +202,7 @@ class Attention(nnx.Module):
                 s_len = cache.k.shape[1]
                 seen = jnp.arange(s_len)[None, :] <= start + jnp.arange(t)[:, None]  # (T, S)
                 o = jax.nn.dot_product_attention(q, cache.k, cache.v, mask=seen[None, None])
-            o = constrain(o, ("batch", None, "heads", None))
+            o = constrain(o, ("batch", "tokens", "heads", None))
         with jax.named_scope("attn_out"):
             y = project("btnh,nhd->btd", o, self.wo)
             # Row-parallel output: all-reduce over `tensor` (reduce-scatter over T with SP).
@@ -232,17 +232,17 @@ class MLP(nnx.Module):
 
     def __call__(self, x):  # (B, T, D)
         dt = self.cfg.dtype
-        x = constrain(x, ("batch", None, "embed"))  # sequence parallelism: all-gather T here
+        x = constrain(x, ("batch", "tokens", "embed"))  # sequence parallelism: all-gather T here
         with jax.named_scope("mlp_up"):
             up = project("btd,dcf->btcf", x, self.w_in)
             if self.biases:
                 up = up + self.b_in[...].astype(dt)
-            up = constrain(up, ("batch", None, None, "mlp"))
+            up = constrain(up, ("batch", "tokens", None, "mlp"))
             if self.gated:  # SwiGLU (Shazeer 2020): silu(gate) * up
                 hid = jax.nn.silu(up[:, :, 0]) * up[:, :, 1]
             else:
                 hid = jax.nn.gelu(up[:, :, 0])
-            hid = constrain(hid, ("batch", None, "mlp"))
+            hid = constrain(hid, ("batch", "tokens", "mlp"))
         with jax.named_scope("mlp_down"):
             y = project("btf,fd->btd", hid, self.w_down)
             y = constrain(y, ("batch", "seq", "embed"))  # row-parallel: all-reduce / reduce-scatter
@@ -295,10 +295,10 @@ class LMHead(nnx.Module):
     def __call__(self, x: jax.Array, embedding: jax.Array | None = None) -> jax.Array:
         """(B, T, D) → (B, T, V) float32 logits; `embedding` (V, D) when tied."""
         with jax.named_scope("head"):
-            x = constrain(self.norm(x), ("batch", None, "embed"))
+            x = constrain(self.norm(x), ("batch", "tokens", "embed"))
             w = embedding.T if self.w is None else self.w[...]
             logits = jnp.einsum("btd,dv->btv", x, w.astype(self.cfg.dtype))
-            logits = constrain(logits.astype(jnp.float32), ("batch", None, "vocab"))
+            logits = constrain(logits.astype(jnp.float32), ("batch", "tokens", "vocab"))
             # Pad columns (vocab_size..V) can never be predicted.
             vocab_ids = jnp.arange(self.cfg.padded_vocab)
             return jnp.where(vocab_ids < self.cfg.vocab_size, logits, -1e30)
@@ -328,7 +328,7 @@ class Transformer(nnx.Module):
         with jax.named_scope("embed"):
             # Vocab-parallel: each `tensor` shard looks up its rows, then one all-reduce
             # (reduce-scatter over T with sequence parallelism).
-            x = constrain(jnp.take(self.embedding[...], tokens, axis=0), ("batch", None, "embed"))
+            x = constrain(jnp.take(self.embedding[...], tokens, axis=0), ("batch", "tokens", "embed"))
             if self.cfg.style == "gpt2":
                 table, t = self.positions[...], tokens.shape[1]
                 x = x + (jax.lax.dynamic_slice_in_dim(table, start, t) if _sequence_hook is None
