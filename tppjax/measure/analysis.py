@@ -2,7 +2,7 @@
 measured collective to the part of the model that causes it.
 
 Symbols as in docs/design.md: b global batch, m micro-batches, s sequence, h width, L layers,
-d = data x fsdp, p stage, t tensor. X_mb = (b/d/m)·s·h·e bytes with e the compute dtype's size.
+d = data x fsdp, p stage, t tensor, cp context (each device holds s/cp of the sequence). X_mb = (b/d/m)·s·h·e bytes with e the compute dtype's size.
 Collectives are given per device and per train step, as executions on each stage: what the
 step runs (`tppjax.measure.census` reads the same from the compiled program, weighting each pipeline
 action by the ticks of the schedule table that run it). A stage that idles runs nothing.
@@ -21,13 +21,14 @@ import re
 from tppjax.measure.hlo import Collective
 from tppjax.models.config import ModelConfig
 from tppjax.pipeline.layout import StageLayout
-from tppjax.spmd.rules import BATCH_AXES, WEIGHT_AXIS, batch_shards
+from tppjax.spmd.rules import BATCH_AXES, CONTEXT_AXIS, WEIGHT_AXIS, batch_shards
 
 SOURCES = ("embedding", "attention q/k/v", "attention out", "MLP up/gate", "MLP down",
-           "sequence-parallel gather", "head", "loss", "pipeline send/recv",
+           "attention ring", "sequence-parallel gather", "head", "loss", "pipeline send/recv",
            "pipeline boundary", "interleaved placement", "FSDP weight gather",
            "gradient reduction", "other")
-_SCOPES = {"embed": "embedding", "attn_qkv": "attention q/k/v", "attn_out": "attention out",
+_SCOPES = {"embed": "embedding", "attn_qkv": "attention q/k/v",
+           "attn_core": "attention ring", "attn_out": "attention out",
            "mlp_up": "MLP up/gate", "mlp_down": "MLP down", "head": "head", "loss": "loss"}
 _SCOPE_RE = re.compile(r"(?:^|[/(])(embed|attn_qkv|attn_core|attn_out|mlp_up|mlp_down|head|loss)"
                        r"(?=[)/]|$)")
@@ -134,8 +135,8 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
     d, p, t = batch_shards(mesh), mesh["stage"], mesh["tensor"]
     m = microbatches if p > 1 else 1
     e, h, sp = cfg.dtype.itemsize, cfg.d_model, sequence_parallel
-    b_shard = batch // d
-    x_shard, x_mb = b_shard * seq * h * e, b_shard // m * seq * h * e
+    b_shard, cp = batch // d, mesh.get(CONTEXT_AXIS, 1)
+    x_shard, x_mb = b_shard * seq // cp * h * e, b_shard // m * seq // cp * h * e
     runs = tuple(n * m for n in stage_layer_counts(cfg, p, schedule, m, virtual_stages,
                                                    stage_layers))  # layer executions per stage
     twice = tuple(2 * r for r in runs)
@@ -180,7 +181,7 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
         add("head", ar, x_mb, last, tp, "head/loss" if p > 1 else "B")
         # The loss's three statistics (max, sum of exponentials, target logit), one float per
         # token each; XLA may carry one of them in the head's all-reduce.
-        add("loss", ar, b_shard // m * seq * 4, tuple(3 * n for n in last), tp,
+        add("loss", ar, b_shard // m * seq // cp * 4, tuple(3 * n for n in last), tp,
             "head/loss" if p > 1 else "F")
     if p > 1:
         for name, n in send_ticks(schedule, p, m, virtual_stages).items():
@@ -220,6 +221,12 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
         if t > 1:  # the token ids, to the devices holding their rows
             add("embedding", "collective-permute", b_shard * seq * 4, once, (WEIGHT_AXIS, "tensor"),
                 "F")
+    if cp > 1:
+        rows.extend(ring_sends(cfg, mesh, batch, seq, remat))
+        # Every context shard holds all the weights: their gradients are summed over it, as
+        # over the data axes (XLA may fold both into one reduction, or sum layers in the loop).
+        add("gradient reduction", ar, grad_bytes_per_device(cfg, mesh, seq, cfg.n_layers), once,
+            (CONTEXT_AXIS,), "step")
     if d > 1:
         axes = tuple(a for a in BATCH_AXES if mesh[a] > 1)
         extra = 0
@@ -265,6 +272,25 @@ def recompute_flops(cfg: ModelConfig, batch: int, seq: int, remat: str, stages: 
     return batch * seq * cfg.n_layers * (2 * matmuls + 4 * h * seq)
 
 
+def ring_sends(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int,
+               remat: str = "none") -> list[Expected]:
+    """Ring attention's collective-permutes over `context` (`spmd.ring_attention`), per step,
+    without a pipeline: per layer, K and V hop cp−1 times forward; backward, K and V hop cp−1
+    times again and dK, dV (float32) cp times (the last takes them home). E = the elements of
+    one shard's K: (b/d)·(s/cp)·(K/t)·H. With remat the forward's hops run again."""
+    cp, t, layers = mesh[CONTEXT_AXIS], mesh["tensor"], cfg.n_layers
+    kv = batch // batch_shards(mesh) * (seq // cp) * (cfg.n_kv_heads // t) * cfg.head_dim
+    op, axes = "collective-permute", (CONTEXT_AXIS,)
+    forward = 2 * (cp - 1) * layers
+    rows = [Expected("attention ring", op, kv * cfg.dtype.itemsize, (forward,), axes, "F"),
+            Expected("attention ring", op, kv * cfg.dtype.itemsize, (forward,), axes, "B"),
+            Expected("attention ring", op, kv * 4, (2 * cp * layers,), axes, "B")]
+    if remat != "none":
+        rows.append(Expected("attention ring", op, kv * cfg.dtype.itemsize, (forward,), axes,
+                             "recompute"))
+    return rows
+
+
 def source_of(name: str) -> str:
     """The part of the model an op belongs to, from the named scopes in its op_name (a fused
     op is named by its first component); "other" if none."""
@@ -285,7 +311,7 @@ def attribute(c: Collective) -> str:
     if c.op in ("all-reduce", "reduce-scatter") and "tensor" not in c.axes:
         if "stage" in c.axes:
             return "pipeline boundary"
-        if set(BATCH_AXES) & set(c.axes):
+        if set(BATCH_AXES) & set(c.axes) or CONTEXT_AXIS in c.axes:
             return "gradient reduction"
     source = source_of(c.name)
     if source == "other" and c.op == "all-gather" and c.axes == ("tensor",) \

@@ -60,7 +60,8 @@ def _scores(q, k, pos, hop):
 
 
 def _forward(q, k, v, pos):
-    """float32 q (B, C, T, K, G, H), k and v (B, C, T, K, H) → (output like q, log-sum-exp)."""
+    """float32 q (B, C, T, K, G, H), k and v (B, C, T, K, H) → (output like q, log-sum-exp);
+    the products promote k and v to float32."""
 
     def merge(state, k, v, hop):
         m, total, acc = state
@@ -122,11 +123,13 @@ def _ring_attention(order: tuple[int, ...], shards: int):
     custom backward that runs the ring again."""
     pos = np.asarray(order).reshape(shards, -1)
 
-    def split(x, k=None):  # (B, T, heads, H) → float32 (B, C, T/C, K[, G], H)
+    def split(x, k=None):  # (B, T, heads, H) → (B, C, T/C, K[, G], H); queries in float32
         b, t, n, h = x.shape
-        groups = () if k is None else (k.shape[2], n // k.shape[2])
-        return constrain(x.astype(jnp.float32).reshape(b, shards, t // shards, *groups or (n,), h),
-                         QUERIES if groups else KV)
+        if k is None:  # keys and values travel the ring in their own dtype
+            return constrain(x.reshape(b, shards, t // shards, n, h), KV)
+        g = n // k.shape[2]
+        return constrain(x.astype(jnp.float32).reshape(b, shards, t // shards, n // g, g, h),
+                         QUERIES)
 
     @jax.custom_vjp
     def attention(q, k, v):
