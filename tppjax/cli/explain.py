@@ -28,6 +28,7 @@ from tppjax.cli.flags import (
 MODULES = (
     ("embedding", ("embedding",), "vocab-parallel: rows (vocab) split"),
     ("attention q/k/v", ("attn/wqkv", "attn/bqkv"), "column-parallel: kv-head groups split"),
+    ("attention ring", (), "context parallelism: K, V (backward: and dK, dV) around the ring"),
     ("attention out", ("attn/wo", "attn/bo"), "row-parallel: heads (contracting dim) split"),
     ("MLP up/gate", ("mlp/w_in", "mlp/b_in"), "column-parallel: mlp width split"),
     ("MLP down", ("mlp/w_down", "mlp/b_down"), "row-parallel: mlp width (contracting) split"),
@@ -43,7 +44,7 @@ SEQ_LEN = 32  # without --seq-len (or the model's max_seq_len where shorter): co
 def parse_args(argv=None) -> argparse.Namespace:
     ap = Parser(description=__doc__.splitlines()[0])
     ap.add_argument("--mesh", default=None,
-                    help="axis sizes over data, fsdp, stage, tensor (default: tensor = the "
+                    help="axis sizes over data, fsdp, stage, context, tensor (default: tensor = the "
                          "largest of 4, 2, 1 that divides the heads, kv heads and devices, the "
                          "rest data)")
     ap.add_argument("--schedule", default=None, help="pipeline schedule (stage > 1; default gpipe)")
@@ -116,9 +117,11 @@ def explain(args: argparse.Namespace) -> dict:
                 for path, shp, _, spec, shard in table
                 if any(path.endswith(s) or f"{s}/" in path for s in suffixes)]
         cols = per_source.get(name, [])
-        if name == "sequence-parallel gather" and not cols:
-            continue
-        modules.append({"module": name, "parallel": how if mesh.shape["tensor"] > 1 else
+        ring = name == "attention ring"
+        if name == "sequence-parallel gather" or ring:
+            if not cols:
+                continue
+        modules.append({"module": name, "parallel": how if mesh.shape["tensor"] > 1 or ring else
                         "replicated (tensor=1)", "params": rows, "collectives": cols})
     exp = analysis.expected(cfg, dict(mesh.shape), *shape, m, args.schedule,
                             args.virtual_stages, args.sequence_parallel, args.remat, layers)

@@ -34,7 +34,7 @@ SEQ_LEN = 128  # without --seq-len: this, or the model's max_seq_len where that 
 def parse_args(argv=None) -> argparse.Namespace:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--mesh", default=None,
-                   help="axis sizes over data, fsdp, stage, tensor (default: tensor = the "
+                   help="axis sizes over data, fsdp, stage, context, tensor (default: tensor = the "
                         "largest of 4, 2, 1 that divides the heads, kv heads and devices, the "
                         "rest data: data=2,tensor=4 for small on 8 devices)")
     p.add_argument("--cpu-devices", type=int, default=None,
