@@ -1,11 +1,26 @@
 """Context parallelism (ring attention over `context`) equals one device: loss and gradients."""
 
 import dataclasses
+import re
 
+import jax
+import numpy as np
 import pytest
 
-from tests.helpers import BATCH, SEQ, TEST_MODEL, assert_matches_reference, compiled, loss_and_grads
+from tests.helpers import (
+    BATCH,
+    SEQ,
+    TEST_MODEL,
+    assert_matches_reference,
+    batch,
+    loss_and_grads,
+    trainer,
+)
+from tppjax.errors import ConfigError
 from tppjax.measure import analysis
+from tppjax.measure.hlo import collectives
+from tppjax.spmd.mesh import parse_mesh_spec
+from tppjax.spmd.rules import Rules, check_layout
 
 GPT2 = dataclasses.replace(TEST_MODEL, style="gpt2", tie_embeddings=True)
 
@@ -20,14 +35,31 @@ def test_loss_and_every_gradient_match_single_device(mesh, cfg, sp):
     assert_matches_reference(cfg, loss, grads)
 
 
-def test_ring_sends_match_closed_form():
+def test_ring_sends_match_closed_form_and_bfloat16_runs():
     """The compiled step's collective-permutes over `context` are the ring's, per layer: K, V
-    cp−1 hops forward, again backward with dK, dV cp hops (`analysis.ring_sends`)."""
-    mesh = "data=2,context=4"
-    tr, colls, _, _ = compiled(mesh)
-    sends = [c for c in colls if c.op == "collective-permute"]
+    cp−1 hops forward, again backward with dK, dV cp hops, float32 even with bfloat16 compute
+    (`analysis.ring_sends`). The same compiled bfloat16 step then runs to a finite loss."""
+    cfg = dataclasses.replace(TEST_MODEL, compute_dtype="bfloat16")
+    tr = trainer(cfg, "data=2,context=4")
+    params, opt_state = tr.init(seed=0)
+    inputs, targets = tr.place(batch(cfg))
+    step = tr.lower_step(params, opt_state, inputs, targets).compile()
+    sends = [c for c in collectives(step.as_text(), tr.mesh) if c.op == "collective-permute"]
     assert sends and all(c.axes == ("context",) for c in sends)
     assert {analysis.attribute(c) for c in sends} == {"attention ring"}
-    rows = analysis.ring_sends(TEST_MODEL, dict(tr.mesh.shape), BATCH, SEQ)
+    rows = analysis.ring_sends(cfg, dict(tr.mesh.shape), BATCH, SEQ)
     assert sum(c.total_bytes for c in sends) == sum(r.total_bytes for r in rows)
     assert sum(c.count for c in sends) == sum(r.count for r in rows)
+    with jax.set_mesh(tr.mesh):
+        metrics = step(params, opt_state, inputs, targets)[2]
+    assert np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.parametrize(("mesh", "seq", "message"), [
+    ("data=2,context=4", 12, "sequence length (12) is not divisible by the 2 x context axis (8)"),
+    ("context=2,tensor=4", 12, "sequence length (sequence parallelism) (12) is not divisible by the context x tensor axis (8)"),
+    ("context=2,stage=2,tensor=2", 16, "context=2 with stage=2 is not supported"),
+])
+def test_bad_context_layouts_are_refused_in_one_line(mesh, seq, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_layout(TEST_MODEL, parse_mesh_spec(mesh), BATCH, seq, Rules(sequence_parallel=True))

@@ -118,9 +118,8 @@ def explain(args: argparse.Namespace) -> dict:
                 if any(path.endswith(s) or f"{s}/" in path for s in suffixes)]
         cols = per_source.get(name, [])
         ring = name == "attention ring"
-        if name == "sequence-parallel gather" or ring:
-            if not cols:
-                continue
+        if (name == "sequence-parallel gather" or ring) and not cols:
+            continue
         modules.append({"module": name, "parallel": how if mesh.shape["tensor"] > 1 or ring else
                         "replicated (tensor=1)", "params": rows, "collectives": cols})
     exp = analysis.expected(cfg, dict(mesh.shape), *shape, m, args.schedule,

@@ -276,17 +276,17 @@ def ring_sends(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int,
                remat: str = "none") -> list[Expected]:
     """Ring attention's collective-permutes over `context` (`spmd.ring_attention`), per step,
     without a pipeline: per layer, K and V hop cp−1 times forward; backward, K and V hop cp−1
-    times again and dK, dV (float32) cp times (the last takes them home). E = the elements of
-    one shard's K: (b/d)·(s/cp)·(K/t)·H. With remat the forward's hops run again."""
+    times again and dK, dV cp times (the last takes them home), all float32. E = the elements
+    of one shard's K: (b/d)·(s/cp)·(K/t)·H. With remat the forward's hops run again."""
     cp, t, layers = mesh[CONTEXT_AXIS], mesh["tensor"], cfg.n_layers
     kv = batch // batch_shards(mesh) * (seq // cp) * (cfg.n_kv_heads // t) * cfg.head_dim
     op, axes = "collective-permute", (CONTEXT_AXIS,)
     forward = 2 * (cp - 1) * layers
-    rows = [Expected("attention ring", op, kv * cfg.dtype.itemsize, (forward,), axes, "F"),
-            Expected("attention ring", op, kv * cfg.dtype.itemsize, (forward,), axes, "B"),
+    rows = [Expected("attention ring", op, kv * 4, (forward,), axes, "F"),
+            Expected("attention ring", op, kv * 4, (forward,), axes, "B"),
             Expected("attention ring", op, kv * 4, (2 * cp * layers,), axes, "B")]
     if remat != "none":
-        rows.append(Expected("attention ring", op, kv * cfg.dtype.itemsize, (forward,), axes,
+        rows.append(Expected("attention ring", op, kv * 4, (forward,), axes,
                              "recompute"))
     return rows
 

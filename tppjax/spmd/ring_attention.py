@@ -19,9 +19,10 @@ The backward pass (`jax.custom_vjp`) keeps only q, k, v, the output and the log-
 runs the ring again: it recomputes each step's scores and passes dK, dV along with K, V; after
 the last step they take one more hop home. So no ring step's K/V is stored.
 
-Sends per attention call, E = elements of one shard's K (B/dp · T/cp · K/t · H), w its dtype's
-bytes: forward 2·(cp−1) of E·w (K and V); backward 2·(cp−1) of E·w (K, V again) and 2·cp of E·4
-(dK, dV, accumulated in float32). `measure.analysis.ring_sends` is this closed form.
+Sends per attention call, E = elements of one shard's K (B/dp · T/cp · K/t · H), all float32
+(with bfloat16 compute, XLA CPU widened K and V before sending them anyway; sending bfloat16
+would halve the first two terms): forward 2·(cp−1) of 4·E (K and V); backward 2·(cp−1) of 4·E
+(K, V again) and 2·cp of 4·E (dK, dV). `measure.analysis.ring_sends` is this closed form.
 """
 
 import dataclasses
@@ -60,8 +61,7 @@ def _scores(q, k, pos, hop):
 
 
 def _forward(q, k, v, pos):
-    """float32 q (B, C, T, K, G, H), k and v (B, C, T, K, H) → (output like q, log-sum-exp);
-    the products promote k and v to float32."""
+    """float32 q (B, C, T, K, G, H), k and v (B, C, T, K, H) → (output like q, log-sum-exp)."""
 
     def merge(state, k, v, hop):
         m, total, acc = state
@@ -125,8 +125,8 @@ def _ring_attention(order: tuple[int, ...], shards: int):
 
     def split(x, k=None):  # (B, T, heads, H) → (B, C, T/C, K[, G], H); queries in float32
         b, t, n, h = x.shape
-        if k is None:  # keys and values travel the ring in their own dtype
-            return constrain(x.reshape(b, shards, t // shards, n, h), KV)
+        if k is None:  # float32 on the ring: XLA CPU widened bf16 K, V before the send anyway
+            return constrain(x.astype(jnp.float32).reshape(b, shards, t // shards, n, h), KV)
         g = n // k.shape[2]
         return constrain(x.astype(jnp.float32).reshape(b, shards, t // shards, n // g, g, h),
                          QUERIES)

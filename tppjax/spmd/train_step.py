@@ -21,8 +21,14 @@ from tppjax.errors import ConfigError
 from tppjax.models import ModelConfig, Transformer, cross_entropy
 from tppjax.models.transformer import sequence_hook
 from tppjax.spmd.ring_attention import ring
-from tppjax.spmd.rules import (BATCH_AXES, CONTEXT_AXIS, Rules, batch_shards, check_layout,
-                               param_shardings)
+from tppjax.spmd.rules import (
+    BATCH_AXES,
+    CONTEXT_AXIS,
+    Rules,
+    batch_shards,
+    check_layout,
+    param_shardings,
+)
 
 Remat = Literal["none", "layer", "stage"]
 
