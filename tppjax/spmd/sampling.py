@@ -44,9 +44,10 @@ def _check_length(length: int, cfg: ModelConfig) -> None:
 
 
 def _check_no_stage(mesh_spec: str) -> None:
-    if parse_mesh_spec(mesh_spec).get("stage", 1) > 1:
-        raise ConfigError(f"sampling runs the plain model: give a --mesh without stage "
-                          f"(got {mesh_spec})")
+    sizes = parse_mesh_spec(mesh_spec)
+    if sizes["stage"] > 1 or sizes["context"] > 1:
+        raise ConfigError(f"sampling runs the plain model: give a --mesh without stage or "
+                          f"context (got {mesh_spec})")
 
 
 def load(directory: str | Path, mesh_spec: str, seq_len: int | None, devices=None,
