@@ -142,17 +142,18 @@ def predict_lockstep_s(name: str, stages: int, microbatches: int, virtual_stages
     beside a B). `seconds`: {kind: s} for equal stages; with uneven stages (`stage_layers`,
     real layers per virtual stage) {n: {kind: s}} for a virtual stage of n layers (none for 0:
     a stage of padding only costs nothing)."""
-    from tppjax.pipeline.executor import ON, layers_run, plan
+    from tppjax.pipeline.schedules import SCHEDULED
+    from tppjax.pipeline.table import layers_run, plan
 
     pl = plan(name, stages, microbatches, virtual_stages)
     cost = 0.0
-    for kind, col in ON.items():
+    for kind in SCHEDULED:
         if stage_layers is None:
             each = seconds.get(kind, 0.0)
         else:
             each = np.vectorize(lambda n, kind=kind: seconds.get(int(n), {}).get(kind, 0.0))(
                 layers_run(pl, stage_layers, kind))
-        cost = cost + pl.table[:, :, col] * each
+        cost = cost + pl.table.runs[kind] * each
     return float(cost.max(1).sum())
 
 

@@ -59,10 +59,11 @@ built-in schedule saved that way is a valid file and trains identically.
 """
 from __future__ import annotations
 
+import enum
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from tppjax.errors import ConfigError
 
@@ -71,7 +72,48 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipe
 # v times); v: two chunks, stage s holds virtual stages s and 2p-1-s (down, then back up).
 PLACEMENTS = ("looped", "v")
 
-Kind = Literal["F", "B", "W"]
+
+
+class ActionKind(enum.StrEnum):
+    """Every kind of work in a pipelined step, spelt once: the value is what schedule files,
+    `Action` and the drawings write (F, B, W), and `scope` names the executor's ops in the
+    compiled program, from which `tppjax.measure.census` reads each op's kind back (`in_op`)
+    and its phase (`phase`). F, B and W are a schedule's actions; the executor also runs the
+    head (after the last virtual stage's F) and its sends, each a `ppermute` that is both the
+    send and the receive (torch.distributed.pipelining's SEND_F/RECV_F in one)."""
+
+    F = "F"  # forward of one micro-batch through one chunk
+    B = "B"  # its backward: the input gradient (unsplit: and the weight gradient)
+    W = "W"  # split backward only: the weight gradient
+    HEAD = "head"  # after the last virtual stage's F: head, loss and their gradient
+    IDLE = "idle"  # a tick that runs no action
+    SEND_F = "send_activation"  # F's output to the next stage (looped, v > 1: p-1 to 0)
+    SEND_F_BACK = "send_activation_back"  # to the previous stage: V placement's chunk 1
+    SEND_B = "send_gradient"  # B's input gradient to the previous stage
+    SEND_B_BACK = "send_gradient_back"  # to the next stage: V placement's chunk 1
+
+    @property
+    def scope(self) -> str:
+        """The named scope of its ops in the compiled program."""
+        return f"action_{self.value}"
+
+    @property
+    def phase(self) -> str:
+        """The census phase of its ops (`tppjax.measure.census.PHASES`): a send's is the phase
+        of what it carries."""
+        return {ActionKind.HEAD: "head/loss", ActionKind.SEND_F: "F", ActionKind.SEND_F_BACK: "F",
+                ActionKind.SEND_B: "B", ActionKind.SEND_B_BACK: "B"}.get(self, self.value)
+
+    @staticmethod
+    def in_op(name: str) -> ActionKind | None:
+        """The kind whose scope an op's name holds (the innermost), or None."""
+        found = _SCOPE.findall(name)
+        return _BY_SCOPE[found[-1]] if found else None
+
+
+SCHEDULED = (ActionKind.F, ActionKind.B, ActionKind.W)  # what a schedule's actions are
+_BY_SCOPE = {k.scope: k for k in ActionKind}
+_SCOPE = re.compile(rf"(?:^|/)({'|'.join(sorted(_BY_SCOPE, key=len, reverse=True))})(?=/|$)")
 
 
 class ScheduleError(ConfigError):
@@ -89,9 +131,12 @@ def chunks_needed(name: str) -> int:
 class Action:
     """One unit of work on one stage: `kind` of `microbatch` through virtual chunk `chunk`."""
 
-    kind: Kind
+    kind: ActionKind  # F, B or W; a plain "F" is taken as ActionKind.F
     microbatch: int
     chunk: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", ActionKind(self.kind))
 
     def __str__(self) -> str:
         return f"{self.kind}{self.microbatch}.{self.chunk}"
@@ -498,7 +543,7 @@ def validate(schedule: Schedule) -> None:
     if len(schedule.actions) != p:
         raise ScheduleError(f"schedule has {len(schedule.actions)} action lists for {p} stages; "
                             "give one list per stage")
-    kinds = ("F", "B", "W") if schedule.split_backward else ("F", "B")
+    kinds = SCHEDULED if schedule.split_backward else SCHEDULED[:2]
     for s, acts in enumerate(schedule.actions):
         position: dict[Action, int] = {}
         for n, a in enumerate(acts):
@@ -550,7 +595,7 @@ def _validate_slots(schedule: Schedule) -> None:
             if len(slot) == 1:
                 continue
             shown = " + ".join(map(str, slot))
-            for kind in "FBW":
+            for kind in SCHEDULED:
                 same = [a for a in slot if a.kind == kind]
                 if len(same) > 1:
                     raise ScheduleError(f"stage {s} runs {same[1]} in one slot with {same[0]} "
@@ -619,7 +664,7 @@ def schedule_from_data(data: dict, source: str = "schedule") -> Schedule:
                 raise ScheduleError(f"{source}: {what} is {a!r}; write it as "
                                     '{"kind": "F", "microbatch": 0, "chunk": 0}')
             kind = need(a, "kind", what)
-            if kind not in ("F", "B", "W"):
+            if kind not in SCHEDULED:
                 raise ScheduleError(f"{source}: {what} has kind {kind!r}; use F, B or W")
             row.append(Action(kind, need(a, "microbatch", what), need(a, "chunk", what, 0)))
             shared = a.get("joined", False)
@@ -653,7 +698,7 @@ def schedule_from_data(data: dict, source: str = "schedule") -> Schedule:
         validate(schedule)
         from tppjax.pipeline.simulate import simulate  # simulate imports this module
 
-        simulate(schedule, dict.fromkeys("FBW", 1), lockstep=True)  # raises on a deadlock
+        simulate(schedule, dict.fromkeys(SCHEDULED, 1), lockstep=True)  # raises on a deadlock
     except ScheduleError as err:
         raise ScheduleError(f"{source}: {err}") from None
     return schedule

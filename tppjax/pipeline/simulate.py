@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tppjax.pipeline.schedules import (
+    SCHEDULED,
     SCHEDULES,
     Action,
     Schedule,
@@ -90,7 +91,7 @@ def simulate(schedule: Schedule, costs: Mapping[str, int] | None = None,
     schedule without shared slots this is the simulation at F=B=W=1."""
     validate(schedule)
     costs = dict(costs) if costs is not None else default_costs(schedule)
-    kinds = ("F", "B", "W") if schedule.split_backward else ("F", "B")
+    kinds = SCHEDULED if schedule.split_backward else SCHEDULED[:2]
     for kind in kinds:
         if not isinstance(costs.get(kind), int) or costs[kind] < 1:
             raise ScheduleError(f"cost of {kind} must be a positive integer (got "
