@@ -16,11 +16,8 @@ from them and runs no forward; `remat` picks what the residuals are. The head (s
 other split schedules: B computes the input gradient and keeps, for each weight product, its
 input and output gradient; W does only the weight-gradient matmuls.
 
-`pipelined_loss` is a `jax.custom_vjp`: its forward runs the schedule and keeps the gradients
-(blocks, head, inputs) as residuals; its backward scales them by the incoming cotangent. So
-`jax.value_and_grad` of embed → pipelined_loss works unchanged. Each data shard accumulates
-the gradients of its own mean loss through the loop; they are averaged over the data axes
-once, after it.
+Each data shard accumulates the gradients of its own mean loss through the loop; they are
+averaged over the data axes once, after it (`pipelined_loss`, a `jax.custom_vjp`, hands them on).
 
 Speed (measured on XLA CPU, BENCHMARKS.md): a `lax.cond` whose one branch writes into carried
 buffers and whose other passes them through updates them in place; a `lax.switch` over three
@@ -37,10 +34,9 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from tppjax.errors import ConfigError
 from tppjax.pipeline.actions import StageActions
 from tppjax.pipeline.gpipe import DP, to_stages, vary, widen
-from tppjax.pipeline.layout import StageLayout, to_virtual_stages
+from tppjax.pipeline.layout import StageLayout, check_fit, to_virtual_stages
 from tppjax.pipeline.schedules import ActionKind, Schedule
 from tppjax.pipeline.table import SENDS, Plan, Table, plan_of, sends
 
@@ -75,12 +71,10 @@ class Stage:
     actions: Any  # StageActions
     active: jax.Array | None  # [v, layers]: this stage's real layers (None: no padding)
 
-    def chunk(self, c):
-        """Chunk c's weights and real layers. One chunk: a static index, so no copy of the
-        stage's weights per tick."""
-        one = self.weights if self.active is None else (self.weights, self.active)
-        got = jax.tree.map(lambda a: a[c] if len(a) > 1 else a[0], one)
-        return (got, None) if self.active is None else got
+    def chunk(self, c) -> tuple:
+        """(weights, real layers or None) of chunk c. One chunk: a static index, so no copy
+        of the stage's weights per tick."""
+        return jax.tree.map(lambda a: a[c] if len(a) > 1 else a[0], (self.weights, self.active))
 
 
 class _Door:
@@ -118,13 +112,9 @@ def forward(carry: Carry, row: Table, stage: Stage) -> Carry:
     """F: the chunk on its input (virtual stage 0: xs, else the slot it arrived in); stashes
     the residuals for B."""
     x = jnp.where(row.first == 1, stage.xs[row.microbatch], carry.x[row.x_read])
-    y, stash = stage.actions.forward(*_on(stage, row.chunk[F], x))
+    w, active = stage.chunk(row.chunk[F])
+    y, stash = stage.actions.forward(w, x, active)
     return carry._replace(y=y, stash=_put(carry.stash, row.stash_write, stash))
-
-
-def _on(stage: Stage, c, x):
-    w, active = stage.chunk(c)
-    return w, x, active
 
 
 def head(carry: Carry, row: Table, stage: Stage) -> Carry:
@@ -141,7 +131,7 @@ def head(carry: Carry, row: Table, stage: Stage) -> Carry:
 def backward(carry: Carry, row: Table, stage: Stage) -> Carry:
     """B: the pullback rebuilt from F's stash, on the output gradient; keeps what W needs."""
     c = row.chunk[B]
-    w, _, active = _on(stage, c, None)
+    w, active = stage.chunk(c)
     stash = tuple(b[row.stash_read] for b in carry.stash)
     dw, dx, kept = stage.actions.backward(w, stash, carry.g[row.g_read], active)
     return carry._replace(dx=dx, dw=_add(carry.dw, c, dw), dxs=carry.dxs.at[row.dx_row].set(dx),
@@ -151,7 +141,7 @@ def backward(carry: Carry, row: Table, stage: Stage) -> Carry:
 def weight_grads(carry: Carry, row: Table, stage: Stage) -> Carry:
     """W: the weight-gradient matmuls from what B kept."""
     c = row.chunk[W]
-    w, _, active = _on(stage, c, None)
+    w, active = stage.chunk(c)
     dw = stage.actions.weight_grads(w, tuple(b[row.kept_read] for b in carry.kept), active)
     return carry._replace(dw=_add(carry.dw, c, dw))
 
@@ -204,7 +194,8 @@ def _start(pl: Plan, stage: Stage) -> Carry:
         _, stash = stage.actions.forward(w, x, active)
         return stash, stage.actions.backward(w, stash, x, active)[2]
 
-    stash, kept = jax.eval_shape(probe, *_on(stage, 0, x0))
+    w, active = stage.chunk(0)
+    stash, kept = jax.eval_shape(probe, w, x0, active)
     zeros = functools.partial(jax.tree.map, jnp.zeros_like)
     return vary(Carry(
         x=_buffer(pl.slots["x"] + 1, x0), g=_buffer(pl.slots["g"] + 1, x0),
@@ -256,37 +247,6 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
     return loop(staged, head_params, xs, targets)
 
 
-def _check(schedule: Schedule, n_layers: int, xs, layout, stage_axis: str, data_axes) -> None:
-    """One-line `ConfigError`s for inputs that do not fit the schedule or the mesh."""
-    p, m, v = schedule.stages, schedule.microbatches, schedule.virtual_stages
-    mesh = dict(jax.sharding.get_abstract_mesh().shape)
-    missing = [a for a in data_axes if a not in mesh]
-    if layout is not None and min(layout.counts) < 0:
-        raise ConfigError(f"stage_layers {list(layout.counts)} has a negative count; give "
-                          "layers per virtual stage, 0 or more")
-    if layout is None:
-        fits = n_layers % (p * v) == 0
-        fix = "change the layers or the schedule, or give stage_layers"
-    else:
-        fits = len(layout.counts) == p * v and n_layers in (layout.n_layers, layout.slots)
-        fix = (f"give {p * v} stage_layers (stages x virtual stages) that sum to {n_layers}, or "
-               f"a stack padded to {p * v} x their largest")
-    for bad, message in (
-            (xs.shape[0] != m, f"xs holds {xs.shape[0]} micro-batches but the schedule "
-                               f"{schedule.name} runs {m}; micro-batch the inputs into {m}"),
-            (mesh.get(stage_axis) != p, f"the schedule {schedule.name} has {p} stages but the "
-                                        f"mesh's {stage_axis!r} axis is {mesh.get(stage_axis)}; "
-                                        "make them equal, or name the stage axis with "
-                                        "stage_axis="),
-            (bool(missing), f"the mesh has no axis {missing[0] if missing else ''!r}; name "
-                            f"the mesh axes that split the batch with data_axes= (mesh axes: "
-                            f"{', '.join(mesh)})"),
-            (not fits, f"{n_layers} layers do not split into {p} stages x {v} virtual stages"
-                       f"{'' if layout is None else ' as ' + str(list(layout.counts))}; {fix}")):
-        if bad:
-            raise ConfigError(message)
-
-
 def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: Schedule,
                    remat: str = "none", stage_layers=None, stage_axis: str = "stage",
                    data_axes: tuple[str, ...] = DP):
@@ -317,7 +277,7 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     n_layers = jax.tree.leaves(layers)[0].shape[0]
     data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
     layout = None if stage_layers is None else StageLayout(tuple(stage_layers))
-    _check(schedule, n_layers, xs, layout, stage_axis, data_axes)
+    check_fit(schedule, n_layers, xs.shape[0], layout, stage_axis, data_axes)
     active = None
     if layout is not None and layout.padded:
         active = layout.active()

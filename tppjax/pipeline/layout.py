@@ -14,6 +14,10 @@ get exactly zero gradients, which keeps them zero under AdamW (and out of the gr
 Checkpoints, Hugging Face export and parameter counts use the unpadded [L] stack (`unpad`).
 Why padding and not one stack per stage: a per-stage stack of different lengths cannot be one
 array sharded over `stage`, and the executor's one `shard_map` needs exactly that.
+
+Chunks (v > 1): `to_virtual_stages` moves each virtual stage's layers to the stage and chunk
+the schedule's placement gives it (`chunk_moves`). `check_fit` refuses, in one line, layers,
+micro-batches or mesh axes that do not fit a schedule.
 """
 
 import dataclasses
@@ -182,3 +186,37 @@ def to_virtual_stages(stacked, schedule: Schedule, stage_axis: str = "stage"):
         return jax.tree.map(one, local)
 
     return place(stacked)
+
+
+def check_fit(schedule: Schedule, n_layers: int, n_microbatches: int, layout: StageLayout | None,
+              stage_axis: str, data_axes: tuple[str, ...]) -> None:
+    """One-line `ConfigError`s for a pipeline's inputs (`pipeline.executor.pipelined_loss`) that
+    do not fit the schedule or the mesh: n_layers layers (stage_layers: `layout`), the
+    micro-batches, the stage and data axes."""
+    p, m, v = schedule.stages, schedule.microbatches, schedule.virtual_stages
+    mesh = dict(jax.sharding.get_abstract_mesh().shape)
+    missing = [a for a in data_axes if a not in mesh]
+    if layout is not None and min(layout.counts) < 0:
+        raise ConfigError(f"stage_layers {list(layout.counts)} has a negative count; give "
+                          "layers per virtual stage, 0 or more")
+    if layout is None:
+        fits = n_layers % (p * v) == 0
+        fix = "change the layers or the schedule, or give stage_layers"
+    else:
+        fits = len(layout.counts) == p * v and n_layers in (layout.n_layers, layout.slots)
+        fix = (f"give {p * v} stage_layers (stages x virtual stages) that sum to {n_layers}, or "
+               f"a stack padded to {p * v} x their largest")
+    for bad, message in (
+            (n_microbatches != m, f"xs holds {n_microbatches} micro-batches but the schedule "
+                               f"{schedule.name} runs {m}; micro-batch the inputs into {m}"),
+            (mesh.get(stage_axis) != p, f"the schedule {schedule.name} has {p} stages but the "
+                                        f"mesh's {stage_axis!r} axis is {mesh.get(stage_axis)}; "
+                                        "make them equal, or name the stage axis with "
+                                        "stage_axis="),
+            (bool(missing), f"the mesh has no axis {missing[0] if missing else ''!r}; name "
+                            f"the mesh axes that split the batch with data_axes= (mesh axes: "
+                            f"{', '.join(mesh)})"),
+            (not fits, f"{n_layers} layers do not split into {p} stages x {v} virtual stages"
+                       f"{'' if layout is None else ' as ' + str(list(layout.counts))}; {fix}")):
+        if bad:
+            raise ConfigError(message)
