@@ -30,9 +30,11 @@ A send runs on the ticks where some stage receives by it (`sends`), and is skipp
 others (GPipe sends no gradient while it runs forwards).
 
 Slots (`pipeline.slots`) are reused as soon as their value is read, so 1F1B's buffers hold at
-most p micro-batches whatever m. Example, 1F1B on p = 2, m = 2 (`scripts/schedule.py`):
-tick 0: stage 0 F0 (input xs[0]), sent down; tick 1: stage 0 F1, stage 1 F0 (input: the x
-slot it arrived in), then its HEAD; tick 2: stage 1 B0, its dx sent up; ...
+most p micro-batches whatever m. Example, 1F1B on p = 2, m = 2 (`scripts/schedule.py
+--lockstep` draws it): tick 0, stage 0 runs F0 on xs[0]; its y arrives in stage 1's x slot 0
+(`arrive[SEND_F][0, 1]` = 0). Tick 1, stage 1 runs F0 on x slot 0 (`x_read[1, 1]`) and its
+HEAD, while stage 0's F1 output arrives in the same slot, free again. Tick 2, stage 1 runs
+B0, whose dx arrives in stage 0's g slot 0 (`arrive[SEND_B][2, 0]`), read by B0 at tick 3.
 """
 
 import dataclasses
