@@ -31,8 +31,8 @@ from tppjax.pipeline.schedules import (
 from tppjax.pipeline.simulate import simulate
 from tppjax.spmd.outputs import IMAGE_SUFFIXES, output_error
 
-# The simulator and the drawings take seconds at these sizes (zb-h1 at p=64, m=512: about 2 s
-# on one core); far beyond them a typo would run for minutes.
+# The simulator and the drawings take seconds at the largest of these sizes; far beyond them a
+# typo would run for minutes.
 LIMITS = {"stages": (1, 64), "microbatches": (1, 512), "virtual_stages": (1, 8)}
 
 
