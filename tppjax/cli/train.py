@@ -158,54 +158,30 @@ def print_layout(trainer, params) -> None:
         print(describe_pipeline(trainer))
 
 
-def initial_state(args, trainer):
-    """Fresh (params, opt_state): --init-from-hf DIR's weights, else drawn from --seed."""
+def initial_state(args, trainer, seed: int):
+    """Fresh (params, opt_state): --init-from-hf DIR's weights, else drawn from `seed`."""
     if args.init_from_hf:
         from tppjax.spmd.hf import init_state
 
         params, opt_state, loaded = init_state(args.init_from_hf, trainer)
         print(f"loaded {loaded} from {args.init_from_hf}")
         return params, opt_state
-    return trainer.init(args.seed)
+    return trainer.init(seed)
 
 
 def open_checkpoints(args, trainer):
-    """(manager or None, params, opt_state, first step): fresh, or restored from the latest."""
-    from tppjax.errors import ConfigError
+    """(manager or None, params, opt_state, first step): fresh, or restored from the latest
+    checkpoint (`spmd.resume`); sets args.seed to the run's."""
     from tppjax.models.hf import tokenizer_file
-    from tppjax.spmd.checkpoint import CheckpointManager, run_info
+    from tppjax.spmd.resume import start_run
 
-    if not args.checkpoint_dir:
-        if args.resume:
-            raise ConfigError("--resume needs --checkpoint-dir DIR (where the run was saved)")
-        args.seed = 0 if args.seed is None else args.seed
-        return None, *initial_state(args, trainer), 0
     tokenizer = tokenizer_file(args.tokenizer).read_text() if args.tokenizer else None
-    fresh = None
-    if not args.resume:  # before open, so a bad --init-from-hf leaves --overwrite's checkpoints
-        CheckpointManager.check_free(args.checkpoint_dir, args.overwrite)  # but refuse first
-        args.seed = 0 if args.seed is None else args.seed
-        fresh = initial_state(args, trainer)
-    info = run_info(trainer.cfg, trainer.tc, args.mesh, args.seed, tokenizer)
-    manager = CheckpointManager.open(args.checkpoint_dir, info, keep=args.keep,
-                                     overwrite=args.overwrite, resume=args.resume, lock=True)
-    args.seed = manager.seed  # --resume without --seed: the saved run's
-    latest = manager.latest_step() if args.resume else None
-    try:  # any failure or Ctrl-C before the caller holds the manager: close it (and the lock)
-        if latest is None:
-            if args.resume:
-                print(f"no checkpoint in {args.checkpoint_dir} yet: starting from step 0")
-            return manager, *(fresh or initial_state(args, trainer)), 0
-        if latest + 1 >= trainer.tc.steps:  # a checkpoint after step N continues at step N + 1
-            raise ConfigError(f"the run in {args.checkpoint_dir} has already done {latest + 1} "
-                              f"steps of --steps {trainer.tc.steps}: nothing to train; pass "
-                              f"--steps above {latest + 1} to continue it")
-        params, opt_state, record = manager.restore(latest, trainer)
-    except BaseException:
-        manager.close()
-        raise
-    print(f"resumed from {manager.path(latest)}: continuing at step {record['data_position']}")
-    return manager, params, opt_state, record["data_position"]
+    start = start_run(trainer, lambda seed: initial_state(args, trainer, seed),
+                      args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
+                      seed=args.seed, keep=args.keep, mesh_spec=args.mesh, tokenizer=tokenizer,
+                      note=print)
+    args.seed = start.seed
+    return start.manager, start.params, start.opt_state, start.step
 
 
 def summary(records: list[dict], wall_s: float, args, manager) -> str:
