@@ -7,9 +7,10 @@
 the trainer (`spmd`); `models` knows only `errors`; nothing imports `cli` (the command lines,
 which scripts/ runs). Every import counts, the ones inside functions too: a lazy import that
 closes a cycle only hides it from Python's import order. No module imports itself back through
-others either (a cycle inside a package)."""
+others either (a cycle inside a package). scripts/ holds doors to `tppjax.cli`, no code."""
 
 import ast
+import tomllib
 from pathlib import Path
 
 import tppjax
@@ -133,3 +134,24 @@ def test_find_cycle_finds_one():
     graph = {"a": [("b", 1)], "b": [("c", 2)], "c": [("b", 3)], "d": []}
     assert find_cycle(graph) == [("b", "c", 2), ("c", "b", 3)]
     assert find_cycle({"a": [("b", 1)], "b": []}) is None
+
+
+def test_scripts_are_doors_and_only_tppjax_is_installed():
+    """A script that runs tppjax code imports one `tppjax.cli` module and defines nothing: the
+    code, which the tests import, is in the package (make_hf_fixtures.py and
+    torch_dualpipev.py import no tppjax: torch tools). `pip install -e .` puts only `tppjax`
+    on the import path, not tests/ or scripts/."""
+    root = SOURCE.parent
+    for path in sorted((root / "scripts").glob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        ours = [name for node in ast.walk(tree)
+                for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                             [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                if name.split(".")[0] == "tppjax"]
+        defined = [node.name for node in tree.body
+                   if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)]
+        assert not ours or (len(ours) == 1 and ours[0].startswith("tppjax.cli.")
+                            and not defined), f"scripts/{path.name}: imports {ours}, defines " \
+            f"{defined}; move the code into tppjax (tppjax/cli for the command line)"
+    config = tomllib.loads((root / "pyproject.toml").read_text())
+    assert config["tool"]["setuptools"]["packages"]["find"] == {"include": ["tppjax*"]}
