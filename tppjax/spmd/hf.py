@@ -123,21 +123,32 @@ def logits(trainer: Trainer, params, tokens: np.ndarray) -> np.ndarray:
         return np.asarray(jax.device_get(jax.jit(forward)(params, batch)))
 
 
-def check_new_folder(out: str | Path) -> None:
-    """Export writes only into a new or empty folder: nothing the user saved is overwritten."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"--out {out} already exists and is not an empty folder; give a new "
-                          "folder (nothing there is overwritten)")
+def check_new_folder(out: str | Path, checkpoint_dir: str | Path | None = None) -> None:
+    """Export writes only into a new or empty folder: nothing the user saved is overwritten;
+    and not inside `checkpoint_dir`, the run it exports (a folder there breaks the next
+    --resume)."""
+    folder = Path(out)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        raise ConfigError(f"--out {folder} already exists and is not an empty folder; give a "
+                          "new folder (nothing there is overwritten)")
+    if checkpoint_dir is None:
+        return
+    inside, ckpt = folder.resolve(), Path(checkpoint_dir).resolve()
+    if inside == ckpt or ckpt in inside.parents:
+        raise ConfigError(f"--out {out} is inside --checkpoint-dir {checkpoint_dir}; "
+                          "give a folder outside it")
 
 
-def export(cfg, params: nnx.State, out: str | Path) -> None:
+def export(cfg, params: nnx.State, out: str | Path, tokenizer: str | None = None) -> None:
     """Write `params` as an HF folder at `out` (float32, unpadded vocabulary), gathering one
-    parameter at a time to the host; refuses a non-empty `out`."""
+    parameter at a time to the host, with `tokenizer` (the text of the tokenizer.json the run
+    trained through, if any) beside them; refuses a non-empty `out`."""
     check_new_folder(out)
     arrays = {_key(path): var.get_value() for path, var in nnx.to_flat_state(params)}
     try:
         save(out, cfg, lambda key: jax.device_get(arrays[key]))
+        if tokenizer is not None:
+            (Path(out) / "tokenizer.json").write_text(tokenizer)
     except OSError as err:
         raise ConfigError(f"--out {out}: cannot write ({err.strerror}); give a writable "
                           "folder") from err
