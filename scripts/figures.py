@@ -12,13 +12,12 @@ collective each split implies is Megatron's (Shoeybi et al. 2019), as `spmd/rule
 beside each rule; `scripts/explain.py` reads the same ones from the compiled program.
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runs from a checkout uninstalled
 
-from tppjax.cli.flags import Parser, configure_devices  # noqa: E402  (imports no jax)
+from tppjax.cli.flags import Parser, configure_devices  # imports no jax
 
 MESH = "data=2,stage=2,tensor=2"
 SCHEDULE, STAGES, MICROBATCHES = "1f1b", 4, 8
@@ -120,7 +119,9 @@ def draw_mesh(plt, mesh, path: Path) -> None:
         ax.set_title(f"data {i}", fontsize=10)
 
     def groups(axis: int) -> str:
-        moved = grid.transpose([a for a in range(3) if a != axis] + [axis]).reshape(-1, grid.shape[axis])
+        """The device groups along `axis`: the devices one of its collectives spans."""
+        last = [a for a in range(3) if a != axis] + [axis]
+        moved = grid.transpose(last).reshape(-1, grid.shape[axis])
         return " ".join("{" + ",".join(str(x.id) for x in g) + "}" for g in moved)
 
     fig.suptitle(f"mesh {MESH.replace(',', ' x ')}", fontsize=10)
