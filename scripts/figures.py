@@ -145,7 +145,7 @@ def draw_megatron(plt, rows: list[dict], path: Path) -> None:
                                    edgecolor="black"))
         if "rows" in row["split"] or row["split"] == "row-parallel":  # input side split
             ax.plot([0, 1.2], [y[i], y[i]], color="black", linestyle="--", linewidth=1)
-        else:
+        elif row["split"] != "replicated":  # output side split
             ax.plot([0.6, 0.6], [y[i] - 0.3, y[i] + 0.3], color="black", linestyle="--",
                     linewidth=1)
         ax.text(1.35, y[i] + 0.12, f"{row['module']}: {row['split']}", fontsize=9,
