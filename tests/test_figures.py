@@ -1,22 +1,9 @@
 """scripts/figures.py: the pictures of docs/parallelism.md are drawn from the code, and say what
 the code does (the splits from the rules table, the tick from the simulated schedule)."""
-import importlib.util
-from pathlib import Path
-
-import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "figures.py"
+from tppjax.cli import figures
 
 
-@pytest.fixture(scope="module")
-def figures():
-    spec = importlib.util.spec_from_file_location("figures", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_draws_every_figure_small(figures, tmp_path):
+def test_draws_every_figure_small(tmp_path):
     assert figures.main(["--out", str(tmp_path)]) == 0
     names = {"mesh.png", "megatron.png", "1f1b_timeline.png", "1f1b_tick.png"}
     assert {p.name for p in tmp_path.iterdir()} == names
@@ -24,7 +11,7 @@ def test_draws_every_figure_small(figures, tmp_path):
         assert 0 < p.stat().st_size < 150_000, p  # committed in docs/: keep them small
 
 
-def test_splits_are_megatrons(figures):
+def test_splits_are_megatrons():
     from tppjax.spmd.mesh import make_mesh
 
     rows = figures.weight_splits(make_mesh(figures.MESH))
@@ -34,7 +21,7 @@ def test_splits_are_megatrons(figures):
     assert rows[0]["shard"] == (128, 32)  # tiny: 256 padded vocabulary rows over tensor=2
 
 
-def test_tick_is_1f1b_steady_state(figures):
+def test_tick_is_1f1b_steady_state():
     from tppjax.pipeline.schedules import make_schedule
     from tppjax.pipeline.simulate import simulate
 
