@@ -1,6 +1,9 @@
 """Draw the pictures of docs/parallelism.md from the code: the mesh, the Megatron splits, one tick.
 
-A door to `tppjax.cli.figures` (the code, which the tests import): python scripts/figures.py --help."""
+A door to `tppjax.cli.figures`, where the code is (the tests import it there).
+
+    python scripts/figures.py --help
+"""
 
 import sys
 from pathlib import Path
