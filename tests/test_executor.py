@@ -167,22 +167,23 @@ def temp_bytes(kind, m, dpt=(1, 4, 2), b_mb=4, seq=64, remat="none"):
 
 def w_keeps(dpt=(1, 4, 2), b_mb=4, seq=64, m=4):
     """Upper bound on what zb-h1 keeps for its deferred W's on one stage: every weight product's
-    input (F → W) and output gradient (B → W) in every slot of the buffers that hold them.
-    Unsharded bytes, so at least what one device holds."""
+    input and output gradient (B → W) in every slot of the buffer that holds them, and the
+    inputs also in every stash slot (F → B: B hands them on). Unsharded bytes, so at least what
+    one device holds."""
     tr, params = mesh_trainer(dpt, (b_mb, seq))
     block_def, stacked = nnx.split(nnx.merge(tr.graphdef, params).blocks)
     act = StageActions(block_def, "none", split=True)
 
     def kept(w, x):
-        _, stash, inputs = act.forward(w, x)
-        return inputs, act.backward(w, stash, x)[2]
+        _, stash = act.forward(w, x)
+        return act.backward(w, stash, x)[2]
 
     w = jax.tree.map(lambda a: a[: PIPE_MODEL.n_layers // dpt[1]], stacked)
     x = jax.ShapeDtypeStruct((b_mb, seq, PIPE_MODEL.d_model), jnp.float32)
-    inputs, deltas = (sum(a.size * a.dtype.itemsize for a in part)
-                      for part in jax.eval_shape(kept, w, x))
+    kept = jax.eval_shape(kept, w, x)
+    inputs, both = (sum(a.size * a.dtype.itemsize for a in part) for part in (kept[::2], kept))
     slots = plan("zb-h1", dpt[1], m).slots
-    return slots["i"] * inputs + slots["w"] * deltas
+    return slots["r"] * inputs + slots["w"] * both
 
 
 def test_1f1b_memory_flat_in_microbatches_gpipe_grows():

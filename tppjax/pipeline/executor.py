@@ -360,8 +360,8 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
 
     def forward(params, xs, xbuf, rbuf, ibuf, r):
         x = jnp.where(r[FIRST] == 1, xs[r[F_MB]], xbuf[r[X_GET]])
-        y, stash, inputs = act.forward(chunk_of(params, r[F_CHUNK]), x, layers_on(r[F_CHUNK]))
-        return vary((y, put(rbuf, r[R_PUT], stash), put(ibuf, r[I_PUT], inputs)))
+        y, stash = act.forward(chunk_of(params, r[F_CHUNK]), x, layers_on(r[F_CHUNK]))
+        return vary((y, put(rbuf, r[R_PUT], stash), ibuf))
 
     def head(hp, y, tgt, acc_h):
         """The loss of this micro-batch, and its gradient for this stage's B."""
@@ -380,8 +380,8 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
 
     def weights(params, ibuf, wbuf, acc_w, r):
         c = r[W_CHUNK]
-        dw = act.weight_grads(chunk_of(params, c), tuple(b[r[I_GET]] for b in ibuf),
-                              tuple(b[r[W_GET]] for b in wbuf), layers_on(c))
+        dw = act.weight_grads(chunk_of(params, c), tuple(b[r[W_GET]] for b in wbuf),
+                              layers_on(c))
         return vary(jax.tree.map(lambda A, d: A.at[c].add(d), acc_w, dw))
 
     def no_forward(params, xs, xbuf, rbuf, ibuf, r):
@@ -419,8 +419,8 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
         # layout of the pullback that B rebuilds): the buffers are sized from these shapes.
         def probe(w, x):
             on = None if active is None else layers_on(0)
-            _, stash, inputs = act.forward(w, x, on)
-            return stash, inputs, act.backward(w, stash, x, on)[2]
+            _, stash = act.forward(w, x, on)
+            return stash, (), act.backward(w, stash, x, on)[2]
 
         stash, inputs, deltas = jax.eval_shape(probe, jax.tree.map(lambda a: a[0], params), x0)
         # Sends write every tick, into the extra dummy slot when nothing arrives; the actions
@@ -497,9 +497,8 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     size; then `layers` is either the [L] stack or already padded to the slots of
     `pipeline.layout.StageLayout(stage_layers)`. Without it, L must divide by p·v.
     Zero-bubble schedules split each layer's backward exactly where its weight products go
-    through `models.transformer.project` on a `role="weight"` NNX parameter (the Transformer's
-    all do); any other parameter's gradient (all of a plain function's) is computed whole in
-    B, which is still correct.
+    through `tppjax.models.project` (one product per weight); any other parameter's gradient
+    (all of a plain function's) is computed whole in B, which is still correct.
     Differentiable in layers, loss_params and xs (custom_vjp; the schedule runs in the
     forward, and the backward scales the gradients it kept).
     """
