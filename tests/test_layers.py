@@ -13,9 +13,8 @@ import ast
 import tomllib
 from pathlib import Path
 
-import tppjax
-
-SOURCE = Path(tppjax.__file__).parent
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "tppjax"
 
 MAY_IMPORT = {  # package -> the packages of tppjax it may import (besides itself)
     "tppjax": set(),  # tppjax/__init__.py: the docstring only
@@ -34,7 +33,7 @@ EXCEPTIONS = {  # (importer, imported) module pairs that break a rule today, eac
 
 
 def module_name(path: Path) -> str:
-    parts = path.relative_to(SOURCE.parent).with_suffix("").parts
+    parts = path.relative_to(ROOT).with_suffix("").parts
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
@@ -59,8 +58,7 @@ def imports(module: str) -> list[tuple[str, int]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:  # relative: from .x import y
-                up = ".".join(here.split(".")[: len(here.split(".")) - node.level + 1])
-                base = f"{up}.{base}".rstrip(".")
+                base = f"{here.rsplit('.', node.level - 1)[0]}.{base}".rstrip(".")
             names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base
                      for alias in node.names]
         else:
@@ -74,7 +72,7 @@ GRAPH = {module: imports(module) for module in MODULES}
 
 
 def where(module: str, line: int) -> str:
-    return f"{MODULES[module].relative_to(SOURCE.parent)}:{line}"
+    return f"{MODULES[module].relative_to(ROOT)}:{line}"
 
 
 def test_every_package_has_a_place_in_the_layers():
@@ -121,6 +119,7 @@ def find_cycle(graph: dict[str, list[tuple[str, int]]]) -> list[tuple[str, str, 
 
 
 def test_no_import_cycle_between_modules():
+    """Not even inside a package: `a` imports `b` lazily and `b` imports `a` is a cycle too."""
     graph = {m: [(t, line) for t, line in found if (m, t) not in EXCEPTIONS]
              for m, found in GRAPH.items()}
     cycle = find_cycle(graph)
@@ -140,8 +139,7 @@ def test_scripts_are_doors_and_only_tppjax_is_installed():
     code, which the tests import, is in the package (make_hf_fixtures.py and
     torch_dualpipev.py import no tppjax: torch tools). `pip install -e .` puts only `tppjax`
     on the import path, not tests/ or scripts/."""
-    root = SOURCE.parent
-    for path in sorted((root / "scripts").glob("*.py")):
+    for path in sorted((ROOT / "scripts").glob("*.py")):
         tree = ast.parse(path.read_text(), str(path))
         ours = [name for node in ast.walk(tree)
                 for name in ([a.name for a in node.names] if isinstance(node, ast.Import) else
@@ -152,5 +150,5 @@ def test_scripts_are_doors_and_only_tppjax_is_installed():
         assert not ours or (len(ours) == 1 and ours[0].startswith("tppjax.cli.")
                             and not defined), f"scripts/{path.name}: imports {ours}, defines " \
             f"{defined}; move the code into tppjax (tppjax/cli for the command line)"
-    config = tomllib.loads((root / "pyproject.toml").read_text())
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert config["tool"]["setuptools"]["packages"]["find"] == {"include": ["tppjax*"]}
