@@ -68,36 +68,13 @@ class Stage:
     head_fn: Any  # (head_params, y, targets) → a micro-batch's mean loss
     xs: jax.Array  # (m, b_mb, ...): micro-batches (virtual stage 0 reads them)
     targets: jax.Array
-    actions: Any  # StageActions
+    actions: StageActions
     active: jax.Array | None  # [v, layers]: this stage's real layers (None: no padding)
 
     def chunk(self, c) -> tuple:
         """(weights, real layers or None) of chunk c. One chunk: a static index, so no copy
         of the stage's weights per tick."""
         return jax.tree.map(lambda a: a[c] if len(a) > 1 else a[0], (self.weights, self.active))
-
-
-class _Door:
-    """TEMPORARY adapter, until the new `pipeline.actions` lands: the new interface (forward →
-    (y, stash); backward → (dw, dx, kept); weight_grads(w, kept)) over the old one, F's product
-    inputs carried to W in the stash and then in what B keeps."""
-
-    def __init__(self, block_def, remat: str, split: bool):
-        self.old, self.n_stash = StageActions(block_def, remat, split), 0
-
-    def forward(self, w, x, active=None):
-        y, stash, inputs = self.old.forward(w, x, active)
-        self.n_stash = len(stash)
-        return y, stash + inputs
-
-    def backward(self, w, stash, g, active=None):
-        n = self.n_stash
-        dw, dx, deltas = self.old.backward(w, stash[:n], g, active)
-        return dw, dx, stash[n:] + deltas
-
-    def weight_grads(self, w, kept, active=None):
-        n = len(kept) // 2
-        return self.old.weight_grads(w, kept[:n], kept[n:], active)
 
 
 def _put(buffers: tuple, slot, values: tuple) -> tuple:
@@ -212,7 +189,7 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
     or [virtual stage, slot] bools, False for the padding slots that every action skips.
     `stage_axis`, `dp`: the mesh axes that split the stages and the micro-batch rows."""
     pl = plan_of(schedule)
-    actions = _Door(block_def, remat, pl.split)
+    actions = StageActions(block_def, remat, pl.split)
     send_ticks = sends(pl)  # the sends this schedule uses, and their ticks
 
     @functools.partial(
@@ -268,9 +245,8 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     size; then `layers` is either the [L] stack or already padded to the slots of
     `pipeline.layout.StageLayout(stage_layers)`. Without it, L must divide by p·v.
     Zero-bubble schedules split each layer's backward exactly where its weight products go
-    through `models.transformer.project` on a `role="weight"` NNX parameter (the Transformer's
-    all do); any other parameter's gradient (all of a plain function's) is computed whole in
-    B, which is still correct.
+    through `tppjax.models.project` (one product per weight); any other parameter's gradient
+    (all of a plain function's) is computed whole in B, which is still correct.
     Differentiable in layers, loss_params and xs (custom_vjp; the schedule runs in the
     forward, and the backward scales the gradients it kept).
     """
