@@ -12,6 +12,7 @@ planner's pick against the best measured step of its top 5.
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,12 +28,16 @@ from tppjax.cli.flags import (
 
 
 def add_plan_flags(ap: argparse.ArgumentParser) -> None:
-    """--memory-gib and --link-gbps, shared with train.py --plan auto."""
+    """--memory-gib, --link-gbps and --emulated, shared with train.py --plan auto."""
     ap.add_argument("--memory-gib", type=float, default=None,
                     help="memory per device in GiB; layouts that need more are refused "
                          "(default: no limit)")
     ap.add_argument("--link-gbps", type=float, default=50.0,
                     help="GB/s per device for the closed-form communication of each layout")
+    ap.add_argument("--emulated", action="store_true",
+                    help="rank by the step on this machine's emulated CPU devices (what "
+                         "--validate measures): all devices' work over the cores, and each "
+                         "collective at a measured latency; default: N real devices")
 
 
 def check_plan_flags(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -70,7 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def plan(cfg, devices: int, batch: int, seq: int, memory_gib: float | None, link_gbps: float,
-         fixed: dict | None = None) -> tuple[list[dict], list[dict], list]:
+         fixed: dict | None = None, emulated: bool = False
+         ) -> tuple[list[dict], list[dict], list]:
     """(fitting rows fastest first, rows over the budget, refused (layout, reason))."""
     from tppjax.errors import ConfigError
     from tppjax.measure import plan as planner
@@ -80,8 +86,10 @@ def plan(cfg, devices: int, batch: int, seq: int, memory_gib: float | None, link
         why = f": {refused[0][0]}: {refused[0][1]}" if refused else ""
         raise ConfigError(f"no layout of {devices} devices runs this model and batch{why}")
     budget = None if memory_gib is None else memory_gib * 2**30
+    emulation = {"emulated_cores": os.cpu_count(),
+                 "collective_s": planner.collective_latency_s()} if emulated else {}
     fits, over = planner.rank(cfg, cands, batch, seq, budget, planner.timer(cfg, seq),
-                              link_gbps)
+                              link_gbps, **emulation)
     if not fits:
         raise ConfigError(f"no layout fits --memory-gib {memory_gib}: the smallest, "
                           f"{over[0]['layout']}, {over[0]['why']}; raise --memory-gib")
@@ -139,7 +147,7 @@ def main(argv=None) -> int:
     cfg = model_config(args, "small")
     seq = args.seq_len or min(128, cfg.max_seq_len)
     fits, over, refused = plan(cfg, args.devices, args.batch_size, seq, args.memory_gib,
-                               args.link_gbps)
+                               args.link_gbps, emulated=args.emulated or args.validate)
     show(fits, over, refused, args.top)
     out = {"devices": args.devices, "memory_gib": args.memory_gib, "batch_size": args.batch_size,
            "seq_len": seq, "ranked": [planner.as_json(r) for r in fits],
@@ -172,3 +180,37 @@ def run(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(run())
+
+
+def plan_run(args: argparse.Namespace, cfg, seq_len: int) -> None:
+    """train.py --plan auto: set --mesh, --schedule, --microbatches, --virtual-stages and
+    --remat to the planner's pick for this machine's devices. Those flags, when given, win: the
+    pick is the fastest layout that has them (--remat none is the default, so it leaves remat
+    to the planner). Flags the planner does not model are refused."""
+    import jax
+
+    from tppjax.errors import ConfigError
+    from tppjax.spmd.mesh import parse_mesh_spec
+
+    for name, given in (("--schedule-file", args.schedule_file),
+                        ("--stage-layers", args.stage_layers),
+                        ("--sequence-parallel", args.sequence_parallel),
+                        ("--grad-accum", args.grad_accum > 1),
+                        ("--init-from-hf", args.init_from_hf)):
+        if given:
+            raise ConfigError(f"--plan auto does not plan with {name}; drop {name} or --plan")
+    fixed = {k: v for k, v in (("schedule", args.schedule), ("microbatches", args.microbatches),
+                               ("virtual_stages", args.virtual_stages),
+                               ("remat", None if args.remat == "none" else args.remat))
+             if v is not None}
+    if args.mesh:
+        fixed["mesh"] = parse_mesh_spec(args.mesh)
+    seq = args.seq_len or min(seq_len, cfg.max_seq_len)
+    fits, _, _ = plan(cfg, jax.device_count(), args.batch_size, seq, args.memory_gib,
+                      args.link_gbps, fixed, args.emulated)
+    pick = fits[0]["candidate"]
+    args.mesh, args.remat = pick.mesh_spec, pick.remat
+    if pick.schedule != "-":
+        args.schedule, args.microbatches = pick.schedule, pick.microbatches
+        args.virtual_stages = pick.virtual_stages
+    print(f"plan: {pick} of {len(fits)} that fit: {fits[0]['why']}")

@@ -65,8 +65,8 @@ class Candidate:
     def __str__(self) -> str:
         if self.schedule == "-":
             return f"{self.mesh_spec} remat={self.remat}"
-        layers = "" if len(set(self.stage_layers)) == 1 else \
-            f" layers={','.join(map(str, self.stage_layers))}"
+        layers = f" layers={','.join(map(str, self.stage_layers))}" \
+            if len(set(self.stage_layers)) > 1 else ""
         return (f"{self.mesh_spec}:{self.schedule} m={self.microbatches} v={self.virtual_stages}"
                 f" remat={self.remat}{layers}")
 
@@ -220,27 +220,35 @@ def residual_bytes(cfg, what: str, rows: int, seq: int, t: int, layers: int = 0,
     return tuple(out)
 
 
-def param_bytes(cfg, sizes: dict[str, int], slots: int | None = None) -> int:
-    """Float32 parameter bytes on one device: each parameter's shape divided by the mesh axes
-    that `spmd.rules` maps its logical axes to; the blocks padded to `slots` layers."""
+@functools.cache
+def _params(cfg) -> tuple[tuple, ...]:
+    """Per parameter (shape, logical axes, itemsize), read from the model's declarations."""
     import jax
     from flax import nnx
 
     from tppjax.models import Transformer
-    from tppjax.spmd.rules import Rules
 
     with nnx.use_eager_sharding(False):
         state = nnx.state(nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0))))
+    return tuple((var.shape, var.get_metadata().get("out_sharding") or (None,) * var.ndim,
+                  var.dtype.itemsize)
+                 for var in jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable)))
+
+
+def param_bytes(cfg, sizes: dict[str, int], slots: int | None = None) -> int:
+    """Float32 parameter bytes on one device: each parameter's shape divided by the mesh axes
+    that `spmd.rules` maps its logical axes to; the blocks padded to `slots` layers."""
+    from tppjax.spmd.rules import Rules
+
     rules, total = Rules(), 0
-    for var in jax.tree.leaves(state, is_leaf=lambda v: isinstance(v, nnx.Variable)):
-        logical = var.get_metadata().get("out_sharding") or (None,) * var.ndim
-        shape = list(var.shape)
+    for shape, logical, itemsize in _params(cfg):
+        shape = list(shape)
         if slots is not None and "layers" in logical:
             shape[logical.index("layers")] = slots
         for i, axes in enumerate(rules.param_spec(tuple(logical))):
             for axis in (axes,) if isinstance(axes, str) else axes or ():
                 shape[i] //= sizes[axis]
-        total += math.prod(shape) * var.dtype.itemsize
+        total += math.prod(shape) * itemsize
     return total
 
 
@@ -269,8 +277,10 @@ def memory(cfg, c: Candidate, batch: int, seq: int) -> Memory:
     x_mb = b_mb * seq * cfg.d_model * cfg.dtype.itemsize
     waiting = (pl.slots["x"] + 1 + pl.slots["g"] + 1 + m + 1) * x_mb  # ring buffers, dx rows
     embedded = 2 * rows * seq * cfg.d_model * cfg.dtype.itemsize  # embed output, its gradient
-    # The loop's gradient sums: the stage's weights whole over the data axes (manual there).
-    accumulators = param_bytes(cfg, {**sizes, "fsdp": 1}, layout.slots)
+    # The loop's gradient sums: the stage's weights whole over the data axes (manual there);
+    # the weights too enter it whole (gathered over fsdp) and, interleaved, moved to chunks.
+    whole = param_bytes(cfg, {**sizes, "fsdp": 1}, layout.slots)
+    accumulators = whole * (1 + (sizes["fsdp"] > 1 or v > 1))
     # The head's residuals (in F) and B's recomputation are never alive at once.
     transient = max(residual_bytes(cfg, "head", b_mb, seq, t)[0],
                     _recompute(cfg, c, b_mb, seq, layout.slots_per_stage))
@@ -316,38 +326,63 @@ def compiled_peak(cfg, c: Candidate, batch: int, seq: int) -> int:
 
 
 # ---- step time ----------------------------------------------------------------------------
-def step_seconds(cfg, c: Candidate, batch: int, seq: int, action_s, link_gbps: float
+def step_seconds(cfg, c: Candidate, batch: int, seq: int, action_s, link_gbps: float,
+                 emulated_cores: int | None = None, collective_s: float = 0.0
                  ) -> dict[str, float]:
-    """{"compute_s", "comm_s", "step_s"} of candidate `c` on real devices. `action_s(layers,
-    rows, split, remat)` → {kind: seconds} of one action alone (`measure.timing.time_actions`,
-    cached by the caller)."""
+    """{"compute_s", "comm_s", "step_s"} of candidate `c`. `action_s(layers, rows, split,
+    remat)` → {kind: seconds} of one action alone (`measure.timing.time_actions`, cached by the
+    caller). On real devices (`emulated_cores` None) each device runs its 1/t of the products
+    and the schedule's ticks in lockstep. On N devices emulated by `emulated_cores` CPU cores,
+    idle devices free the cores (docs/design.md §7): the step is the work of every device
+    together over the cores. Each collective execution costs `collective_s` plus its
+    closed-form bytes at `link_gbps`."""
     from tppjax.measure import analysis
     from tppjax.measure.timing import predict_lockstep_s
     from tppjax.spmd.pipelined import head_cost
     from tppjax.spmd.rules import batch_shards
 
     sizes = c.sizes
-    p, t, rows = sizes["stage"], sizes["tensor"], batch // batch_shards(sizes)
+    p, t, d = sizes["stage"], sizes["tensor"], batch_shards(sizes)
     head = head_cost(cfg, seq)  # the head and loss, in layers' worth of work
     if p == 1:
-        costs = action_s(cfg.n_layers, rows, False, c.remat)
+        costs = action_s(cfg.n_layers, batch // d, False, c.remat)
         compute = (costs["F"] + costs["B"]) * (1 + head / cfg.n_layers)
-        uneven = None
+        work, uneven = compute * d, None
     else:
         m, v, layers = c.microbatches, c.virtual_stages, c.stage_layers
         split = c.schedule in ("zb-h1", "zb-h2", "zb-v", "dualpipe-v")
         uneven = layers if len(set(layers)) > 1 else None
-        per = {n: action_s(n, rows // m, split, c.remat) for n in set(layers) if n}
+        per = {n: action_s(n, batch // d // m, split, c.remat) for n in set(layers) if n}
         widest = per[max(layers)]
         compute = predict_lockstep_s(c.schedule, p, m, v, per if uneven else widest, uneven)
         # The last stage runs the head in each micro-batch's F (and its backward there too).
-        compute += m * head * (widest["F"] + widest["B"]) / max(layers)
-    comm = sum(e.total_bytes for e in analysis.expected(
-        cfg, sizes, batch, seq, c.microbatches, "gpipe" if p == 1 else c.schedule,
-        c.virtual_stages, False, c.remat, uneven))
-    compute /= t  # tensor parallelism splits every product t ways
-    comm_s = comm / (link_gbps * 1e9)
+        head_s = m * head * (widest["F"] + widest["B"]) / max(layers)
+        compute += head_s
+        work = d * (m * sum(sum(per[n].values()) for n in layers if n) + head_s)
+    rows = analysis.expected(cfg, sizes, batch, seq, c.microbatches,
+                             "gpipe" if p == 1 else c.schedule, c.virtual_stages, False,
+                             c.remat, uneven)
+    comm_s = sum(e.total_bytes / (link_gbps * 1e9) + e.count * collective_s for e in rows)
+    # Tensor parallelism splits every product t ways: 1/t on each of t devices.
+    compute = compute / t if emulated_cores is None else work / min(emulated_cores, p * d * t)
     return {"compute_s": compute, "comm_s": comm_s, "step_s": compute + comm_s}
+
+
+def collective_latency_s(repeats: int = 20) -> float:
+    """Seconds of one small all-reduce over every device of this machine (the fastest of
+    `repeats`): what a collective costs beyond its bytes, where devices are emulated threads."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from tppjax.measure.timing import _fastest_s
+    from tppjax.spmd.mesh import make_mesh
+
+    mesh = make_mesh({"data": jax.device_count()})
+    total = jax.jit(jax.shard_map(lambda a: jax.lax.psum(a, "data"), mesh=mesh,
+                                  in_specs=P("data"), out_specs=P()))
+    a = jax.device_put(jnp.ones(jax.device_count()), jax.NamedSharding(mesh, P("data")))
+    return _fastest_s({"all-reduce": (total, (a,))}, repeats)["all-reduce"]
 
 
 def timer(cfg, seq: int, repeats: int = 3):
@@ -362,9 +397,10 @@ def timer(cfg, seq: int, repeats: int = 3):
 
 
 def rank(cfg, cands: list[Candidate], batch: int, seq: int, budget_bytes: float | None,
-         action_s, link_gbps: float = 50.0) -> tuple[list[dict], list[dict]]:
+         action_s, link_gbps: float = 50.0, **emulation) -> tuple[list[dict], list[dict]]:
     """(fitting rows fastest first, rows over `budget_bytes`). A row: the candidate, its
-    `Memory`, its `step_seconds` and why it sits where it does."""
+    `Memory`, its `step_seconds` (`emulation`: its `emulated_cores`, `collective_s`) and why
+    it sits where it does."""
     from tppjax.pipeline.schedules import make_schedule
     from tppjax.pipeline.simulate import simulate
 
@@ -373,11 +409,11 @@ def rank(cfg, cands: list[Candidate], batch: int, seq: int, budget_bytes: float 
         mem = memory(cfg, c, batch, seq)
         row = {"layout": str(c), "candidate": c, "memory": mem}
         if budget_bytes is not None and mem.total > budget_bytes:
-            row["why"] = (f"needs {mem.total / 2**20:.2f} MiB per device, over the "
-                          f"{budget_bytes / 2**20:.2f} MiB budget ({_parts(mem)})")
+            row["why"] = (f"needs {mem.total / 2**20:.3f} MiB per device, over the "
+                          f"{budget_bytes / 2**20:.3f} MiB budget ({_parts(mem)})")
             over.append(row)
             continue
-        row.update(step_seconds(cfg, c, batch, seq, action_s, link_gbps))
+        row.update(step_seconds(cfg, c, batch, seq, action_s, link_gbps, **emulation))
         bubble = 0.0
         if c.schedule != "-":
             bubble = simulate(make_schedule(c.schedule, c.sizes["stage"], c.microbatches,
