@@ -7,6 +7,7 @@ import pytest
 
 from tests.helpers import BATCH, SEQ, TEST_MODEL
 from tppjax.cli import plan as cli
+from tppjax.cli import train
 from tppjax.measure import plan as planner
 
 
@@ -76,3 +77,14 @@ def test_bad_input_is_one_line(argv, message, capsys, monkeypatch):
                                   *argv]))
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--stage-layers", "1,1"], "--plan auto does not plan with --stage-layers; drop"),
+    (["--mesh", "data=8", "--schedule", "1f1b"], "no layout of 8 devices runs this model"),
+])
+def test_train_plan_auto_refuses_what_it_does_not_plan(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(planner, "timer", lambda cfg, seq: fake_action_s)
+    code = train.main(["--preset", "tiny", "--plan", "auto", "--steps", "1", *argv])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err

@@ -41,6 +41,11 @@ def add_plan_flags(ap: argparse.ArgumentParser) -> None:
 
 
 def check_plan_flags(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Positive finite numbers; in train.py, no planner flag without --plan (it would do
+    nothing)."""
+    if getattr(args, "plan", "auto") is None and (args.memory_gib is not None or args.emulated):
+        ap.error("--memory-gib and --emulated choose the layout of --plan auto; add --plan auto "
+                 "or drop them")
     for name in ("memory_gib", "link_gbps"):
         value = getattr(args, name)
         if value is not None and not (value > 0 and value != float("inf")):
@@ -83,8 +88,10 @@ def plan(cfg, devices: int, batch: int, seq: int, memory_gib: float | None, link
 
     cands, refused = planner.candidates(cfg, devices, batch, seq, fixed)
     if not cands:
-        why = f": {refused[0][0]}: {refused[0][1]}" if refused else ""
-        raise ConfigError(f"no layout of {devices} devices runs this model and batch{why}")
+        given = f" with {', '.join(f'{k}={v}' for k, v in fixed.items())}" if fixed else ""
+        why = f"; e.g. {refused[-1][0]}: {refused[-1][1]}" if refused else ""
+        raise ConfigError(f"no layout of {devices} devices runs this model and batch{given}"
+                          f"{why}")
     budget = None if memory_gib is None else memory_gib * 2**30
     emulation = {"emulated_cores": os.cpu_count(),
                  "collective_s": planner.collective_latency_s()} if emulated else {}

@@ -363,6 +363,12 @@ def step_seconds(cfg, c: Candidate, batch: int, seq: int, action_s, link_gbps: f
                              "gpipe" if p == 1 else c.schedule, c.virtual_stages, False,
                              c.remat, uneven)
     comm_s = sum(e.total_bytes / (link_gbps * 1e9) + e.count * collective_s for e in rows)
+    f = sizes["fsdp"]
+    if f > 1 and p > 1:  # the closed forms count FSDP's collectives only without stages
+        # The pipeline gathers each weight over fsdp once per step and reduce-scatters its
+        # gradient once (docs/design.md §3): two collectives per parameter, ring (f-1)/f.
+        moved = param_bytes(cfg, {**sizes, "fsdp": 1}) * (f - 1) / f
+        comm_s += 2 * (len(_params(cfg)) * collective_s + moved / (link_gbps * 1e9))
     # Tensor parallelism splits every product t ways: 1/t on each of t devices.
     compute = compute / t if emulated_cores is None else work / min(emulated_cores, p * d * t)
     return {"compute_s": compute, "comm_s": comm_s, "step_s": compute + comm_s}
