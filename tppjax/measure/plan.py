@@ -3,9 +3,9 @@ step time, ranked.
 
 Candidates: every factorisation of N over the mesh axes of `spmd.mesh.AXES` (a `context` axis
 joins them there when it exists), every schedule of `pipeline.schedules` with the chunks it
-runs (`chunks_needed`), every micro-batch count m that divides the batch per data shard, every
-remat, and the stage split that a run would use (`spmd.pipelined.stage_layout`). A candidate is
-refused by the checks a run makes (`spmd.rules.check_layout`, `spmd.pipelined.check_pipeline`,
+runs (`chunks_needed`), every micro-batch count m from p to 4p that divides the batch per data
+shard (fewer idle the stages, more only add ticks), every remat, and the stage split that a
+run would use (`spmd.pipelined.stage_layout`). A candidate is refused by the checks a run makes (`spmd.rules.check_layout`, `spmd.pipelined.check_pipeline`,
 which builds and validates the schedule), with their message as the reason.
 
 Memory per device, in named parts (`Memory`): parameters, gradients and AdamW's two moments
@@ -20,12 +20,16 @@ read at one data shard's rows; a residual split over `tensor` (one with a heads,
 or vocabulary dimension) counts 1/t, found by reading the same residuals of a small probe model
 whose split sizes are primes that no other dimension has.
 
-Step time (seconds on N real devices): F and B (and W) of one micro-batch through one virtual
-stage's layers, each timed alone on one device (`measure.timing.time_actions`), through the
-schedule's lockstep ticks (`predict_lockstep_s`, this executor's step), without stages the
-F + B of all layers; the head and loss add `spmd.pipelined.head_cost` layers' worth per
-micro-batch; the work is divided by t (tensor parallelism splits every product t ways); and
-the closed-form bytes of `measure.analysis.expected` cross the links at `link_gbps`.
+Step time: F and B (and W) of one micro-batch through one virtual stage's layers, each timed
+alone on one device (`measure.timing.time_actions`), through the schedule's lockstep ticks
+(`predict_lockstep_s`, this executor's step), or without stages F + B of all layers; the head
+and loss add `spmd.pipelined.head_cost` layers' worth per micro-batch. On N real devices each
+device runs 1/t of every product; on devices emulated by a few CPU cores (`emulated_cores`, what
+`--validate` measures) the step is every device's work over the cores, since an idle device
+frees its core. Communication: the closed-form bytes of `measure.analysis.expected` at
+`link_gbps`, plus a latency per collective execution (measured, `collective_latency_s`, when
+emulated), plus FSDP's once-per-step weight gather and gradient reduce-scatter in pipelines,
+which the closed forms count only without stages.
 """
 
 from __future__ import annotations
@@ -287,7 +291,6 @@ def memory(cfg, c: Candidate, batch: int, seq: int) -> Memory:
     return Memory(**base, activations=pl.slots["r"] * stash + pl.slots["i"] * inputs
                   + pl.slots["w"] * deltas,
                   buffers=waiting + embedded + transient + accumulators)
-
 
 
 def _recompute(cfg, c: Candidate, rows: int, seq: int, stage_layers: int) -> int:
