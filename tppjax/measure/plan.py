@@ -5,8 +5,9 @@ Candidates: every factorisation of N over the mesh axes of `spmd.mesh.AXES` (a `
 joins them there when it exists), every schedule of `pipeline.schedules` with the chunks it
 runs (`chunks_needed`), every micro-batch count m from p to 4p that divides the batch per data
 shard (fewer idle the stages, more only add ticks), every remat, and the stage split that a
-run would use (`spmd.pipelined.stage_layout`). A candidate is refused by the checks a run makes (`spmd.rules.check_layout`, `spmd.pipelined.check_pipeline`,
-which builds and validates the schedule), with their message as the reason.
+run would use (`spmd.pipelined.stage_layout`). A candidate is refused by the checks a run
+makes (`spmd.rules.check_layout`, `spmd.pipelined.check_pipeline`, which builds and validates
+the schedule), with their message as the reason.
 
 Memory per device, in named parts (`Memory`): parameters, gradients and AdamW's two moments
 from the parameters' own logical axes and `spmd.rules` (exact); the token batch; and the
