@@ -159,9 +159,9 @@ def _probe_config(cfg):
 def _leaves(cfg, what: str, rows: int, seq: int, layers: int, remat: str, split: bool,
             padded: bool) -> tuple[tuple, ...]:
     """Groups of residual leaves, each leaf (shape, itemsize), of `what`: "model" (the whole
-    loss under `jax.vjp`, one device, its parameters left out), "stage" (F's stash of `layers` layers,
-    then its inputs and B's output gradients for W when `split`) or "head" (the head and loss of
-    one micro-batch); one group, or for "stage" three."""
+    loss under `jax.vjp`, one device, its parameters left out), "stage" (F's stash of `layers`
+    layers, then its inputs and B's output gradients for W when `split`) or "head" (the head
+    and loss of one micro-batch); one group, or for "stage" three."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
