@@ -23,8 +23,8 @@ from tppjax.cli.flags import (
     check_outputs,
     configure_devices,
     model_config,
-    output_error,
 )
+from tppjax.spmd.outputs import output_error
 
 
 def add_plan_flags(ap: argparse.ArgumentParser) -> None:
