@@ -17,6 +17,7 @@ from typing import NoReturn
 from tppjax.cli import flags as cli
 from tppjax.cli.flags import Parser, add_model_flags, check_limits, given_model_flags
 from tppjax.cli.flags import check_run_flags as _check_run_flags
+from tppjax.cli.plan import add_plan_flags, check_plan_flags, plan_run
 
 SEQ_LEN = 128  # without --seq-len: this, or the model's max_seq_len where that is shorter
 
@@ -64,6 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the layers divide, else auto)")
     p.add_argument("--remat", choices=["none", "layer", "stage"], default="none",
                    help="recompute activations in the backward pass")
+    p.add_argument("--plan", choices=["auto"], default=None,
+                   help="auto: mesh, schedule, micro-batches, virtual stages and remat from "
+                        "scripts/plan.py's pick for these devices (those flags, when given, "
+                        "bind the pick; --remat none leaves remat to it)")
+    add_plan_flags(p)
     p.add_argument("--grad-accum", type=int, default=1,
                    help="split each step's batch into K sequential chunks, one update")
     p.add_argument("--eval-every", type=int, default=50,
@@ -89,6 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flags(p)
     args = p.parse_args(argv)
     check_limits(p, args)
+    check_plan_flags(p, args)
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a finite number above 0, got {args.lr}")
     return args
@@ -113,6 +120,8 @@ def build(args: argparse.Namespace):
                                seq_len=args.seq_len, compute_dtype=args.dtype)
     else:
         cfg = cli.model_config(args, "small")
+    if args.plan:
+        plan_run(args, cfg, SEQ_LEN)
     stages = check_run_flags(args, cfg)
     mesh = make_mesh(args.mesh)
     schedule, m, v = args.schedule or "gpipe", 2 * stages if stages > 1 else 1, 1
