@@ -70,7 +70,7 @@ def weight_splits(mesh) -> list[dict]:
 def tick_sends(sim, tick: int) -> list[tuple]:
     """Per stage, (action, the stage its output goes to, or None) at lockstep `tick`: F hands
     its activation to the stage holding the next virtual stage, B its input gradient to the
-    one holding the previous (as `pipeline.executor.plan_of` wires the sends)."""
+    one holding the previous (as `pipeline.table.plan_of` wires the sends)."""
     sched = sim.schedule
     last = sched.stages * sched.virtual_stages - 1
     out = []

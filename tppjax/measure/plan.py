@@ -13,7 +13,7 @@ Memory per device, in named parts (`Memory`): parameters, gradients and AdamW's 
 from the parameters' own logical axes and `spmd.rules` (exact); the token batch; and the
 activations: without stages, the residuals that autodiff keeps for the backward (read with
 `jax.eval_shape` of the loss's `jax.vjp`); with stages, the executor's buffers: its slots per
-stage (`pipeline.executor.plan_of`, the colouring of the micro-batches in flight that it
+stage (`pipeline.table.plan_of`, the colouring of the micro-batches in flight that it
 allocates) times what F keeps per micro-batch for that remat (`pipeline.actions.StageActions`,
 read with `jax.eval_shape`), plus the stage inputs and output gradients waiting in the ring
 buffers, the head's residuals of one micro-batch and the gradient accumulators. Residuals are
@@ -259,7 +259,7 @@ def param_bytes(cfg, sizes: dict[str, int], slots: int | None = None) -> int:
 
 def memory(cfg, c: Candidate, batch: int, seq: int) -> Memory:
     """`Memory` per device of candidate `c` (see the module docstring)."""
-    from tppjax.pipeline.executor import plan
+    from tppjax.pipeline.table import plan
     from tppjax.pipeline.layout import StageLayout
     from tppjax.spmd.rules import batch_shards
 
@@ -289,8 +289,7 @@ def memory(cfg, c: Candidate, batch: int, seq: int) -> Memory:
     # The head's residuals (in F) and B's recomputation are never alive at once.
     transient = max(residual_bytes(cfg, "head", b_mb, seq, t)[0],
                     _recompute(cfg, c, b_mb, seq, layout.slots_per_stage))
-    return Memory(**base, activations=pl.slots["r"] * stash + pl.slots["i"] * inputs
-                  + pl.slots["w"] * deltas,
+    return Memory(**base, activations=pl.slots["stash"] * stash + pl.slots["kept"] * deltas,
                   buffers=waiting + embedded + transient + accumulators)
 
 
