@@ -1,6 +1,9 @@
 """Benchmark layouts against one device on the same global batch, in one run.
 
-A door to `tppjax.cli.bench` (the code, which the tests import): python scripts/bench.py --help."""
+A door to `tppjax.cli.bench`, where the code is (the tests import it there).
+
+    python scripts/bench.py --help
+"""
 
 import sys
 from pathlib import Path

@@ -1,6 +1,9 @@
 """Explain where TP and PP act: per module, its shards and the collectives placed there.
 
-A door to `tppjax.cli.explain` (the code, which the tests import): python scripts/explain.py --help."""
+A door to `tppjax.cli.explain`, where the code is (the tests import it there).
+
+    python scripts/explain.py --help
+"""
 
 import sys
 from pathlib import Path

@@ -1,6 +1,6 @@
 """Hugging Face Llama / GPT-2 folders: logits on any mesh, and train.py checkpoints out.
 
-A door to `tppjax.cli.hf` (the code, which the tests import): python scripts/hf.py --help."""
+A door to `tppjax.cli.hf`, where the code is (the tests import it there): scripts/hf.py --help."""
 
 import sys
 from pathlib import Path

@@ -1,6 +1,9 @@
 """Run N copies of a JAX script on this machine as one multi-process job, over loopback.
 
-A door to `tppjax.cli.launch_local` (the code, which the tests import): python scripts/launch_local.py --help."""
+A door to `tppjax.cli.launch_local`, where the code is (the tests import it there).
+
+    python scripts/launch_local.py --help
+"""
 
 import sys
 from pathlib import Path

@@ -1,6 +1,9 @@
 """Draw the train and eval loss curves of a run from its metrics file (one JSON object a line).
 
-A door to `tppjax.cli.plot` (the code, which the tests import): python scripts/plot.py --help."""
+A door to `tppjax.cli.plot`, where the code is (the tests import it there).
+
+    python scripts/plot.py --help
+"""
 
 import sys
 from pathlib import Path

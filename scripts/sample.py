@@ -1,6 +1,9 @@
 """Generate text from a scripts/train.py checkpoint or a Hugging Face Llama / GPT-2 folder.
 
-A door to `tppjax.cli.sample` (the code, which the tests import): python scripts/sample.py --help."""
+A door to `tppjax.cli.sample`, where the code is (the tests import it there).
+
+    python scripts/sample.py --help
+"""
 
 import sys
 from pathlib import Path

@@ -1,6 +1,9 @@
 """Print a pipeline schedule's timeline and its simulated figures next to the closed forms.
 
-A door to `tppjax.cli.schedule` (the code, which the tests import): python scripts/schedule.py --help."""
+A door to `tppjax.cli.schedule`, where the code is (the tests import it there).
+
+    python scripts/schedule.py --help
+"""
 
 import sys
 from pathlib import Path

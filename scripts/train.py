@@ -1,6 +1,9 @@
 """Train a Transformer with data, tensor and pipeline parallelism on a named mesh.
 
-A door to `tppjax.cli.train` (the code, which the tests import): python scripts/train.py --help."""
+A door to `tppjax.cli.train`, where the code is (the tests import it there).
+
+    python scripts/train.py --help
+"""
 
 import sys
 from pathlib import Path

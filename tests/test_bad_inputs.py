@@ -117,13 +117,14 @@ def test_every_preset_runs_on_the_defaults(preset, mesh, seq_len):
 def test_bad_output_path_is_refused_at_start(args, expect, tmp_path):
     """Checked before training (they were found only when the plot or the trace was written,
     after the run)."""
-    from tppjax.cli.train import check_run_outputs
     from tppjax.errors import ConfigError
+    from tppjax.spmd.outputs import check_run_outputs
 
     (tmp_path / "a_file").touch()
     args = parse_args([a.format(d=tmp_path) for a in args])
     with pytest.raises(ConfigError) as err:
-        check_run_outputs(args)
+        check_run_outputs(args.metrics, args.plot, args.profile_dir, resume=args.resume,
+                          overwrite=args.overwrite)
     assert str(err.value).startswith(expect.format(d=tmp_path))
 
 

@@ -20,9 +20,9 @@ from tests.helpers import BATCH, SEQ, TEST_MODEL, compiled, weight_gathers
 from tppjax.measure import analysis, census, hlo
 from tppjax.models import Transformer
 from tppjax.pipeline.actions import StageActions
-from tppjax.pipeline.executor import action_counts, plan
-from tppjax.pipeline.schedules import SCHEDULES, chunks_needed, make_schedule
+from tppjax.pipeline.schedules import SCHEDULES, ActionKind, chunks_needed, make_schedule
 from tppjax.pipeline.simulate import simulate
+from tppjax.pipeline.table import SENDS, action_counts, plan
 from tppjax.spmd.pipelined import head_parts
 from tppjax.spmd.rules import batch_shards
 
@@ -142,20 +142,19 @@ def test_pipeline_flops_equal_actions_alone_times_the_table(case):
     w = jax.tree.map(lambda a: a[: cfg.n_layers // (p * tc.virtual_stages)], stacked)
     x = jnp.ones((BATCH // d // tc.microbatches, SEQ, cfg.d_model))
     act = StageActions(block_def, tc.remat, pl.split)
-    y, stash, inputs = act.forward(w, x)
+    y, stash = act.forward(w, x)
     cost = {"F": action_flops(act.forward, w, x),
             "B": action_flops(act.backward, w, stash, y)}
     if pl.split:
-        cost["BW"] = action_flops(act.weight_grads, w, inputs, act.backward(w, stash, y)[2])
-        cost["BX"] = cost.pop("B")
+        cost["W"] = action_flops(act.weight_grads, w, act.backward(w, stash, y)[2])
     hp, head_fn = head_parts(model)
     tgt = jnp.zeros(x.shape[:2], jnp.int32)
     head = action_flops(lambda hp, y: jax.value_and_grad(head_fn, (0, 1))(hp, y, tgt), hp, y)
     per_stage = collections.Counter()
-    cost["head"] = head
-    for scope, runs in action_counts(pl).items():
-        for s, n in enumerate(runs):
-            per_stage[s] += n * cost.get(scope.removeprefix("action_"), 0.0)
+    cost[ActionKind.HEAD] = head
+    for kind in ActionKind:
+        for s, n in enumerate(action_counts(pl).get(kind.scope, ())):
+            per_stage[s] += n * cost.get(kind, 0.0)
     assert sum(flops["dot"].values()) == pytest.approx(d * sum(per_stage.values()), rel=1e-6)
 
 
@@ -190,17 +189,17 @@ def holder(placement: str, p: int, k: int) -> tuple[int, int]:
     return k % p, k // p
 
 
-def sends_from_actions(sched) -> dict[str, int]:
+def sends_from_actions(sched) -> dict[ActionKind, int]:
     """Per send scope, the ticks on which some stage sends, derived from the schedule's actions
     alone: an F of virtual stage k < pv − 1 hands its activation to the holder of k + 1, a B
     (the input gradient) of k > 0 its gradient to the holder of k − 1, in the tick the action
     runs (lockstep: one slot a tick); nothing moves where both are on one stage (V's turn).
-    Scopes by direction (`executor.SENDS`): to the next stage (looped: p − 1 to 0 around the
-    ring) `send_activation` and `send_gradient_back`, to the previous one `send_activation_back`
-    and `send_gradient` (on a ring of 2 stages next and previous are one: named as the next)."""
+    Kinds by direction (`table.SENDS`): to the next stage (looped: p − 1 to 0 around the
+    ring) SEND_F and SEND_B_BACK, to the previous one SEND_F_BACK and SEND_B (on a ring of 2
+    stages next and previous are one: named as the next)."""
     p, v = sched.stages, sched.virtual_stages
     ring = sched.placement == "looped" and v > 1
-    ticks: dict[str, set[int]] = collections.defaultdict(set)
+    ticks: dict[ActionKind, set[int]] = collections.defaultdict(set)
     for (s, a), t in simulate(sched, lockstep=True).starts.items():
         k = p * a.chunk + s if sched.placement == "looped" else (s, 2 * p - 1 - s)[a.chunk]
         assert holder(sched.placement, p, k) == (s, a.chunk)  # the two readings agree
@@ -211,8 +210,8 @@ def sends_from_actions(sched) -> dict[str, int]:
         if r == s:  # V's turn: handed over within the stage
             continue
         down = r == s + 1 or ring and (s, r) == (p - 1, 0)
-        ticks[{("F", True): "send_activation", ("F", False): "send_activation_back",
-               ("B", True): "send_gradient_back", ("B", False): "send_gradient"}[
+        ticks[{("F", True): ActionKind.SEND_F, ("F", False): ActionKind.SEND_F_BACK,
+               ("B", True): ActionKind.SEND_B_BACK, ("B", False): ActionKind.SEND_B}[
                    a.kind, down]].add(t)
     return {name: len(t) for name, t in ticks.items()}
 
@@ -259,14 +258,14 @@ def test_census_sends_equal_the_actions_and_skip_empty_ticks(case):
     want = sends_from_actions(make_schedule(tc.schedule, tr.stages, tc.microbatches,
                                             tc.virtual_stages))
     sends = [r for r in got if r.op == "collective-permute" and r.source == "pipeline send/recv"]
-    counted = {census._SEND.search(r.name).group(1): r.counts for r in sends}
+    counted = {ActionKind.in_op(r.name): r.counts for r in sends}
     assert len(counted) == len(sends)
     assert counted == {k: (float(n),) * tr.stages for k, n in want.items()}, (counted, want)
     text = compiled(*CASES[case][:2], cfg=CASES[case][2], **CASES[case][3])[3]
     comps, _ = hlo._parse_computations(text)
     always = unconditional(text)
     where = {c for c, instrs in comps.items() for ins in instrs
-             if ins.opcode == "collective-permute" and census._SEND.search(ins.attrs)}
+             if ins.opcode == "collective-permute" and ActionKind.in_op(ins.attrs) in SENDS}
     assert where and not where & always, sorted(where & always)
 
 

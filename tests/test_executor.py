@@ -13,9 +13,10 @@ from flax.core import spmd as flax_spmd
 from tests.helpers import TEST_MODEL, assert_matches_reference, batch, loss_and_grads, trainer
 from tppjax.models import transformer
 from tppjax.pipeline.actions import StageActions
-from tppjax.pipeline.executor import pipelined_loss, plan
+from tppjax.pipeline.executor import pipelined_loss
 from tppjax.pipeline.gpipe import gpipe, to_microbatches, to_stages
 from tppjax.pipeline.schedules import chunks_needed, make_schedule
+from tppjax.pipeline.table import plan
 from tppjax.spmd.pipelined import head_parts
 
 PIPE_MODEL = dataclasses.replace(TEST_MODEL, n_layers=8)
@@ -126,12 +127,12 @@ def test_each_stage_forward_runs_once_per_microbatch(monkeypatch, remat, expect)
 
 
 def test_buffers_do_not_grow_with_microbatches():
-    """Every buffer (stage inputs, output gradients, F's residuals, W's inputs) holds at most p
+    """Every buffer (stage inputs, output gradients, F's stash, what B keeps for W) holds at most p
     micro-batches under 1f1b and zb-h1, whatever m; GPipe's table keeps all m residuals."""
     for m in (4, 16, 64):
         for name in ("1f1b", "zb-h1"):
             assert max(plan(name, 4, m).slots.values()) <= 4, (name, m, plan(name, 4, m).slots)
-    assert plan("gpipe", 4, 16).slots["r"] == 16
+    assert plan("gpipe", 4, 16).slots["stash"] == 16
 
 
 @functools.cache
@@ -167,22 +168,23 @@ def temp_bytes(kind, m, dpt=(1, 4, 2), b_mb=4, seq=64, remat="none"):
 
 def w_keeps(dpt=(1, 4, 2), b_mb=4, seq=64, m=4):
     """Upper bound on what zb-h1 keeps for its deferred W's on one stage: every weight product's
-    input (F → W) and output gradient (B → W) in every slot of the buffers that hold them.
-    Unsharded bytes, so at least what one device holds."""
+    input and output gradient (B → W) in every slot of the buffer that holds them, and the
+    inputs also in every stash slot (F → B: B hands them on). Unsharded bytes, so at least what
+    one device holds."""
     tr, params = mesh_trainer(dpt, (b_mb, seq))
     block_def, stacked = nnx.split(nnx.merge(tr.graphdef, params).blocks)
     act = StageActions(block_def, "none", split=True)
 
     def kept(w, x):
-        _, stash, inputs = act.forward(w, x)
-        return inputs, act.backward(w, stash, x)[2]
+        _, stash = act.forward(w, x)
+        return act.backward(w, stash, x)[2]
 
     w = jax.tree.map(lambda a: a[: PIPE_MODEL.n_layers // dpt[1]], stacked)
     x = jax.ShapeDtypeStruct((b_mb, seq, PIPE_MODEL.d_model), jnp.float32)
-    inputs, deltas = (sum(a.size * a.dtype.itemsize for a in part)
-                      for part in jax.eval_shape(kept, w, x))
+    kept = jax.eval_shape(kept, w, x)
+    inputs, both = (sum(a.size * a.dtype.itemsize for a in part) for part in (kept[::2], kept))
     slots = plan("zb-h1", dpt[1], m).slots
-    return slots["i"] * inputs + slots["w"] * deltas
+    return slots["stash"] * inputs + slots["kept"] * both
 
 
 def test_1f1b_memory_flat_in_microbatches_gpipe_grows():

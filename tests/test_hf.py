@@ -352,12 +352,13 @@ def test_init_from_hf_seq_len_error_can_be_followed(tmp_path, style, flags, foll
 def test_init_from_hf_seq_len_error_names_the_limit_in_force():
     """A Llama's --max-seq-len raised, but not enough: the error names that flag's limit, not
     the folder's max_position_embeddings."""
-    args = train_script.parse_args(["--init-from-hf", str(FIXTURES / "llama"), "--seq-len", "512",
-                                    "--max-seq-len", "256"])
+    from tppjax.spmd.hf import fine_tune_config
+
     with pytest.raises(ConfigError, match=r"^--seq-len 512 is longer than the 256 positions the "
                                           r"model has \(--max-seq-len 256\); give --seq-len 256 "
                                           r"or less, or pass --max-seq-len 512"):
-        train_script.hf_config(args)
+        fine_tune_config(str(FIXTURES / "llama"), {"max_seq_len": ("--max-seq-len 256", 256)},
+                         seq_len=512)
 
 
 def test_fine_tune_from_hf_then_export(tmp_path, capfd):

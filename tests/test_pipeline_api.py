@@ -1,5 +1,5 @@
 """`pipeline.executor.pipelined_loss` pipelines models that are not the Transformer: an MLP stack
-whose weight products go through `models.transformer.project` (so zero-bubble schedules split
+whose weight products go through `tppjax.models.project` (so zero-bubble schedules split
 their backward exactly) and a convolutional stack built from `nnx.Conv` (its kernels' gradients
 are computed whole in B), with every schedule, against the same model run unpipelined."""
 
@@ -15,7 +15,7 @@ from jax.sharding import AxisType
 
 from tests.helpers import RTOL, rel_err
 from tppjax.errors import ConfigError
-from tppjax.models.transformer import project
+from tppjax.models import project
 from tppjax.pipeline.executor import pipelined_loss
 from tppjax.pipeline.gpipe import apply_layer
 from tppjax.pipeline.schedules import SCHEDULES, chunks_needed, make_schedule
@@ -25,7 +25,7 @@ D, LAYERS, M, ROWS, T = 16, 4, 4, 4, 6  # width, layers, micro-batches, rows eac
 
 
 class MLPLayer(nnx.Module):
-    """x + W2·gelu(W1·x + b): two weight products (role "weight"), one bias."""
+    """x + W2·gelu(W1·x + b): two weight products (through `project`), one bias."""
 
     def __init__(self, rngs: nnx.Rngs):
         init = nnx.initializers.normal(0.3)
@@ -145,6 +145,30 @@ def test_uneven_stages_match_unpipelined(name):
     stage_layers = {1: (3, 1), 2: (1, 2, 0, 1)}[chunks_needed(name)]
     schedule = make_schedule(name, 2, M, chunks_needed(name))
     assert_matches_unpipelined("mlp", *pipelined("mlp", schedule, stage_layers=stage_layers))
+
+
+class TwiceLayer(nnx.Module):
+    """x + tanh(W·tanh(W·x)): one weight in two products."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.w = nnx.Param(nnx.initializers.normal(0.3)(rngs.params(), (D, D)))
+
+    def __call__(self, x):
+        return x + jnp.tanh(project("btd,de->bte", jnp.tanh(project("btd,de->bte", x, self.w)),
+                                    self.w))
+
+
+def test_a_weight_in_two_products_is_refused_by_a_split_schedule():
+    """A split backward keeps one (input, output gradient) per weight: a weight used twice
+    would sum two products' into one tap, a wrong weight gradient, so it is refused by name."""
+    layer = nnx.split(TwiceLayer(nnx.Rngs(0)))[0]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a),
+                           *(nnx.split(TwiceLayer(nnx.Rngs(i)))[1] for i in range(LAYERS)))
+    _, _, readout, xs, targets = model("mlp")
+    with jax.set_mesh(make_mesh("data=2,stage=2,tensor=2")):
+        with pytest.raises(ConfigError, match="goes through `project` twice"):
+            jax.eval_shape(lambda w: pipelined_loss(layer, w, xs, targets, loss_fn, readout,
+                                                    make_schedule("zb-h1", 2, M)), stacked)
 
 
 def test_bad_sizes_are_one_line():

@@ -11,6 +11,7 @@ chunk activations, DeepSeek's PP+1).
 """
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
@@ -23,12 +24,14 @@ from tppjax.pipeline.draw import ascii_timeline, save_png, summary, to_json
 from tppjax.pipeline.schedules import (
     SCHEDULES,
     Action,
+    ActionKind,
     Schedule,
     ScheduleError,
     chunks_needed,
     make_schedule,
 )
 from tppjax.pipeline.simulate import closed_form, simulate
+from tppjax.pipeline.table import NO_SLOT, SENDS, plan
 
 REPO = Path(__file__).resolve().parents[1]
 PS = range(1, 9)
@@ -759,3 +762,77 @@ def test_cli_bad_input(args):
     assert res.returncode == 2
     assert res.stderr.startswith("error: ") and len(res.stderr.strip().splitlines()) == 1
     assert "Traceback" not in res.stderr
+
+
+def test_one_spelling_of_an_action_kind():
+    """The letter of a schedule file is the kind (`Action("F", 0)` holds ActionKind.F), and
+    every kind's scope reads back as that kind from an op's name, whole segments only (a
+    send's scope is a prefix of its `_back` twin's)."""
+    assert Action("F", 0).kind is ActionKind.F and str(Action("W", 2, 1)) == "W2.1"
+    for kind in ActionKind:
+        assert ActionKind.in_op(f"jit(step)/while/body/{kind.scope}/dot_general") is kind
+        assert ActionKind.in_op(f"jit(step)/{kind.scope}x/add") is None
+    assert ActionKind.in_op("jit(step)/while/body/transpose(jvp(mlp_up))") is None
+
+
+def run_table(pl, p):
+    """Run the executor's table (`pipeline.table`) on labels instead of arrays, in the
+    executor's order (F, HEAD, B, W, then the sends and V's turn): a slot holds the
+    (micro-batch, virtual stage) of what was written into it, and each read must find a
+    value of the kind and virtual stage it expects, B's stash and gradient of one
+    micro-batch. Returns what ran: {(kind, micro-batch, virtual stage): times}."""
+    tab, ran = pl.table, collections.Counter()
+    x, g, stash, kept = ([{} for _ in range(p)] for _ in range(4))
+    y, dx = [None] * p, [None] * p
+    last = pl.virtual.size - 1
+    for t in range(pl.ticks):
+        for s in range(p):
+            if tab.runs[ActionKind.F][t, s]:
+                mb, k = tab.microbatch[t, s], pl.virtual[s, tab.chunk[ActionKind.F][t, s]]
+                if not tab.first[t, s]:
+                    assert x[s].pop(tab.x_read[t, s]) == (mb, k - 1), (t, s)
+                assert tab.stash_write[t, s] not in stash[s], (t, s)  # nothing live overwritten
+                stash[s][tab.stash_write[t, s]], y[s] = (mb, k), (mb, k)
+                ran["F", mb, k] += 1
+            if tab.runs[ActionKind.HEAD][t, s]:
+                assert y[s][1] == last and tab.g_write[t, s] not in g[s], (t, s)
+                g[s][tab.g_write[t, s]] = y[s]
+            if tab.runs[ActionKind.B][t, s]:
+                k = pl.virtual[s, tab.chunk[ActionKind.B][t, s]]
+                mb, k_g = g[s].pop(tab.g_read[t, s])
+                assert k_g == k and stash[s].pop(tab.stash_read[t, s]) == (mb, k), (t, s)
+                assert (tab.dx_row[t, s] == mb) if k == 0 else tab.dx_row[t, s] == NO_SLOT
+                if pl.split:
+                    assert tab.kept_write[t, s] not in kept[s], (t, s)
+                    kept[s][tab.kept_write[t, s]] = (mb, k)
+                dx[s], ran["B", mb, k] = (mb, k - 1), ran["B", mb, k] + 1
+            if tab.runs[ActionKind.W][t, s]:
+                k = pl.virtual[s, tab.chunk[ActionKind.W][t, s]]
+                mb, k_w = kept[s].pop(tab.kept_read[t, s])
+                assert k_w == k, (t, s)
+                ran["W", mb, k] += 1
+        for s in range(p):
+            for buf, slot, value in ((x, tab.x_turn, y), (g, tab.g_turn, dx)):
+                if slot[t, s] != NO_SLOT:
+                    assert slot[t, s] not in buf[s], (t, s)
+                    buf[s][slot[t, s]] = value[s]
+            for kind, (buffer, down) in SENDS.items():
+                slot = tab.arrive[kind][t, s]
+                if slot != NO_SLOT:
+                    sender = (s - 1) % p if down else (s + 1) % p
+                    buf, value = (x, y) if buffer == "x" else (g, dx)
+                    assert slot not in buf[s], (t, s, kind)
+                    buf[s][slot] = value[sender]
+    return ran
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_the_table_runs_every_action_once_on_what_it_needs(name):
+    """Every schedule's table, run on labels (`run_table`): each F reads the output of the
+    virtual stage before it, each B its own stash and the gradient from the one after it (or
+    its head), each W what its B kept; nothing live is overwritten; every action runs once."""
+    p, m, v = 4, 8, chunks_needed(name)
+    pl = plan(name, p, m, v)
+    kinds = "FBW" if pl.split else "FB"
+    want = {(kind, mb, k): 1 for kind in kinds for mb in range(m) for k in range(p * v)}
+    assert run_table(pl, p) == want

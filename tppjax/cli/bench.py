@@ -23,15 +23,14 @@ import sys
 from pathlib import Path
 
 from tppjax.cli.flags import (
-    IMAGE_SUFFIXES,
     Parser,
     add_model_flags,
     check_limits,
     check_outputs,
     configure_devices,
     model_config,
-    output_error,
 )
+from tppjax.spmd.outputs import IMAGE_SUFFIXES, output_error
 
 LAYOUTS = ["data=8", "tensor=8", "fsdp=2,tensor=4", "data=2,tensor=4", "data=2,tensor=4+sp",
            "data=2,stage=2,tensor=2:gpipe", "data=2,stage=2,tensor=2:1f1b",

@@ -1,4 +1,4 @@
-"""What every script's command line shares: the one-line error, range checks, output paths.
+"""What every script's command line shares: the one-line error, range checks, model flags.
 
 The project's rule for bad input is one line, `error: ...`, naming the value and the fix, exit
 code 2, no traceback, nothing written. This module imports no jax, so a script checks its flags
@@ -9,7 +9,6 @@ import argparse
 import math
 import os
 import sys
-from pathlib import Path
 from typing import NoReturn
 
 MODEL_FLAGS = {  # flag → type, for the model flags that override a preset's sizes
@@ -28,11 +27,6 @@ LIMITS = {
     "process_id": (0, None), "generate": (0, None), "max_new_tokens": (1, None), "step": (0, None),
     "seed": (0, 2**63 - 1),  # numpy's generator takes no negative seed, jax.random.key a C long
 }
-# What matplotlib writes without extra packages; a path is checked against these at start, so a
-# typo does not cost the whole run (matplotlib would refuse it only when it saves).
-IMAGE_SUFFIXES = (".png", ".pdf", ".svg", ".jpg", ".jpeg")
-
-
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """`--help` shows each default, except where there is none to show (None, a switch that is
     off) or the help text already says it ("(default ...")."""
@@ -83,43 +77,9 @@ def check_limits(parser: argparse.ArgumentParser, args: argparse.Namespace,
                 parser.error(f"{flag(name)} must be {bound}, got {v}")
 
 
-def output_error(option: str, path: str | None, suffixes: tuple = ()) -> str | None:
-    """Why `path` cannot take the file that `option` writes (None: it can, or no path given):
-    a folder, a missing or unwritable folder, or (with `suffixes`) an extension not among them.
-    Checked at start, so the run does not fail after its work."""
-    if path is None:
-        return None
-    p, parent = Path(path), Path(path).parent
-    if p.is_dir():
-        return f"{option} {path}: is a folder; give a file in an existing folder"
-    if suffixes and p.suffix.lower() not in suffixes:
-        return (f"{option} {path}: unsupported file type {p.suffix or '(none)'!r}; end the name "
-                f"in one of {', '.join(suffixes)}")
-    if not parent.is_dir():
-        return (f"{option} {path}: its folder {parent} does not exist; give a file in an "
-                "existing folder")
-    if not os.access(parent, os.W_OK) or p.exists() and not os.access(p, os.W_OK):
-        return f"{option} {path}: not writable; give a file in a folder you can write"
-    return None
-
-
-def output_dir_error(option: str, path: str | None) -> str | None:
-    """Why folder `path` (created if missing) cannot be written (None: it can): it, or the
-    nearest part of it that exists, is a file or not writable."""
-    if path is None:
-        return None
-    p = Path(path).absolute()
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir():
-        return f"{option} {path}: {p} is a file; give a folder"
-    if not os.access(p, os.W_OK):
-        return f"{option} {path}: {p} is not writable; give a folder you can write"
-    return None
-
-
 def check_outputs(parser: argparse.ArgumentParser, *checks: str | None) -> None:
-    """parser.error on the first problem that `output_error` / `output_dir_error` found."""
+    """parser.error on the first problem that `spmd.outputs.output_error` /
+    `output_dir_error` found."""
     for problem in checks:
         if problem:
             parser.error(problem)
@@ -189,14 +149,24 @@ def add_model_flags(parser: argparse.ArgumentParser) -> None:
                         help="tie the output head to the embedding (default: gpt2 yes, llama no)")
 
 
+def given_model_flags(args: argparse.Namespace) -> dict[str, tuple[str, object]]:
+    """The model flags given, in MODEL_FLAGS order: ModelConfig field → (the flag as a user
+    would type it, e.g. `--heads 4` or `--no-tie-embeddings`, its value)."""
+    given = {}
+    for name in [*MODEL_FLAGS, "tie_embeddings"]:
+        value = getattr(args, name)
+        if value is not None:
+            text = "--" + ("no-" if value is False else "") + name.replace("_", "-")
+            text += "" if isinstance(value, bool) else f" {value}"
+            given[FIELD.get(name, name)] = (text, value)
+    return given
+
+
 def model_config(args: argparse.Namespace, preset: str):
     """The ModelConfig of `args.preset` (default `preset`) with the model flags that were
     given; imports jax."""
     from tppjax.models import build_config
 
-    overrides = {FIELD.get(k, k): getattr(args, k) for k in MODEL_FLAGS
-                 if getattr(args, k) is not None}
-    if args.tie_embeddings is not None:
-        overrides["tie_embeddings"] = args.tie_embeddings
+    overrides = {field: value for field, (_, value) in given_model_flags(args).items()}
     dtype = getattr(args, "dtype", "float32")
     return build_config(args.preset or preset, **overrides, compute_dtype=dtype)

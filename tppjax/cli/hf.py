@@ -12,7 +12,6 @@ loads with `from_pretrained`. Bad settings print one line and exit 2.
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from tppjax.cli.flags import Parser, check_limits, configure_devices
 
@@ -77,20 +76,13 @@ def run_logits(args) -> None:
 def run_export(args) -> None:
     import jax
 
-    from tppjax.errors import ConfigError
     from tppjax.spmd import hf
     from tppjax.spmd.sampling import load
 
-    hf.check_new_folder(args.out)  # before reading anything
-    out, ckpt = Path(args.out).resolve(), Path(args.checkpoint_dir).resolve()
-    if out == ckpt or ckpt in out.parents:  # a folder there breaks the next --resume
-        raise ConfigError(f"--out {args.out} is inside --checkpoint-dir {args.checkpoint_dir}; "
-                          "give a folder outside it")
+    hf.check_new_folder(args.out, args.checkpoint_dir)  # before reading anything
     trainer, params, info = load(args.checkpoint_dir, "data=1", 1, jax.devices()[:1],
                                  step=args.step)
-    hf.export(trainer.cfg, params, args.out)
-    if info.get("tokenizer") is not None:  # trained with --tokenizer: its tokenizer.json
-        (Path(args.out) / "tokenizer.json").write_text(info["tokenizer"])
+    hf.export(trainer.cfg, params, args.out, info.get("tokenizer"))
     print(f"step {info['step']} of {args.checkpoint_dir} written to {args.out} "
           f"({trainer.cfg.style}, {trainer.cfg.n_layers} layers)")
 

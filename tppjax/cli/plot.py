@@ -10,8 +10,9 @@ import json
 import sys
 from pathlib import Path
 
-from tppjax.cli.flags import IMAGE_SUFFIXES, Parser, check_outputs, output_error
+from tppjax.cli.flags import Parser, check_outputs
 from tppjax.errors import ConfigError
+from tppjax.spmd.outputs import IMAGE_SUFFIXES, output_error
 
 MISSING = "plotting needs matplotlib, which is not installed: pip install matplotlib"
 

@@ -19,14 +19,7 @@ import argparse
 import json
 import sys
 
-from tppjax.cli.flags import (
-    IMAGE_SUFFIXES,
-    Parser,
-    check_limits,
-    check_outputs,
-    output_error,
-    schedule_conflict,
-)
+from tppjax.cli.flags import Parser, check_limits, check_outputs, schedule_conflict
 from tppjax.pipeline.draw import ascii_timeline, save_png, summary, to_json
 from tppjax.pipeline.schedules import (
     SCHEDULES,
@@ -36,9 +29,10 @@ from tppjax.pipeline.schedules import (
     read_schedule_file,
 )
 from tppjax.pipeline.simulate import simulate
+from tppjax.spmd.outputs import IMAGE_SUFFIXES, output_error
 
-# The simulator and the drawings take seconds at these sizes (zb-h1 at p=64, m=512: about 2 s
-# on one core); far beyond them a typo would run for minutes.
+# The simulator and the drawings take seconds at the largest of these sizes; far beyond them a
+# typo would run for minutes.
 LIMITS = {"stages": (1, 64), "microbatches": (1, 512), "virtual_stages": (1, 8)}
 
 

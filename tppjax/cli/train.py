@@ -12,21 +12,12 @@ import os
 import signal
 import sys
 import time
-from pathlib import Path
 from typing import NoReturn
 
 from tppjax.cli import flags as cli
-from tppjax.cli.flags import (
-    FIELD,
-    IMAGE_SUFFIXES,
-    MODEL_FLAGS,
-    Parser,
-    add_model_flags,
-    check_limits,
-    output_dir_error,
-    output_error,
-)
+from tppjax.cli.flags import Parser, add_model_flags, check_limits, given_model_flags
 from tppjax.cli.flags import check_run_flags as _check_run_flags
+from tppjax.cli.plan import add_plan_flags, check_plan_flags, plan_run
 
 SEQ_LEN = 128  # without --seq-len: this, or the model's max_seq_len where that is shorter
 
@@ -74,6 +65,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "the layers divide, else auto)")
     p.add_argument("--remat", choices=["none", "layer", "stage"], default="none",
                    help="recompute activations in the backward pass")
+    p.add_argument("--plan", choices=["auto"], default=None,
+                   help="auto: mesh, schedule, micro-batches, virtual stages and remat from "
+                        "scripts/plan.py's pick for these devices (those flags, when given, "
+                        "bind the pick; --remat none leaves remat to it)")
+    add_plan_flags(p)
     p.add_argument("--grad-accum", type=int, default=1,
                    help="split each step's batch into K sequential chunks, one update")
     p.add_argument("--eval-every", type=int, default=50,
@@ -99,6 +95,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_flags(p)
     args = p.parse_args(argv)
     check_limits(p, args)
+    check_plan_flags(p, args)
     if not (math.isfinite(args.lr) and args.lr > 0):
         p.error(f"--lr must be a finite number above 0, got {args.lr}")
     return args
@@ -109,47 +106,6 @@ def check_run_flags(args: argparse.Namespace, cfg) -> int:
     return _check_run_flags(args, cfg, SEQ_LEN)
 
 
-def hf_config(args: argparse.Namespace):
-    """The model of --init-from-hf DIR. Its shape comes from DIR/config.json, so a model flag
-    that says otherwise is refused (one that agrees is fine). Two flags set no shape and may
-    differ: --vocab-multiple (padding) and, for Llama, --max-seq-len (only a limit: rotary
-    positions have no table; GPT-2's n_positions is the rows of its position table). A --seq-len
-    past the positions is refused here with the fix that works for DIR's kind of model."""
-    import dataclasses
-
-    from tppjax.errors import ConfigError
-    from tppjax.models.hf import Folder
-
-    padding = {"vocab_multiple": args.vocab_multiple} if args.vocab_multiple else {}
-    with Folder(args.init_from_hf, compute_dtype=args.dtype, **padding) as folder:
-        cfg = folder.cfg
-    if args.preset is not None:
-        raise ConfigError(f"--preset conflicts with --init-from-hf {args.init_from_hf} (the "
-                          "model comes from its config.json); drop --preset")
-    llama, positions = cfg.style == "llama", cfg.max_seq_len
-    if llama and args.max_seq_len:
-        cfg = dataclasses.replace(cfg, max_seq_len=args.max_seq_len)
-    given = {k: getattr(args, k) for k in [*MODEL_FLAGS, "tie_embeddings"]}
-    for flag, value in given.items():
-        field = FIELD.get(flag, flag)
-        if value is not None and value != getattr(cfg, field):
-            text = "--" + ("no-" if value is False else "") + flag.replace("_", "-")
-            text += "" if isinstance(value, bool) else f" {value}"
-            raise ConfigError(f"{text} conflicts with {args.init_from_hf}/config.json "
-                              f"({field}={getattr(cfg, field)!r}); the model shape comes from "
-                              "--init-from-hf: drop the flag")
-    if args.seq_len is not None and args.seq_len > cfg.max_seq_len:  # else check_run_flags fits it
-        why = (f"--max-seq-len {cfg.max_seq_len}" if llama and args.max_seq_len
-               else f"max_position_embeddings={positions} of {args.init_from_hf}" if llama
-               else f"n_positions={positions} of {args.init_from_hf}, the rows of its learned "
-                    "position table")
-        fix = f", or pass --max-seq-len {args.seq_len} to train past it" if llama else ""
-        raise ConfigError(f"--seq-len {args.seq_len} is longer than the {cfg.max_seq_len} "
-                          f"positions the model has ({why}); give --seq-len "
-                          f"{cfg.max_seq_len} or less{fix}")
-    return cfg
-
-
 def build(args: argparse.Namespace):
     from tppjax.pipeline.layout import parse_stage_layers
     from tppjax.spmd.data import byte_tokens, check_split, check_vocab, load_tokens, split_heldout
@@ -157,7 +113,15 @@ def build(args: argparse.Namespace):
     from tppjax.spmd.rules import Rules
     from tppjax.spmd.train_step import TrainConfig, Trainer
 
-    cfg = hf_config(args) if args.init_from_hf else cli.model_config(args, "small")
+    if args.init_from_hf:
+        from tppjax.spmd.hf import fine_tune_config
+
+        cfg = fine_tune_config(args.init_from_hf, given_model_flags(args), preset=args.preset,
+                               seq_len=args.seq_len, compute_dtype=args.dtype)
+    else:
+        cfg = cli.model_config(args, "small")
+    if args.plan:
+        plan_run(args, cfg, SEQ_LEN)
     stages = check_run_flags(args, cfg)
     mesh = make_mesh(args.mesh)
     schedule, m, v = args.schedule or "gpipe", 2 * stages if stages > 1 else 1, 1
@@ -203,100 +167,30 @@ def print_layout(trainer, params) -> None:
         print(describe_pipeline(trainer))
 
 
-def initial_state(args, trainer):
-    """Fresh (params, opt_state): --init-from-hf DIR's weights, else drawn from --seed."""
+def initial_state(args, trainer, seed: int):
+    """Fresh (params, opt_state): --init-from-hf DIR's weights, else drawn from `seed`."""
     if args.init_from_hf:
         from tppjax.spmd.hf import init_state
 
         params, opt_state, loaded = init_state(args.init_from_hf, trainer)
         print(f"loaded {loaded} from {args.init_from_hf}")
         return params, opt_state
-    return trainer.init(args.seed)
+    return trainer.init(seed)
 
 
 def open_checkpoints(args, trainer):
-    """(manager or None, params, opt_state, first step): fresh, or restored from the latest."""
-    from tppjax.errors import ConfigError
+    """(manager or None, params, opt_state, first step): fresh, or restored from the latest
+    checkpoint (`spmd.resume`); sets args.seed to the run's."""
     from tppjax.models.hf import tokenizer_file
-    from tppjax.spmd.checkpoint import CheckpointManager, run_info
+    from tppjax.spmd.resume import start_run
 
-    if not args.checkpoint_dir:
-        if args.resume:
-            raise ConfigError("--resume needs --checkpoint-dir DIR (where the run was saved)")
-        args.seed = 0 if args.seed is None else args.seed
-        return None, *initial_state(args, trainer), 0
     tokenizer = tokenizer_file(args.tokenizer).read_text() if args.tokenizer else None
-    fresh = None
-    if not args.resume:  # before open, so a bad --init-from-hf leaves --overwrite's checkpoints
-        CheckpointManager.check_free(args.checkpoint_dir, args.overwrite)  # but refuse first
-        args.seed = 0 if args.seed is None else args.seed
-        fresh = initial_state(args, trainer)
-    info = run_info(trainer.cfg, trainer.tc, args.mesh, args.seed, tokenizer)
-    manager = CheckpointManager.open(args.checkpoint_dir, info, keep=args.keep,
-                                     overwrite=args.overwrite, resume=args.resume, lock=True)
-    args.seed = manager.seed  # --resume without --seed: the saved run's
-    latest = manager.latest_step() if args.resume else None
-    try:  # any failure or Ctrl-C before the caller holds the manager: close it (and the lock)
-        if latest is None:
-            if args.resume:
-                print(f"no checkpoint in {args.checkpoint_dir} yet: starting from step 0")
-            return manager, *(fresh or initial_state(args, trainer)), 0
-        if latest + 1 >= trainer.tc.steps:  # a checkpoint after step N continues at step N + 1
-            raise ConfigError(f"the run in {args.checkpoint_dir} has already done {latest + 1} "
-                              f"steps of --steps {trainer.tc.steps}: nothing to train; pass "
-                              f"--steps above {latest + 1} to continue it")
-        params, opt_state, record = manager.restore(latest, trainer)
-    except BaseException:
-        manager.close()
-        raise
-    print(f"resumed from {manager.path(latest)}: continuing at step {record['data_position']}")
-    return manager, params, opt_state, record["data_position"]
-
-
-def check_run_outputs(args: argparse.Namespace, primary: bool = True) -> None:
-    """What the run writes during or after its work (metrics, plot, profile): a path that
-    cannot take it is refused at start, not after the training. Only the primary process
-    writes metrics and the plot."""
-    from tppjax.errors import ConfigError
-
-    problems = [output_dir_error("--profile-dir", args.profile_dir)]
-    if primary:
-        problems += [output_error("--metrics", args.metrics),
-                     output_error("--plot", args.plot, IMAGE_SUFFIXES)]
-        if not (args.resume or args.overwrite):  # an earlier run's record: never replaced
-            resumed = {"--metrics": "append to it", "--plot": "draw it again"}
-            problems += [f"{option} {path} already exists; give a new file, --resume to "
-                         f"{resumed[option]} (continuing a checkpointed run) or --overwrite to "
-                         "replace it"
-                         for option, path in (("--metrics", args.metrics), ("--plot", args.plot))
-                         if path and Path(path).exists()]
-    for problem in filter(None, problems):
-        raise ConfigError(problem)
-
-
-def continue_metrics(path: str, start: int) -> None:
-    """A resumed run appends to its metrics file; first the lines of steps `start` and later
-    (written after the checkpoint it resumes from, and a last line cut short by a kill) go, so
-    that no step is listed twice."""
-    file = Path(path)
-    if not file.exists():
-        return
-    lines = file.read_bytes().splitlines(keepends=True)
-
-    def stale(line: bytes) -> bool:
-        try:
-            step = json.loads(line).get("step")
-        except (ValueError, AttributeError):
-            return not line.endswith(b"\n")
-        return not line.endswith(b"\n") or isinstance(step, int) and step >= start
-
-    kept = [line for line in lines if not stale(line)]
-    if len(kept) < len(lines):
-        partial = file.with_name(file.name + ".tmp")
-        partial.write_bytes(b"".join(kept))
-        os.replace(partial, file)  # never a half-written metrics file
-        print(f"--metrics {path}: dropped {len(lines) - len(kept)} lines of steps {start} and "
-              "later (they are trained again)")
+    start = start_run(trainer, lambda seed: initial_state(args, trainer, seed),
+                      args.checkpoint_dir, resume=args.resume, overwrite=args.overwrite,
+                      seed=args.seed, keep=args.keep, mesh_spec=args.mesh, tokenizer=tokenizer,
+                      note=print)
+    args.seed = start.seed
+    return start.manager, start.params, start.opt_state, start.step
 
 
 def summary(records: list[dict], wall_s: float, args, manager) -> str:
@@ -334,6 +228,7 @@ def run(argv=None) -> int:
     cli.configure_devices(args.cpu_devices)  # before jax is imported
     from tppjax.errors import ConfigError
     from tppjax.spmd.loop import LoopConfig, train
+    from tppjax.spmd.outputs import check_run_outputs, continue_metrics
     from tppjax.spmd.progress import Profile, Progress
 
     manager = profile = None
@@ -344,7 +239,8 @@ def run(argv=None) -> int:
         primary = distributed.is_primary()
         if not primary:  # only process 0 prints progress (errors still go to stderr)
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115
-        check_run_outputs(args, primary)
+        check_run_outputs(args.metrics, args.plot, args.profile_dir, resume=args.resume,
+                          overwrite=args.overwrite, primary=primary)
         if args.plot and primary:
             from tppjax.cli.plot import check_matplotlib
 
@@ -355,8 +251,9 @@ def run(argv=None) -> int:
         print_layout(trainer, params)
         metrics_file = None
         if args.metrics and primary:
-            if args.resume:
-                continue_metrics(args.metrics, start)
+            if args.resume and (dropped := continue_metrics(args.metrics, start)):
+                print(f"--metrics {args.metrics}: dropped {dropped} lines of steps {start} and "
+                      "later (they are trained again)")
             metrics_file = open(args.metrics, "a" if args.resume else "w")  # noqa: SIM115
         steps = trainer.tc.steps
         progress, profile = Progress(steps, args.log_every), Profile(args.profile_dir, start)

@@ -54,10 +54,10 @@ class Expected:
 
 
 def send_ticks(schedule: str, p: int, m: int, v: int) -> dict[str, int]:
-    """Per send scope of the executor (`pipeline.executor.SENDS`), the ticks of its loop (the
+    """Per send scope of the executor (`pipeline.table.SENDS`), the ticks of its loop (the
     schedule simulated with unit-time actions) on which some stage receives one: the sends that
     run."""
-    from tppjax.pipeline.executor import plan, sends
+    from tppjax.pipeline.table import plan, sends
 
     return {name: int(t.sum()) for name, t in sends(plan(schedule, p, m, v)).items()}
 
@@ -196,8 +196,8 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
         if virtual_stages > 1:
             # Stage s runs layers that the canonical layout (contiguous over `stage`) keeps on
             # other stages: every step they arrive in rounds of collective-permutes, one chunk
-            # per round (`pipeline.executor.chunk_moves`), and their gradients go back.
-            from tppjax.pipeline.executor import chunk_moves
+            # per round (`pipeline.layout.chunk_moves`), and their gradients go back.
+            from tppjax.pipeline.layout import chunk_moves
             from tppjax.pipeline.schedules import make_schedule
 
             # A chunk moves whole, with its padding slots (uneven stages).

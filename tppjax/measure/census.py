@@ -3,18 +3,17 @@ program, weighted by how often it really runs.
 
 `tppjax.measure.hlo` multiplies loop trip counts but cannot know which branch of a `lax.cond` runs: it
 counts every branch on every trip. The pipeline executor (`pipeline.executor`) runs the actions
-of one slot per tick on each stage, picked from its schedule table, and names each action's ops
-(`action_F`, `action_head`, `action_B`, ...). So an op in action a, counted c times by
-`tppjax.measure.hlo` (once per tick of the loop, times any inner trip count), runs c · n_a(s) / ticks
-times on stage s, where n_a(s) is the number of ticks that stage s runs a: the table decides,
-not the design.
-The sends (`send_activation`, `send_gradient`, and `..._back` the other way on V placement's
-second chunk) run only on the ticks where a stage receives.
+of one slot per tick on each stage, picked from its table (`pipeline.table`), and names each
+action's ops by its kind (`ActionKind.scope`: F, head, B, W and the sends). So an op of kind
+a, counted c times by `tppjax.measure.hlo` (once per tick of the loop, times any inner trip
+count), runs c · n_a(s) / ticks times on stage s, where n_a(s) is the number of ticks that
+stage s runs a: the table decides, not the design. A send runs only on the ticks where a
+stage receives by it.
 
-Each op gets a phase from the action that runs it (F, B, W, the head and loss after the last
-stage's F, a forward re-run inside a backward as "recompute") or, outside the executor, from
-its name (a transpose is backward); sends are forward activations or backward gradients by
-their scope; the once-per-step sums after the loop and the optimizer's are "step".
+Each op gets a phase from the kind that runs it (`ActionKind.phase`: F, B, W, head/loss; a
+send's is what it carries; within B, a forward re-run is "recompute") or, outside the
+executor, from its name (a transpose is backward); the once-per-step sums after the loop and
+the optimizer's are "step".
 """
 
 from __future__ import annotations
@@ -26,10 +25,10 @@ import numpy as np
 
 from tppjax.measure import analysis, hlo
 from tppjax.pipeline.layout import ACTIVE_SCOPE
+from tppjax.pipeline.schedules import ActionKind
+from tppjax.pipeline.table import SENDS
 
-_ACTION = re.compile(r"(?:^|/)action_(idle|F|head|B|BX|BW)(?=/|$)")
 _ACTIVE = re.compile(rf"(?:^|[/(]){ACTIVE_SCOPE}(?=[/)]|$)")
-_SEND = re.compile(r"(?:^|/)((?:send_activation|send_gradient)(?:_back)?)(?=/|$)")
 PHASES = ("F", "B", "W", "head/loss", "recompute", "step")
 
 
@@ -58,23 +57,23 @@ def action_ticks(schedule: str, stages: int, microbatches: int, virtual_stages: 
                  stage_layers=None):
     """(ticks, {action scope: [p] ticks that each stage runs it}) of the executor's table, or
     None without a pipeline. `stage_layers`: real layers per virtual stage, for uneven stages
-    (`pipeline.executor.action_counts`)."""
+    (`pipeline.table.action_counts`)."""
     if stages == 1:
         return None
-    from tppjax.pipeline.executor import action_counts, plan
+    from tppjax.pipeline.table import action_counts, plan
 
     pl = plan(schedule, stages, microbatches, virtual_stages)
-    return len(pl.table), action_counts(pl, stage_layers)
+    return pl.ticks, action_counts(pl, stage_layers)
 
 
 def _counts(name: str, count: int, ticks, p: int) -> tuple[float, ...]:
     """Per stage executions of an op that `tppjax.measure.hlo` counts `count` times. A layer of an uneven
     stage (`ACTIVE_SCOPE`: `tppjax.measure.hlo` counts it on every padded slot) by its real layers."""
-    action, send = _ACTION.search(name), _SEND.search(name)
-    if ticks is None or not (action or send):
+    kind = ActionKind.in_op(name)
+    if ticks is None or kind is None:
         return (float(count),) * p
     n, per_stage = ticks
-    scope = send.group(1) if send else f"action_{action.group(1)}"
+    scope = kind.scope
     if _ACTIVE.search(name) and f"{scope}/{ACTIVE_SCOPE}" in per_stage:
         scope = f"{scope}/{ACTIVE_SCOPE}"
     return tuple(float(count * r / n) for r in per_stage[scope])
@@ -84,22 +83,19 @@ def phase(name: str, source: str) -> str:
     """The phase an op belongs to (see the module docstring)."""
     if source in ("gradient reduction", "pipeline boundary"):
         return "step"
-    if "send_activation" in name:
-        return "F"
-    if "send_gradient" in name:
-        return "B"
+    kind = ActionKind.in_op(name)
+    if kind in SENDS:
+        return kind.phase
     if "rematted_computation" in name:
         return "recompute"
-    action = _ACTION.search(name)
-    if action:
-        kind = action.group(1)
-        if kind in ("F", "head"):
-            return "head/loss" if kind == "head" or source in ("head", "loss") else "F"
-        if kind == "BW":
-            return "W"
+    if kind == ActionKind.F and source in ("head", "loss"):
+        return ActionKind.HEAD.phase
+    if kind == ActionKind.B and "transpose(" not in name:
         # B rebuilds the pullback: anything of its own that is not a transpose is a re-run
         # forward (remat "stage" re-runs the stage under `jax.checkpoint`).
-        return "B" if "transpose(" in name else "recompute"
+        return "recompute"
+    if kind is not None:
+        return kind.phase
     first = name.split(":")[0]
     if not re.search(r"jvp|transpose", first):
         return "step"  # outside the model's forward and backward: the optimizer's sums

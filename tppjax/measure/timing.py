@@ -57,9 +57,10 @@ class Layout:
 
 def measure(layouts: list[Layout], steps: int = 5) -> list[dict]:
     """Compile every layout, then time `steps` steps of each, taking turns: step k of every
-    layout runs before step k+1 of any. Measured: on a shared 2-core machine one layout timed
-    alone, then the next, drifts ±15% between back-to-back runs of the same layout; in turns,
-    every layout sees the same drift, so their ratios hold. Each layout's times are medians."""
+    layout runs before step k+1 of any. On a shared machine one layout timed alone, then the
+    next, drifts between back-to-back runs of the same layout (BENCHMARKS.md: step times are
+    noisy between runs); in turns, every layout sees the same drift, so their ratios hold. Each
+    layout's times are medians."""
     results = [layout.compile() for layout in layouts]
     times = [[] for _ in layouts]
     for _ in range(steps):
@@ -89,9 +90,8 @@ def _fastest_s(calls: dict, repeats: int) -> dict[str, float]:
     """Fastest wall time of each `name: (fn, args)` over `repeats` rounds, after one warm-up
     (which compiles). Rounds interleave the calls, so a burst of load from other processes
     slows them alike; the fastest run, not the median, because this machine is shared and the
-    least disturbed run is the closest to the action alone (measured under load: one stage's F,
-    1 layer x 4 rows of `small`, had medians of 8.3 and 11.3 ms in two calls of one bench run;
-    its minimum stayed within 9.2-9.7 ms over three calls)."""
+    least disturbed run is the closest to the action alone (under load the median of one action
+    moved between calls of one bench run far more than its minimum did)."""
     for fn, args in calls.values():
         jax.block_until_ready(fn(*args))
     best = dict.fromkeys(calls, float("inf"))
@@ -124,11 +124,11 @@ def time_actions(cfg, layers: int, b_mb: int, seq: int, remat: str = "none",
     x = jax.random.normal(jax.random.key(0), (b_mb, seq, cfg.d_model), cfg.dtype)
     act = StageActions(block_def, remat, split)
     forward, backward = jax.jit(act.forward), jax.jit(act.backward)
-    y, stash, inputs = forward(w, x)  # the first trace also records what `backward` rebuilds
+    y, stash = forward(w, x)  # the first trace also records what `backward` rebuilds
     g = jnp.ones_like(y)
     calls = {"F": (forward, (w, x)), "B": (backward, (w, stash, g))}
     if split:
-        calls["W"] = (jax.jit(act.weight_grads), (w, inputs, backward(w, stash, g)[2]))
+        calls["W"] = (jax.jit(act.weight_grads), (w, backward(w, stash, g)[2]))
     return _fastest_s(calls, repeats)
 
 
@@ -142,17 +142,18 @@ def predict_lockstep_s(name: str, stages: int, microbatches: int, virtual_stages
     beside a B). `seconds`: {kind: s} for equal stages; with uneven stages (`stage_layers`,
     real layers per virtual stage) {n: {kind: s}} for a virtual stage of n layers (none for 0:
     a stage of padding only costs nothing)."""
-    from tppjax.pipeline.executor import ON, layers_run, plan
+    from tppjax.pipeline.schedules import SCHEDULED
+    from tppjax.pipeline.table import layers_run, plan
 
     pl = plan(name, stages, microbatches, virtual_stages)
     cost = 0.0
-    for kind, col in ON.items():
+    for kind in SCHEDULED:
         if stage_layers is None:
             each = seconds.get(kind, 0.0)
         else:
             each = np.vectorize(lambda n, kind=kind: seconds.get(int(n), {}).get(kind, 0.0))(
                 layers_run(pl, stage_layers, kind))
-        cost = cost + pl.table[:, :, col] * each
+        cost = cost + pl.table.runs[kind] * each
     return float(cost.max(1).sum())
 
 

@@ -8,7 +8,6 @@ Every parameter is declared once with its logical axes (`_param`). Activations a
 `constrain` where tensor parallelism acts; `spmd.rules` decides what each name means on a mesh.
 """
 
-import contextlib
 from typing import NamedTuple
 
 import jax
@@ -41,27 +40,15 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, spec)
 
 
-_project_hook = None  # see `project_hook`
-
-
 def project(spec: str, x: jax.Array, weight: nnx.Variable) -> jax.Array:
     """`x` times a weight, by an einsum `spec`, in x's dtype. Every weight product of a block goes
-    through here: that is what lets the zero-bubble pipeline split a backward pass into the input
-    gradient now and the weight gradient later (`pipeline.actions`, via `project_hook`)."""
-    if _project_hook is not None:
-        return _project_hook(spec, x, weight)
+    through here. A weight whose metadata holds a `product` runs through it instead: the door by
+    which a zero-bubble pipeline keeps each product's input and output gradient for a later
+    weight-gradient step (`tppjax.pipeline.actions`)."""
+    product = weight.get_metadata().get("product")
+    if product is not None:
+        return product(spec, x, weight[...])
     return jnp.einsum(spec, x, weight[...].astype(x.dtype))
-
-
-@contextlib.contextmanager
-def project_hook(hook):
-    """While tracing in this context, `project(spec, x, weight)` returns hook(spec, x, weight)."""
-    global _project_hook
-    previous, _project_hook = _project_hook, hook
-    try:
-        yield
-    finally:
-        _project_hook = previous
 
 
 def _param(rngs: nnx.Rngs, std: float, shape: tuple[int, ...], axes: tuple[str | None, ...]):

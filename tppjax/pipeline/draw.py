@@ -17,10 +17,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tppjax.pipeline.schedules import Action, schedule_to_data
+from tppjax.pipeline.schedules import SCHEDULED, Action, ActionKind, schedule_to_data
 from tppjax.pipeline.simulate import Simulation, closed_form
 
-COLORS = {"F": "#4C72B0", "B": "#DD8452", "W": "#55A868"}  # one colour per kind
+COLORS = dict(zip(SCHEDULED, ("#4C72B0", "#DD8452", "#55A868"), strict=True))  # F, B, W
 
 
 def label(action: Action | None, virtual_stages: int) -> str:
@@ -140,9 +140,9 @@ def save_png(sim: Simulation, path: str | Path) -> None:
     ax.set_ylim(sch.stages - 0.5, -0.5)  # stage 0 on top
     ax.set_yticks(range(sch.stages), [f"stage {s}" for s in range(sch.stages)])
     ax.set_xlabel("tick")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in COLORS
-               if k != "W" or sch.split_backward]
-    ax.legend(handles, [k for k in COLORS if k != "W" or sch.split_backward],
+    kinds = [k for k in COLORS if k != ActionKind.W or sch.split_backward]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=COLORS[k]) for k in kinds]
+    ax.legend(handles, kinds,
               loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     ax.set_title(f"{sch.name}: p={sch.stages} m={sch.microbatches} v={sch.virtual_stages}, "
                  f"{sim.ticks} {'lockstep ' if sim.lockstep else ''}ticks, "

@@ -1,317 +1,158 @@
 """One executor for any schedule table (gpipe, 1f1b, interleaved, zb-h1, ...), backward by hand.
 
-`pipelined_loss` runs the whole schedule, forward AND backward actions, inside one
-`jax.shard_map` that is manual over `stage` and the data axes (as `pipeline.gpipe`; `tensor`
-stays automatic, so TP works inside each action): a `lax.scan` over the ticks of
-`simulate(schedule, lockstep=True)` (one tick per slot). Each tick every stage reads its row
-of a small int32 table (built here in numpy), runs its F, B and W (each a `lax.cond`; a slot
-may hold several, as DualPipeV's F beside a full backward; idle runs none), then hands
-on what it made: activations to the stage that holds the next virtual stage, gradients to the
-one that holds the previous, by `ppermute` to the next or the previous stage (looped
-placement: activations down and around the ring, gradients up; V placement's second chunk:
-the other way round) or, where both virtual stages are on one stage, by a write into its own
-buffer. Each `ppermute` runs only on ticks where some stage receives one (GPipe sends no
-gradient while it runs forwards, nor activations while it runs backwards).
+What runs where and when is data: `pipeline.table` lowers the schedule to a per-tick table
+(read its docstring for "what does stage s run at tick t, and where does its output go").
+This file runs that table. `pipelined_loss` runs the whole step, forward AND backward
+actions, inside one `jax.shard_map` that is manual over `stage` and the data axes (as
+`pipeline.gpipe`; `tensor` stays automatic, so TP works inside each action): a `lax.scan`
+over the ticks whose carry (`Carry`) is the stage's whole state. Each tick a stage reads its
+row of the table and runs `forward`, `head`, `backward`, `weight_grads` (each under a
+`lax.cond`, on the ticks its row says), then `communicate`s.
 
 Each action does only its own work (`pipeline.actions`): F runs the stage forward once under
-`jax.vjp` and keeps the pullback's residuals (less the weights); B rebuilds the pullback from
-them and runs no forward; `remat` picks what the residuals are (none: all intermediates,
-layer: each layer's input, stage: the stage input, so B recomputes the forward). The last
-virtual stage's F also runs the head and the loss (seeded with 1/m, so the loss is the mean
-over micro-batches) and its backward, and keeps dLoss/dy for its own B. zb-h1 splits the
-backward: B computes the input gradient and each weight product's output gradient, W only
-the weight-gradient matmuls.
-
-Everything that waits between actions sits in a scan-carried ring buffer, in the slot `plan`
-assigned by interval colouring (write → last read), so the buffers hold only what is alive at
-once: stage inputs (arrival → F), output gradients (arrival → B), F's residuals (F → B) and,
-split, each weight product's input (F → W) and output gradient (B → W). For 1F1B that is at
-most p micro-batches each, whatever m.
-
-`pipelined_loss` is a `jax.custom_vjp`: its forward does all of the above and keeps the
-gradients (blocks, head, inputs) as residuals; its backward scales them by the incoming
-cotangent. So `jax.value_and_grad` of embed → pipelined_loss works unchanged.
+`jax.vjp` and stashes the pullback's residuals (less the weights); B rebuilds the pullback
+from them and runs no forward; `remat` picks what the residuals are. The head (seeded with
+1/m, so the loss is the mean over micro-batches) hands dLoss/dy to its own B. zb-h1 and the
+other split schedules: B computes the input gradient and keeps, for each weight product, its
+input and output gradient; W does only the weight-gradient matmuls.
 
 Each data shard accumulates the gradients of its own mean loss through the loop; they are
-averaged over the data axes once, after it.
+averaged over the data axes once, after it (`pipelined_loss`, a `jax.custom_vjp`, hands them on).
+
+Speed (measured on XLA CPU, BENCHMARKS.md): a `lax.cond` whose one branch writes into carried
+buffers and whose other passes them through updates them in place; a `lax.switch` over three
+or more branches, or two branches writing different buffers, copies every buffer every tick.
+Hence one `lax.cond` per action, in the order F, head, B, W (`pipeline.slots` says why not B
+first), and the sends last.
 """
 
 import dataclasses
 import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from tppjax.errors import ConfigError
 from tppjax.pipeline.actions import StageActions
 from tppjax.pipeline.gpipe import DP, to_stages, vary, widen
-from tppjax.pipeline.layout import ACTIVE_SCOPE, StageLayout
-from tppjax.pipeline.schedules import Action as Act
-from tppjax.pipeline.schedules import Schedule, ScheduleError, make_schedule
-from tppjax.pipeline.simulate import simulate
+from tppjax.pipeline.layout import StageLayout, check_fit, to_virtual_stages
+from tppjax.pipeline.schedules import ActionKind, Schedule
+from tppjax.pipeline.table import SENDS, Plan, Table, plan_of, sends
 
-# Table columns per (tick, stage). A tick runs at most one F, one B and one W (together where the
-# schedule shares a slot: DualPipeV's F beside another micro-batch's full backward), each with
-# its own columns, then the ring-buffer slot of each read and write. An arrival comes from the
-# next stage, the previous one, or the stage itself (V placement's turn, where virtual stages
-# p-1 and p share a stage; the last virtual stage's own dLoss/dy).
-(F_ON, F_MB, F_CHUNK, FIRST, LAST, B_ON, B_CHUNK, DXROW, W_ON, W_CHUNK,
- X_GET, X_NEXT, X_PREV, X_SELF, G_GET, G_NEXT, G_PREV, G_SELF, R_GET, R_PUT, I_GET, I_PUT,
- W_GET, W_PUT) = range(24)
-ON = {"F": F_ON, "B": B_ON, "W": W_ON}  # kind → its column: 1 on the ticks that run one
-BUFFERS = {  # buffer → its (read, write...) columns; a slot lives from its write to its read
-    "x": (X_GET, X_NEXT, X_PREV, X_SELF),  # stage inputs: arrival → F
-    "g": (G_GET, G_NEXT, G_PREV, G_SELF),  # output gradients: arrival → B
-    "r": (R_GET, R_PUT),  # F's residuals: F → B
-    "i": (I_GET, I_PUT),  # split backward: each weight product's input, F → W
-    "w": (W_GET, W_PUT),  # split backward: each weight product's output gradient, B → W
-}
+F, B, W, HEAD = ActionKind.F, ActionKind.B, ActionKind.W, ActionKind.HEAD
+
+
+class Carry(NamedTuple):
+    """One stage's state between ticks. Buffers are [slots, ...] (`pipeline.slots`); x and g
+    have one slot more, NO_SLOT's, where a send that this stage does not receive lands."""
+
+    x: jax.Array  # stage inputs: arrival → F
+    g: jax.Array  # output gradients: arrival (or HEAD) → B
+    stash: tuple  # F's residuals, one buffer per leaf: F → B
+    kept: tuple  # split backward: what B keeps for W, one buffer per leaf
+    y: jax.Array  # this tick's F output (sent at its end)
+    dx: jax.Array  # this tick's B input gradient (sent at its end)
+    dw: Any  # the stage's weight gradients, [v, ...] like its weights
+    dhead: Any  # the head's gradients
+    dxs: jax.Array  # [m + 1, ...]: virtual stage 0's input gradients, NO_SLOT's row last
+    loss: jax.Array  # the sum of the micro-batches' losses / m
 
 
 @dataclasses.dataclass(frozen=True)
-class Plan:
-    table: np.ndarray  # [ticks, p, 24] int32
-    slots: dict[str, int]  # per buffer in BUFFERS: slots per stage (excluding the dummy slot)
-    chunks: int  # v: chunks per stage
-    ring: bool  # looped placement with v > 1: stage p-1 sends to stage 0 and back
-    split: bool  # B is the input gradient only, W the weight gradient
-    virtual: np.ndarray  # [p, v]: the virtual stage of each stage's chunk
+class Stage:
+    """What one stage's actions read and never change within the step."""
+
+    weights: Any  # [v, layers, ...]: this stage's chunks
+    head_params: Any
+    head_fn: Any  # (head_params, y, targets) → a micro-batch's mean loss
+    xs: jax.Array  # (m, b_mb, ...): micro-batches (virtual stage 0 reads them)
+    targets: jax.Array
+    actions: StageActions
+    active: jax.Array | None  # [v, layers]: this stage's real layers (None: no padding)
+
+    def chunk(self, c) -> tuple:
+        """(weights, real layers or None) of chunk c. One chunk: a static index, so no copy
+        of the stage's weights per tick."""
+        return jax.tree.map(lambda a: a[c] if len(a) > 1 else a[0], (self.weights, self.active))
 
 
-def _colour(intervals):
-    """intervals: list of (write_tick, last_read_tick, key). A slot written at tick w may reuse
-    one whose last read happened at a tick <= w (reads precede writes in a tick; a write that
-    comes before a read of the same tick says so with w half a tick early: `plan_of`)."""
-    free_at, out = [], {}
-    for w, r, key in sorted(intervals):
-        slot = next((i for i, f in enumerate(free_at) if f <= w), None)
-        if slot is None:
-            slot = len(free_at)
-            free_at.append(r)
-        free_at[slot] = r
-        out[key] = slot
-    return out, len(free_at)
+def _put(buffers: tuple, slot, values: tuple) -> tuple:
+    return tuple(b.at[slot].set(a) for b, a in zip(buffers, values, strict=True))
 
 
-def plan(name: str, p: int, m: int, v: int = 1) -> Plan:
-    """The per-tick table and buffer sizes for schedule `name` on p stages, m micro-batches."""
-    return plan_of(make_schedule(name, p, m, v))
+def _add(acc, c, grads):
+    return jax.tree.map(lambda a, d: a.at[c].add(d), acc, grads)
 
 
-def plan_of(sched: Schedule) -> Plan:
-    """The per-tick table and buffer sizes of a schedule: one tick per slot (`simulate`'s
-    lockstep), each action's ring-buffer slots by interval colouring.
+def forward(carry: Carry, row: Table, stage: Stage) -> Carry:
+    """F: the chunk on its input (virtual stage 0: xs, else the slot it arrived in); stashes
+    the residuals for B."""
+    x = jnp.where(row.first == 1, stage.xs[row.microbatch], carry.x[row.x_read])
+    w, active = stage.chunk(row.chunk[F])
+    y, stash = stage.actions.forward(w, x, active)
+    return carry._replace(y=y, stash=_put(carry.stash, row.stash_write, stash))
 
-    Within a tick the executor runs F (and the head), then B, then W, and the sends come last.
-    So where a slot holds several actions, what an action writes must not land in a buffer
-    slot that a later action of the same tick still reads: F's residuals and inputs, and B's
-    output gradients, take their slot half a tick early (a W still reads the one its own
-    slot's B has just written). With one action per tick this changes no slot. Why not B
-    first: measured (XLA CPU, jax 0.10.2), a `lax.cond` that reads a carried buffer followed
-    by one that writes it makes XLA copy the buffer every tick: 1F1B's step went from 1.19x
-    to 2.55x one device's, GPipe's from 1.27x to 4.50x (stage=4,tensor=2, m=8, `small`)."""
-    p, m, v = sched.stages, sched.microbatches, sched.virtual_stages
-    st = simulate(sched, lockstep=True).starts
-    ticks, split, n_virtual = max(st.values()) + 1, sched.split_backward, p * v
-    spans = {(b, s): [] for b in BUFFERS for s in range(p)}  # (write tick, read tick, key)
-    for (s, a), t in st.items():
-        if a.kind != "F":
-            continue
-        key, k = (a.microbatch, a.chunk), sched.virtual_stage(s, a.chunk)
-        b = st[(s, Act("B", *key))]
-        spans["r", s].append((t - 0.5, b, key))
-        if split:
-            w = st[(s, Act("W", *key))]
-            spans["i", s].append((t - 0.5, w, key))
-            spans["w", s].append((b - 0.5, w, key))
-        if k > 0:  # the input arrives from virtual stage k-1 (stage 0 reads xs directly)
-            ps, pc = sched.place(k - 1)
-            spans["x", s].append((st[(ps, Act("F", a.microbatch, pc))], t, key))
-        if k < n_virtual - 1:  # the output gradient arrives from virtual stage k+1
-            ns, nc = sched.place(k + 1)
-            spans["g", s].append((st[(ns, Act("B", a.microbatch, nc))], b, key))
-        else:  # the last virtual stage's F computes the loss and its gradient
-            spans["g", s].append((t, b, key))
-    slot, size = {}, dict.fromkeys(BUFFERS, 0)
-    for (buf, s), iv in spans.items():
-        got, n = _colour(iv)
-        slot.update({(buf, s, *key): sl for key, sl in got.items()})
-        size[buf] = max(size[buf], n)
-    ring = sched.placement == "looped" and v > 1
 
-    tab = np.zeros((ticks, p, 24), np.int32)
-    dummy = np.zeros(24, np.int32)
-    for buf, cols in BUFFERS.items():
-        dummy[list(cols)] = size[buf]  # the dummy slot: reads and writes nobody needs
-    dummy[DXROW] = m
-    tab[:] = dummy
+def head(carry: Carry, row: Table, stage: Stage) -> Carry:
+    """The last virtual stage, after F: this micro-batch's loss, and dLoss/dy for its B."""
+    m = stage.xs.shape[0]
+    loss, pull = jax.vjp(lambda hp, y: stage.head_fn(hp, y, stage.targets[row.microbatch]),
+                         stage.head_params, carry.y)
+    dh, g = pull(vary(jnp.asarray(1.0 / m, loss.dtype)))
+    return carry._replace(g=carry.g.at[row.g_write].set(g),
+                          dhead=jax.tree.map(jnp.add, carry.dhead, dh),
+                          loss=carry.loss + loss.astype(jnp.float32) / m)
 
-    def arrive(t: int, sender: int, receiver: int, columns: tuple[int, int, int], value: int):
-        """`receiver` records what `sender` hands it at the end of tick t, in the column among
-        (sent to the next stage, sent to the previous, handed to itself) that says how."""
-        down = receiver == sender + 1 or ring and (sender, receiver) == (p - 1, 0)
-        col = columns[2] if receiver == sender else columns[0] if down else columns[1]
-        if tab[t, receiver, col] != dummy[col]:
-            raise ScheduleError(f"stage {receiver} would receive two hand-offs of one kind at "
-                                f"tick {t}; put the actions of stage {sender} that make them "
-                                "in different slots")
-        tab[t, receiver, col] = value
 
-    for (s, a), t in st.items():
-        mb, c = a.microbatch, a.chunk
-        k = sched.virtual_stage(s, c)
-        row = tab[t, s]
-        if a.kind == "F":
-            row[F_ON], row[F_MB], row[F_CHUNK] = 1, mb, c
-            row[FIRST], row[LAST], row[R_PUT] = k == 0, k == n_virtual - 1, slot["r", s, mb, c]
-            if split:
-                row[I_PUT] = slot["i", s, mb, c]
-            if k > 0:
-                row[X_GET] = slot["x", s, mb, c]
-            if k == n_virtual - 1:  # the head's dLoss/dy, for its own B
-                arrive(t, s, s, (G_NEXT, G_PREV, G_SELF), slot["g", s, mb, c])
-            else:  # the next virtual stage receives the output at the end of tick t
-                ns, nc = sched.place(k + 1)
-                arrive(t, s, ns, (X_NEXT, X_PREV, X_SELF), slot["x", ns, mb, nc])
-        elif a.kind == "B":
-            row[B_ON], row[B_CHUNK] = 1, c
-            row[R_GET], row[G_GET] = slot["r", s, mb, c], slot["g", s, mb, c]
-            if split:
-                row[W_PUT] = slot["w", s, mb, c]
-            if k == 0:
-                row[DXROW] = mb
+def backward(carry: Carry, row: Table, stage: Stage) -> Carry:
+    """B: the pullback rebuilt from F's stash, on the output gradient; keeps what W needs."""
+    c = row.chunk[B]
+    w, active = stage.chunk(c)
+    stash = tuple(b[row.stash_read] for b in carry.stash)
+    dw, dx, kept = stage.actions.backward(w, stash, carry.g[row.g_read], active)
+    return carry._replace(dx=dx, dw=_add(carry.dw, c, dw), dxs=carry.dxs.at[row.dx_row].set(dx),
+                          kept=_put(carry.kept, row.kept_write, kept))
+
+
+def weight_grads(carry: Carry, row: Table, stage: Stage) -> Carry:
+    """W: the weight-gradient matmuls from what B kept."""
+    c = row.chunk[W]
+    w, active = stage.chunk(c)
+    dw = stage.actions.weight_grads(w, tuple(b[row.kept_read] for b in carry.kept), active)
+    return carry._replace(dw=_add(carry.dw, c, dw))
+
+
+def run_if(kind: ActionKind, action, carry: Carry, row: Table, stage: Stage) -> Carry:
+    """`action` on the ticks where this stage's row runs `kind`, under its named scope (the
+    census weights its ops by those ticks); else the carry passes through unchanged."""
+    def run(carry):
+        return vary(action(carry, row, stage))
+
+    return jax.lax.cond(row.runs[kind] == 1, jax.named_scope(kind.scope)(run), lambda c: c,
+                        carry)
+
+
+def communicate(carry: Carry, row: Table, send_now: dict, pl: Plan, stage_axis: str) -> Carry:
+    """The end of a tick: y and dx go where the table says. Each send in `send_now` (the ones
+    this schedule uses, with this tick's flag) is a `ppermute` over all stages, or zeros on
+    ticks where no stage receives by it; V's turn is a write into the stage's own buffer."""
+    p = jax.lax.axis_size(stage_axis)
+    to_next = [(i, (i + 1) % p) for i in range(p if pl.ring else p - 1)]
+    x, g = carry.x, carry.g
+    if pl.turn:
+        x, g = x.at[row.x_turn].set(carry.y), g.at[row.g_turn].set(carry.dx)
+    for kind, flag in send_now.items():
+        buffer, down = SENDS[kind]
+        perm = to_next if down else [(j, i) for i, j in to_next]
+        with jax.named_scope(kind.scope):
+            got = jax.lax.cond(flag, lambda v, perm=perm: jax.lax.ppermute(v, stage_axis, perm),
+                               jnp.zeros_like, carry.y if buffer == "x" else carry.dx)
+            if buffer == "x":
+                x = x.at[row.arrive[kind]].set(got)
             else:
-                ps, pc = sched.place(k - 1)
-                arrive(t, s, ps, (G_NEXT, G_PREV, G_SELF), slot["g", ps, mb, pc])
-        else:
-            row[W_ON], row[W_CHUNK] = 1, c
-            row[I_GET], row[W_GET] = slot["i", s, mb, c], slot["w", s, mb, c]
-    virtual = np.array([[sched.virtual_stage(s, c) for c in range(v)] for s in range(p)])
-    return Plan(tab, size, chunks=v, ring=ring, split=split, virtual=virtual)
-
-
-def action_scope(kind: str) -> str:
-    """The named scope of one action's ops in the compiled program: F, B (unsplit), BX (the
-    input gradient) and BW (the weight gradient) of a split backward, "head" for the head and
-    loss that the last virtual stage runs after its F, and "idle"."""
-    return f"action_{kind}"
-
-
-def scope_kind(kind: str, split: bool) -> str:
-    """The scope name (`action_scope`) of a schedule's action kind F, B or W."""
-    return {"F": "F", "B": "BX" if split else "B", "W": "BW"}[kind]
-
-
-SENDS = {  # scope → (column of the receiving stage, buffer, to the next stage?)
-    "send_activation": (X_NEXT, "x", True),  # down the stages (looped: around the ring)
-    "send_activation_back": (X_PREV, "x", False),  # up the stages: V placement's second chunk
-    "send_gradient": (G_PREV, "g", False),  # up the stages
-    "send_gradient_back": (G_NEXT, "g", True),  # down: V placement's second chunk
-}
-
-
-def sends(pl: Plan) -> dict[str, np.ndarray]:
-    """Per send scope (`SENDS`) that the schedule uses, [ticks] bools: does any stage receive
-    one at this tick? All stages take part in a `ppermute`, so on the other ticks it is
-    skipped."""
-    out = {name: (pl.table[:, :, col] != pl.slots[buf]).any(1)
-           for name, (col, buf, _) in SENDS.items()}
-    return {name: ticks for name, ticks in out.items() if ticks.any()}
-
-
-CHUNK = {"F": F_CHUNK, "B": B_CHUNK, "W": W_CHUNK}  # kind → the column of its chunk
-
-
-def layers_run(pl: Plan, stage_layers, kind: str) -> np.ndarray:
-    """[ticks, p]: the real layers of the virtual stage whose `kind` action each stage's tick
-    runs (uneven stages: `stage_layers` per virtual stage; read where `ON[kind]` is 1)."""
-    chunk = pl.table[:, :, CHUNK[kind]]
-    return np.asarray(stage_layers)[pl.virtual[np.arange(chunk.shape[1]), chunk]]
-
-
-def action_counts(pl: Plan, stage_layers=None) -> dict[str, np.ndarray]:
-    """Per action scope, the ticks each stage runs it: [p] counts (a tick that runs nothing is
-    "idle"; one that shares a slot counts for each of its actions; "head" runs on the F ticks
-    of the last virtual stage); per send scope, the ticks it runs (the same on every stage).
-    With uneven stages (`stage_layers`: real layers per virtual stage), per action scope also
-    "<scope>/<ACTIVE_SCOPE>": [p] ticks x the fraction of the padded slots that hold a real
-    layer, summed over the ticks (which chunk each runs decides)."""
-    on = {kind: pl.table[:, :, col] == 1 for kind, col in ON.items()}
-    counts = {action_scope("idle"): (~(on["F"] | on["B"] | on["W"])).sum(0)}
-    counts |= {action_scope(scope_kind(kind, pl.split)): ticks.sum(0)
-               for kind, ticks in on.items() if ticks.any()}
-    counts[action_scope("head")] = (on["F"] & (pl.table[:, :, LAST] == 1)).sum(0)
-    if stage_layers is not None:
-        for kind, ticks in on.items():
-            real = layers_run(pl, stage_layers, kind) / max(stage_layers)
-            counts[f"{action_scope(scope_kind(kind, pl.split))}/{ACTIVE_SCOPE}"] = (
-                ticks * real).sum(0)
-    return counts | {name: np.full(pl.table.shape[1], ticks.sum())
-                     for name, ticks in sends(pl).items()}
-
-
-def chunk_moves(schedule: Schedule) -> list[list[tuple[int, int, int, int]]]:
-    """How `to_virtual_stages` fills the chunks that live on another stage in the canonical
-    layout (layers split contiguously over `stage`: stage s holds virtual stages s·v ..
-    s·v + v − 1 as its local chunks 0 .. v − 1). Rounds of moves (source stage, its local
-    chunk, stage, chunk), each stage sending and receiving at most one chunk per round: one
-    `ppermute` each. Rounds are filled greedily, so there are at most 2Δ − 1 of them for Δ the
-    most chunks one stage sends or receives (Δ for the placements here: one for V at p = 2,
-    two for looped p = 4, v = 2)."""
-    p, v = schedule.stages, schedule.virtual_stages
-    rounds: list[list[tuple[int, int, int, int]]] = []
-    for s in range(p):
-        for c in range(v):
-            k = schedule.virtual_stage(s, c)
-            if k // v == s:
-                continue
-            move = (k // v, k % v, s, c)
-            free = (r for r in rounds if all(move[0] != o[0] and s != o[2] for o in r))
-            round_ = next(free, None)
-            if round_ is None:
-                rounds.append([move])
-            else:
-                round_.append(move)
-    return rounds
-
-
-def to_virtual_stages(stacked, schedule: Schedule, stage_axis: str = "stage"):
-    """[L, ...] → [p, v, L/(v·p), ...]: chunk c of stage s holds the layers of virtual stage
-    `schedule.virtual_stage(s, c)` (looped: c·p + s; V: s, then 2p − 1 − s).
-
-    The chunks that live on other stages arrive in the rounds of `chunk_moves`, one `ppermute`
-    each; their gradients go back by its transpose. Measured: letting XLA reshard a reordered
-    [v, p, ...] instead moved 2x the stage's weights each way at p = 4, v = 2 (looped; this:
-    1x) and 3.5x the looped amount for V at p = 2 (this: the same as looped)."""
-    p, v = schedule.stages, schedule.virtual_stages
-    here = np.array([[schedule.virtual_stage(s, c) for c in range(v)] for s in range(p)])
-    own = np.where(here // v == np.arange(p)[:, None], here % v, v)  # v: arrives from elsewhere
-    rounds = []
-    for moves in chunk_moves(schedule):
-        send, land = np.zeros(p, np.int32), np.full(p, v, np.int32)
-        for src, j, dst, c in moves:
-            send[src], land[dst] = j, c
-        rounds.append(([(src, dst) for src, _, dst, _ in moves], send, land))
-
-    @functools.partial(jax.shard_map, in_specs=P(stage_axis), out_specs=P(stage_axis),
-                       axis_names={stage_axis})
-    def place(local):
-        s = jax.lax.axis_index(stage_axis)
-
-        def one(a):
-            a = a.reshape(v, a.shape[0] // v, *a.shape[1:])
-            padded = jnp.concatenate([a, jnp.zeros_like(a[:1])])
-            out = [padded[jnp.asarray(own)[s, c]] for c in range(v)]
-            for pairs, send, land in rounds:
-                got = jax.lax.ppermute(a[jnp.asarray(send)[s]], stage_axis, pairs)
-                out = [o + jnp.where(jnp.asarray(land)[s] == c, got, 0) for c, o in enumerate(out)]
-            return jnp.stack(out)[None]
-
-        return jax.tree.map(one, local)
-
-    return place(stacked)
+                g = g.at[row.arrive[kind]].set(got)
+    return carry._replace(x=x, g=g)
 
 
 def _buffer(n: int, like) -> jax.Array:
@@ -321,87 +162,35 @@ def _buffer(n: int, like) -> jax.Array:
     return jnp.full((n, *like.shape), fill, like.dtype)
 
 
+def _start(pl: Plan, stage: Stage) -> Carry:
+    """The carry before the first tick, its buffers sized from one trace of F and B (which
+    also fixes the layout of the pullback that B rebuilds)."""
+    x0, m = vary(stage.xs[0]), stage.xs.shape[0]
+
+    def probe(w, x, active):
+        _, stash = stage.actions.forward(w, x, active)
+        return stash, stage.actions.backward(w, stash, x, active)[2]
+
+    w, active = stage.chunk(0)
+    stash, kept = jax.eval_shape(probe, w, x0, active)
+    zeros = functools.partial(jax.tree.map, jnp.zeros_like)
+    return vary(Carry(
+        x=_buffer(pl.slots["x"] + 1, x0), g=_buffer(pl.slots["g"] + 1, x0),
+        stash=tuple(_buffer(pl.slots["stash"], a) for a in stash),
+        kept=tuple(_buffer(pl.slots["kept"], a) for a in kept),
+        y=jnp.zeros_like(x0), dx=jnp.zeros_like(x0), dw=zeros(stage.weights),
+        dhead=zeros(stage.head_params), dxs=jnp.zeros((m + 1, *x0.shape), x0.dtype),
+        loss=jnp.zeros((), jnp.float32)))
+
+
 def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, active,
          stage_axis, dp):
     """Loss and gradients (blocks, head, inputs) of the whole pipelined step. `active`: None,
     or [virtual stage, slot] bools, False for the padding slots that every action skips.
     `stage_axis`, `dp`: the mesh axes that split the stages and the micro-batch rows."""
-    p, m = schedule.stages, schedule.microbatches
     pl = plan_of(schedule)
-    act = StageActions(block_def, remat, pl.split)
-    to_next = [(i, (i + 1) % p) for i in range(p if pl.ring else p - 1)]
-    perms = {True: to_next, False: [(j, i) for i, j in to_next]}  # to the next stage?
-    zeros = functools.partial(jax.tree.map, jnp.zeros_like)
-
-    def chunk_of(tree, c):
-        # One chunk (v = 1): a static index, so no copy of the stage's weights per tick.
-        return jax.tree.map(lambda a: a[c] if pl.chunks > 1 else a[0], tree)
-
-    def put(bufs, i, values):
-        return tuple(b.at[i].set(a) for b, a in zip(bufs, values, strict=True))
-
-    def when(flag, kind, action, unchanged, *args):
-        """`action(*args)` on the ticks where this stage runs `kind`, else `unchanged(*args)`.
-        Each action updates the buffers and sums it touches in place and returns only what is
-        sent. Measured (XLA CPU, jax 0.10.2): a `lax.cond` whose one branch writes into carried
-        buffers and whose other passes them through updates them in place; a `lax.switch` over
-        three or more branches, or two branches writing different buffers, copies every buffer
-        it passes on every tick, and one switch over all actions returning everything any of
-        them makes (F's stash, W's inputs, dw) zero-fills and copies those too: ~10 MB per
-        device per tick on `small`, more time than the actions themselves. Ops are named by
-        `action_scope`: the census weights them by the ticks that run the action."""
-        return jax.lax.cond(flag, jax.named_scope(action_scope(kind))(action), unchanged, *args)
-
-    def layers_on(c):
-        """This stage's chunk c's real layers (None: no padding)."""
-        if active is None:
-            return None
-        return jnp.asarray(active)[jnp.asarray(pl.virtual)[jax.lax.axis_index(stage_axis), c]]
-
-    def forward(params, xs, xbuf, rbuf, ibuf, r):
-        x = jnp.where(r[FIRST] == 1, xs[r[F_MB]], xbuf[r[X_GET]])
-        y, stash, inputs = act.forward(chunk_of(params, r[F_CHUNK]), x, layers_on(r[F_CHUNK]))
-        return vary((y, put(rbuf, r[R_PUT], stash), put(ibuf, r[I_PUT], inputs)))
-
-    def head(hp, y, tgt, acc_h):
-        """The loss of this micro-batch, and its gradient for this stage's B."""
-        loss, hpull = jax.vjp(lambda hp, y: head_fn(hp, y, tgt), hp, y)
-        dh, g_own = hpull(vary(jnp.asarray(1.0 / m, loss.dtype)))
-        return vary((loss.astype(jnp.float32) / m, g_own, jax.tree.map(jnp.add, acc_h, dh)))
-
-    def backward(params, gbuf, rbuf, wbuf, acc_w, dxs, r):
-        c = r[B_CHUNK]
-        dw, dx, deltas = act.backward(chunk_of(params, c), tuple(b[r[R_GET]] for b in rbuf),
-                                      gbuf[r[G_GET]], layers_on(c))
-        acc_w = jax.tree.map(lambda A, d: A.at[c].add(d), acc_w, dw)
-        if pl.split:
-            wbuf = put(wbuf, r[W_PUT], deltas)
-        return vary((dx, acc_w, wbuf, dxs.at[r[DXROW]].set(dx)))
-
-    def weights(params, ibuf, wbuf, acc_w, r):
-        c = r[W_CHUNK]
-        dw = act.weight_grads(chunk_of(params, c), tuple(b[r[I_GET]] for b in ibuf),
-                              tuple(b[r[W_GET]] for b in wbuf), layers_on(c))
-        return vary(jax.tree.map(lambda A, d: A.at[c].add(d), acc_w, dw))
-
-    def no_forward(params, xs, xbuf, rbuf, ibuf, r):
-        return vary((jnp.zeros_like(xbuf[0]), rbuf, ibuf))
-
-    def no_head(hp, y, tgt, acc_h):
-        return vary((jnp.zeros((), jnp.float32), jnp.zeros_like(y), acc_h))
-
-    def no_backward(params, gbuf, rbuf, wbuf, acc_w, dxs, r):
-        return vary((jnp.zeros_like(gbuf[0]), acc_w, wbuf, dxs))
-
-    tab = jnp.asarray(pl.table)
-    sending = sends(pl)  # the send scopes this schedule uses, and their ticks
-    turn = (pl.table[:, :, X_SELF] != pl.slots["x"]).any()
-
-    def send(flag, value, perm):
-        """`ppermute`, or zeros where no stage receives (the same on every stage: a tick
-        without a send skips the collective everywhere)."""
-        return jax.lax.cond(flag, lambda v: jax.lax.ppermute(v, stage_axis, perm),
-                            jnp.zeros_like, value)
+    actions = StageActions(block_def, remat, pl.split)
+    send_ticks = sends(pl)  # the sends this schedule uses, and their ticks
 
     @functools.partial(
         jax.shard_map, in_specs=(P(stage_axis), P(), P(None, dp), P(None, dp)),
@@ -411,67 +200,26 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
         # This stage's [v, L/(vp), ...] and the head, marked as differing per stage and per data
         # shard: each shard accumulates its own gradients (of its own mean loss) through the
         # loop, and they are averaged over the data axes once, after it, not once per tick.
-        params = vary(jax.tree.map(lambda a: a[0], staged))
-        hp = vary(head_params)
         s = jax.lax.axis_index(stage_axis)
-        x0 = vary(xs[0])
-        # Trace F and B once to learn what F and B keep for later actions (and to fix the
-        # layout of the pullback that B rebuilds): the buffers are sized from these shapes.
-        def probe(w, x):
-            on = None if active is None else layers_on(0)
-            _, stash, inputs = act.forward(w, x, on)
-            return stash, inputs, act.backward(w, stash, x, on)[2]
-
-        stash, inputs, deltas = jax.eval_shape(probe, jax.tree.map(lambda a: a[0], params), x0)
-        # Sends write every tick, into the extra dummy slot when nothing arrives; the actions
-        # write only real slots.
-        init = vary((
-            _buffer(pl.slots["x"] + 1, x0), _buffer(pl.slots["g"] + 1, x0),
-            tuple(_buffer(pl.slots["r"], a) for a in stash),
-            tuple(_buffer(pl.slots["i"], a) for a in inputs),
-            tuple(_buffer(pl.slots["w"], a) for a in deltas),
-            zeros(params), zeros(hp), jnp.zeros((m + 1, *x0.shape), x0.dtype),
-            jnp.zeros((), jnp.float32),
-        ))
+        mine = None if active is None else jnp.asarray(active)[jnp.asarray(pl.virtual)[s]]
+        stage = Stage(vary(jax.tree.map(lambda a: a[0], staged)), vary(head_params), head_fn,
+                      xs, targets, actions, mine)
 
         def tick(carry, per_tick):
-            xbuf, gbuf, rbuf, ibuf, wbuf, acc_w, acc_h, dxs, loss = carry
-            rows, *send_now = per_tick
-            r = rows[s]
-            # F, then B, then W: see `plan_of` for the buffer slots this order allows.
-            y, rbuf, ibuf = when(r[F_ON] == 1, "F", forward, no_forward, params, xs, xbuf, rbuf,
-                                 ibuf, r)
-            loss_mb, g_own, acc_h = when(r[LAST] == 1, "head", head, no_head, hp, y,
-                                         targets[r[F_MB]], acc_h)
-            dx, acc_w, wbuf, dxs = when(r[B_ON] == 1, scope_kind("B", pl.split), backward,
-                                        no_backward, params, gbuf, rbuf, wbuf, acc_w, dxs, r)
-            if pl.split:
-                acc_w = when(r[W_ON] == 1, "BW", weights, lambda *args: args[-2],
-                             params, ibuf, wbuf, acc_w, r)
-            # What this stage hands itself: dLoss/dy of its head, or on V placement's turn
-            # (virtual stages p-1 and p on one stage) the output, and later dx, in between.
-            gbuf = gbuf.at[r[G_SELF]].set(jnp.where(r[LAST] == 1, g_own, dx))
-            if turn:
-                xbuf = xbuf.at[r[X_SELF]].set(y)
-            for name, flag in zip(sending, send_now, strict=True):
-                col, buf, down = SENDS[name]
-                with jax.named_scope(name):
-                    got = send(flag, y if buf == "x" else dx, perms[down])
-                    if buf == "x":
-                        xbuf = xbuf.at[r[col]].set(got)
-                    else:
-                        gbuf = gbuf.at[r[col]].set(got)
-            return (xbuf, gbuf, rbuf, ibuf, wbuf, acc_w, acc_h, dxs, loss + loss_mb), None
+            rows, flags = per_tick
+            row = jax.tree.map(lambda a: a[s], rows)
+            for kind, action in ((F, forward), (HEAD, head), (B, backward), (W, weight_grads)):
+                if kind != W or pl.split:
+                    carry = run_if(kind, action, carry, row, stage)
+            return communicate(carry, row, flags, pl, stage_axis), None
 
-        (*_, acc_w, acc_h, dxs, loss), _ = jax.lax.scan(
-            tick, init, (tab, *(jnp.asarray(t) for t in sending.values())))
+        end, _ = jax.lax.scan(tick, _start(pl, stage), (pl.table, send_ticks))
         # Loss and gradients of the mean over data shards of each shard's mean loss.
-        n_dp = jax.lax.axis_size(dp)
         mean_dp = functools.partial(jax.lax.pmean, axis_name=dp)
-        return (jax.tree.map(lambda a: mean_dp(a)[None], acc_w),
-                mean_dp(jax.lax.psum(acc_h, stage_axis)),
-                jax.lax.psum(widen(dxs[:m]), stage_axis) / n_dp,
-                mean_dp(jax.lax.psum(loss, stage_axis)))
+        return (jax.tree.map(lambda a: mean_dp(a)[None], end.dw),
+                mean_dp(jax.lax.psum(end.dhead, stage_axis)),
+                jax.lax.psum(widen(end.dxs[:-1]), stage_axis) / jax.lax.axis_size(dp),
+                mean_dp(jax.lax.psum(end.loss, stage_axis)))
 
     return loop(staged, head_params, xs, targets)
 
@@ -497,60 +245,33 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     size; then `layers` is either the [L] stack or already padded to the slots of
     `pipeline.layout.StageLayout(stage_layers)`. Without it, L must divide by p·v.
     Zero-bubble schedules split each layer's backward exactly where its weight products go
-    through `models.transformer.project` on a `role="weight"` NNX parameter (the Transformer's
-    all do); any other parameter's gradient (all of a plain function's) is computed whole in
-    B, which is still correct.
+    through `tppjax.models.project` (one product per weight); any other parameter's gradient
+    (all of a plain function's) is computed whole in B, which is still correct.
     Differentiable in layers, loss_params and xs (custom_vjp; the schedule runs in the
     forward, and the backward scales the gradients it kept).
     """
-    p, m, v = schedule.stages, schedule.microbatches, schedule.virtual_stages
     n_layers = jax.tree.leaves(layers)[0].shape[0]
     data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
-    mesh = dict(jax.sharding.get_abstract_mesh().shape)
-    mesh_p = mesh.get(stage_axis)
-    missing = [a for a in data_axes if a not in mesh]
     layout = None if stage_layers is None else StageLayout(tuple(stage_layers))
-    if layout is not None and min(layout.counts) < 0:
-        raise ConfigError(f"stage_layers {list(layout.counts)} has a negative count; give "
-                          "layers per virtual stage, 0 or more")
-    if layout is None:
-        fits = n_layers % (p * v) == 0
-        fix = "change the layers or the schedule, or give stage_layers"
-    else:
-        fits = len(layout.counts) == p * v and n_layers in (layout.n_layers, layout.slots)
-        fix = (f"give {p * v} stage_layers (stages x virtual stages) that sum to {n_layers}, or "
-               f"a stack padded to {p * v} x their largest")
-    for bad, message in (
-            (xs.shape[0] != m, f"xs holds {xs.shape[0]} micro-batches but the schedule "
-                               f"{schedule.name} runs {m}; micro-batch the inputs into {m}"),
-            (mesh_p != p, f"the schedule {schedule.name} has {p} stages but the mesh's "
-                          f"{stage_axis!r} axis is {mesh_p}; make them equal, or name the "
-                          "stage axis with stage_axis="),
-            (bool(missing), f"the mesh has no axis {missing[0] if missing else ''!r}; name "
-                            f"the mesh axes that split the batch with data_axes= (mesh axes: "
-                            f"{', '.join(mesh)})"),
-            (not fits, f"{n_layers} layers do not split into {p} stages x {v} virtual stages"
-                       f"{'' if layout is None else ' as ' + str(list(layout.counts))}; {fix}")):
-        if bad:
-            raise ConfigError(message)
+    check_fit(schedule, n_layers, xs.shape[0], layout, stage_axis, data_axes)
     active = None
     if layout is not None and layout.padded:
         active = layout.active()
         if n_layers == layout.n_layers:
             layers = layout.pad(layers)
-    if v == 1:
-        staged = jax.tree.map(lambda a: a[:, None], to_stages(layers, p))
+    if schedule.virtual_stages == 1:
+        staged = jax.tree.map(lambda a: a[:, None], to_stages(layers, schedule.stages))
     else:
         staged = to_virtual_stages(layers, schedule, stage_axis)
+    run = functools.partial(_run, layer, schedule=schedule, remat=remat, active=active,
+                            stage_axis=stage_axis, dp=data_axes)
 
     @jax.custom_vjp
     def f(staged, loss_params, xs, targets):
-        return _run(layer, staged, loss_fn, loss_params, xs, targets, schedule, remat, active,
-                    stage_axis, data_axes)[3]
+        return run(staged, loss_fn, loss_params, xs, targets)[3]
 
     def fwd(staged, loss_params, xs, targets):
-        gw, gh, gx, loss = _run(layer, staged, loss_fn, loss_params, xs, targets, schedule,
-                                remat, active, stage_axis, data_axes)
+        gw, gh, gx, loss = run(staged, loss_fn, loss_params, xs, targets)
         return loss, (gw, gh, gx)
 
     def bwd(res, ct):

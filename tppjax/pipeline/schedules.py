@@ -59,10 +59,11 @@ built-in schedule saved that way is a valid file and trains identically.
 """
 from __future__ import annotations
 
+import enum
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from tppjax.errors import ConfigError
 
@@ -71,7 +72,48 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "zb-h2", "zb-v", "dualpipe
 # v times); v: two chunks, stage s holds virtual stages s and 2p-1-s (down, then back up).
 PLACEMENTS = ("looped", "v")
 
-Kind = Literal["F", "B", "W"]
+
+
+class ActionKind(enum.StrEnum):
+    """Every kind of work in a pipelined step, spelt once: the value is what schedule files,
+    `Action` and the drawings write (F, B, W), and `scope` names the executor's ops in the
+    compiled program, from which `tppjax.measure.census` reads each op's kind back (`in_op`)
+    and its phase (`phase`). F, B and W are a schedule's actions; the executor also runs the
+    head (after the last virtual stage's F) and its sends, each a `ppermute` that is both the
+    send and the receive (torch.distributed.pipelining's SEND_F/RECV_F in one)."""
+
+    F = "F"  # forward of one micro-batch through one chunk
+    B = "B"  # its backward: the input gradient (unsplit: and the weight gradient)
+    W = "W"  # split backward only: the weight gradient
+    HEAD = "head"  # after the last virtual stage's F: head, loss and their gradient
+    IDLE = "idle"  # a tick that runs no action
+    SEND_F = "send_activation"  # F's output to the next stage (looped, v > 1: p-1 to 0)
+    SEND_F_BACK = "send_activation_back"  # to the previous stage: V placement's chunk 1
+    SEND_B = "send_gradient"  # B's input gradient to the previous stage
+    SEND_B_BACK = "send_gradient_back"  # to the next stage: V placement's chunk 1
+
+    @property
+    def scope(self) -> str:
+        """The named scope of its ops in the compiled program."""
+        return f"action_{self.value}"
+
+    @property
+    def phase(self) -> str:
+        """The census phase of its ops (`tppjax.measure.census.PHASES`): a send's is the phase
+        of what it carries."""
+        return {ActionKind.HEAD: "head/loss", ActionKind.SEND_F: "F", ActionKind.SEND_F_BACK: "F",
+                ActionKind.SEND_B: "B", ActionKind.SEND_B_BACK: "B"}.get(self, self.value)
+
+    @staticmethod
+    def in_op(name: str) -> ActionKind | None:
+        """The kind whose scope an op's name holds (the innermost), or None."""
+        found = _SCOPE.findall(name)
+        return _BY_SCOPE[found[-1]] if found else None
+
+
+SCHEDULED = (ActionKind.F, ActionKind.B, ActionKind.W)  # what a schedule's actions are
+_BY_SCOPE = {k.scope: k for k in ActionKind}
+_SCOPE = re.compile(rf"(?:^|/)({'|'.join(sorted(_BY_SCOPE, key=len, reverse=True))})(?=/|$)")
 
 
 class ScheduleError(ConfigError):
@@ -89,9 +131,12 @@ def chunks_needed(name: str) -> int:
 class Action:
     """One unit of work on one stage: `kind` of `microbatch` through virtual chunk `chunk`."""
 
-    kind: Kind
+    kind: ActionKind  # F, B or W; a plain "F" is taken as ActionKind.F
     microbatch: int
     chunk: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "kind", ActionKind(self.kind))
 
     def __str__(self) -> str:
         return f"{self.kind}{self.microbatch}.{self.chunk}"
@@ -338,53 +383,61 @@ def _dualpipe_v(p: int, m: int) -> list[list[tuple[Action, ...]]]:
     7. p-s-1 times: the oldest waiting W, then B chunk 0 (its W waits);
     8. the s+1 W's still waiting.
     """
-    out = []
-    for s in range(p):
-        n_f, n_b = [0, 0], [0, 0]  # F's and B's so far, per chunk
-        owed: list[Action] = []  # W's deferred, oldest first
-        slots: list[tuple[Action, ...]] = []
+    return [_dualpipe_v_stage(p, m, s) for s in range(p)]
 
-        def fwd(c: int) -> tuple[Action, ...]:
-            n_f[c] += 1
-            return (Action("F", n_f[c] - 1, c),)
 
-        def bwd(c: int, full: bool) -> tuple[Action, ...]:
-            b, w = Action("B", n_b[c], c), Action("W", n_b[c], c)
-            n_b[c] += 1
-            if full:
-                return b, w
-            owed.append(w)
-            return (b,)
+class _Order:
+    """One stage's slots as they are built: F's and B's so far per chunk (each chunk runs its
+    micro-batches in order) and the W's deferred, oldest first."""
 
-        def weight() -> tuple[Action, ...]:
-            return (owed.pop(0),)
+    def __init__(self):
+        self.n_f, self.n_b, self.owed = [0, 0], [0, 0], []
 
-        slots += [fwd(0) for _ in range(2 * (p - s - 1))]  # 1
-        for _ in range(s + 1):  # 2
-            slots += [fwd(0), fwd(1)]
-        for _ in range(p - s - 1):  # 3
-            slots += [bwd(1, False), weight(), fwd(1)]
-        for i in range(m - 2 * p + s + 1):  # 4
-            if i == 0 and s == p - 1:
-                slots += [fwd(0), bwd(1, True)]
-            else:
-                slots.append(fwd(0) + bwd(1, True))
-            slots.append(fwd(1) + bwd(0, True))
-        for _ in range(p - s - 1):  # 5
-            slots += [bwd(1, True), fwd(1) + bwd(0, True)]
-        split = False
-        for i in range(s + 1):  # 6
-            split = split or (i == (s + 1) // 2 and s % 2 == 1)
-            slots.append(bwd(1, not split))
-            split = split or (i == (s + 1) // 2 and s % 2 == 0)
-            slots.append(bwd(0, not split))
-        assert len(owed) == s + 1
-        for _ in range(p - s - 1):  # 7
-            slots += [weight(), bwd(0, False)]
-        slots += [weight() for _ in range(s + 1)]  # 8
-        assert n_f == n_b == [m, m] and not owed, (p, m, s)
-        out.append(slots)
-    return out
+    def fwd(self, c: int) -> tuple[Action, ...]:
+        self.n_f[c] += 1
+        return (Action("F", self.n_f[c] - 1, c),)
+
+    def bwd(self, c: int, full: bool) -> tuple[Action, ...]:
+        """B of chunk c's next micro-batch; full: with its W, else its W is deferred."""
+        b, w = Action("B", self.n_b[c], c), Action("W", self.n_b[c], c)
+        self.n_b[c] += 1
+        if full:
+            return b, w
+        self.owed.append(w)
+        return (b,)
+
+    def weight(self) -> tuple[Action, ...]:
+        return (self.owed.pop(0),)
+
+
+def _dualpipe_v_stage(p: int, m: int, s: int) -> list[tuple[Action, ...]]:
+    """Stage s's slots of `_dualpipe_v`, steps 1 to 8."""
+    o, slots = _Order(), []
+    slots += [o.fwd(0) for _ in range(2 * (p - s - 1))]  # 1
+    for _ in range(s + 1):  # 2
+        slots += [o.fwd(0), o.fwd(1)]
+    for _ in range(p - s - 1):  # 3
+        slots += [o.bwd(1, False), o.weight(), o.fwd(1)]
+    for i in range(m - 2 * p + s + 1):  # 4
+        if i == 0 and s == p - 1:
+            slots += [o.fwd(0), o.bwd(1, True)]
+        else:
+            slots.append(o.fwd(0) + o.bwd(1, True))
+        slots.append(o.fwd(1) + o.bwd(0, True))
+    for _ in range(p - s - 1):  # 5
+        slots += [o.bwd(1, True), o.fwd(1) + o.bwd(0, True)]
+    split = False
+    for i in range(s + 1):  # 6
+        split = split or (i == (s + 1) // 2 and s % 2 == 1)
+        slots.append(o.bwd(1, not split))
+        split = split or (i == (s + 1) // 2 and s % 2 == 0)
+        slots.append(o.bwd(0, not split))
+    assert len(o.owed) == s + 1
+    for _ in range(p - s - 1):  # 7
+        slots += [o.weight(), o.bwd(0, False)]
+    slots += [o.weight() for _ in range(s + 1)]  # 8
+    assert o.n_f == o.n_b == [m, m] and not o.owed, (p, m, s)
+    return slots
 
 
 def _flatten(stages: list[list[tuple[Action, ...]]]
@@ -498,7 +551,7 @@ def validate(schedule: Schedule) -> None:
     if len(schedule.actions) != p:
         raise ScheduleError(f"schedule has {len(schedule.actions)} action lists for {p} stages; "
                             "give one list per stage")
-    kinds = ("F", "B", "W") if schedule.split_backward else ("F", "B")
+    kinds = SCHEDULED if schedule.split_backward else SCHEDULED[:2]
     for s, acts in enumerate(schedule.actions):
         position: dict[Action, int] = {}
         for n, a in enumerate(acts):
@@ -550,7 +603,7 @@ def _validate_slots(schedule: Schedule) -> None:
             if len(slot) == 1:
                 continue
             shown = " + ".join(map(str, slot))
-            for kind in "FBW":
+            for kind in SCHEDULED:
                 same = [a for a in slot if a.kind == kind]
                 if len(same) > 1:
                     raise ScheduleError(f"stage {s} runs {same[1]} in one slot with {same[0]} "
@@ -589,18 +642,47 @@ def schedule_to_data(schedule: Schedule) -> dict:
     }
 
 
+def _need(where: dict, key: str, what: str, source: str, default=None):
+    """`where[key]` (or `default`), an integer unless the key is "kind"."""
+    if key not in where and default is None:
+        raise ScheduleError(f"{source}: {what} has no {key!r}; add it")
+    value = where.get(key, default)
+    if key != "kind" and (not isinstance(value, int) or isinstance(value, bool)):
+        raise ScheduleError(f"{source}: {what} has {key} {value!r}; it must be an integer")
+    return value
+
+
+def _stage_from_data(acts, s: int, source: str) -> tuple[tuple[Action, ...], frozenset[int]]:
+    """Stage s's actions in a schedule file, and the positions that share the previous slot."""
+    if not isinstance(acts, list):
+        raise ScheduleError(f"{source}: actions of stage {s} must be a list")
+    row, mine = [], set()
+    for n, a in enumerate(acts):
+        what = f"stage {s} action {n}"
+        if not isinstance(a, dict):
+            raise ScheduleError(f"{source}: {what} is {a!r}; write it as "
+                                '{"kind": "F", "microbatch": 0, "chunk": 0}')
+        kind = _need(a, "kind", what, source)
+        if kind not in SCHEDULED:
+            raise ScheduleError(f"{source}: {what} has kind {kind!r}; use F, B or W")
+        row.append(Action(kind, _need(a, "microbatch", what, source),
+                          _need(a, "chunk", what, source, 0)))
+        shared = a.get("joined", False)
+        if not isinstance(shared, bool):
+            raise ScheduleError(f"{source}: {what} has joined {shared!r}; write true (it "
+                                "shares the previous action's slot) or leave it out")
+        if shared and n == 0:
+            raise ScheduleError(f"{source}: {what} is joined, but a stage's first action "
+                                "has no slot before it to share; leave joined out")
+        if shared:
+            mine.add(n)
+    return tuple(row), frozenset(mine)
+
+
 def schedule_from_data(data: dict, source: str = "schedule") -> Schedule:
     """Inverse of `schedule_to_data` (other keys, such as the ticks `--json` adds, are
     ignored), validated: every action once, each stage's own order, and no deadlock between
     stages in the executor's lockstep ticks. Errors are one line that names `source`."""
-    def need(where: dict, key: str, what: str, default=None):
-        if key not in where and default is None:
-            raise ScheduleError(f"{source}: {what} has no {key!r}; add it")
-        value = where.get(key, default)
-        if key != "kind" and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ScheduleError(f"{source}: {what} has {key} {value!r}; it must be an integer")
-        return value
-
     if not isinstance(data, dict) or not isinstance(data.get("actions"), list):
         raise ScheduleError(f"{source}: expected a JSON object with per-stage 'actions' lists, "
                             "as `scripts/schedule.py --json` prints")
@@ -608,31 +690,8 @@ def schedule_from_data(data: dict, source: str = "schedule") -> Schedule:
     if not isinstance(placement, str):
         raise ScheduleError(f"{source}: placement {placement!r} must be a string; use one of "
                             f"{', '.join(PLACEMENTS)}")
-    actions, joined = [], []
-    for s, acts in enumerate(data["actions"]):
-        if not isinstance(acts, list):
-            raise ScheduleError(f"{source}: actions of stage {s} must be a list")
-        row, mine = [], set()
-        for n, a in enumerate(acts):
-            what = f"stage {s} action {n}"
-            if not isinstance(a, dict):
-                raise ScheduleError(f"{source}: {what} is {a!r}; write it as "
-                                    '{"kind": "F", "microbatch": 0, "chunk": 0}')
-            kind = need(a, "kind", what)
-            if kind not in ("F", "B", "W"):
-                raise ScheduleError(f"{source}: {what} has kind {kind!r}; use F, B or W")
-            row.append(Action(kind, need(a, "microbatch", what), need(a, "chunk", what, 0)))
-            shared = a.get("joined", False)
-            if not isinstance(shared, bool):
-                raise ScheduleError(f"{source}: {what} has joined {shared!r}; write true (it "
-                                    "shares the previous action's slot) or leave it out")
-            if shared and n == 0:
-                raise ScheduleError(f"{source}: {what} is joined, but a stage's first action "
-                                    "has no slot before it to share; leave joined out")
-            if shared:
-                mine.add(n)
-        actions.append(tuple(row))
-        joined.append(frozenset(mine))
+    parsed = [_stage_from_data(acts, s, source) for s, acts in enumerate(data["actions"])]
+    actions, joined = tuple(a for a, _ in parsed), tuple(j for _, j in parsed)
     split = data.get("split_backward", any(a.kind == "W" for acts in actions for a in acts))
     if not isinstance(split, bool):  # bool("false") is True: a string would flip its meaning
         raise ScheduleError(f"{source}: split_backward {split!r} must be true or false (a JSON "
@@ -640,20 +699,19 @@ def schedule_from_data(data: dict, source: str = "schedule") -> Schedule:
     name = data.get("schedule", Path(source).stem)
     if not isinstance(name, str):
         raise ScheduleError(f"{source}: schedule {name!r} must be a string (a name to show)")
-    sizes = {key: need(data, key, "the file", default)
+    sizes = {key: _need(data, key, "the file", source, default)
              for key, default in (("stages", None), ("microbatches", None), ("virtual_stages", 1))}
     for key, value in sizes.items():
         if value < 1:  # no stage or micro-batch to run; later code would fail far from here
             raise ScheduleError(f"{source}: {key} is {value}; it must be 1 or more")
     schedule = Schedule(
         name=name, **sizes, split_backward=split,
-        actions=tuple(actions), placement=placement,
-        joined=tuple(joined) if any(joined) else ())
+        actions=actions, placement=placement, joined=joined if any(joined) else ())
     try:
         validate(schedule)
         from tppjax.pipeline.simulate import simulate  # simulate imports this module
 
-        simulate(schedule, dict.fromkeys("FBW", 1), lockstep=True)  # raises on a deadlock
+        simulate(schedule, dict.fromkeys(SCHEDULED, 1), lockstep=True)  # raises on a deadlock
     except ScheduleError as err:
         raise ScheduleError(f"{source}: {err}") from None
     return schedule

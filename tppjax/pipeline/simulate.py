@@ -23,6 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from tppjax.pipeline.schedules import (
+    SCHEDULED,
     SCHEDULES,
     Action,
     Schedule,
@@ -90,7 +91,7 @@ def simulate(schedule: Schedule, costs: Mapping[str, int] | None = None,
     schedule without shared slots this is the simulation at F=B=W=1."""
     validate(schedule)
     costs = dict(costs) if costs is not None else default_costs(schedule)
-    kinds = ("F", "B", "W") if schedule.split_backward else ("F", "B")
+    kinds = SCHEDULED if schedule.split_backward else SCHEDULED[:2]
     for kind in kinds:
         if not isinstance(costs.get(kind), int) or costs[kind] < 1:
             raise ScheduleError(f"cost of {kind} must be a positive integer (got "
@@ -204,11 +205,45 @@ def closed_form(schedule: Schedule) -> dict[str, object] | None:
     """Ticks, period, bubble fraction and peak in-flight per stage predicted by formula, for
     the named generators at default costs (F=1, B=2; split: F=B=W=1, per chunk), lockstep
     off. The simulator must agree. None for any other schedule (one from a file that is not a
-    generator's own output and placement).
+    generator's own output and placement). Each family's derivation is in its function below;
+    period: ticks, except for zb-h2 and zb-v (see `Simulation.period`)."""
+    p, m, v = schedule.stages, schedule.microbatches, schedule.virtual_stages
+    name = schedule.name
+    try:
+        own = make_schedule(name, p, m, v) if name in SCHEDULES else None
+    except ScheduleError:  # a file named after a generator, with sizes it refuses
+        own = None
+    if own is None or ((own.actions, own.placement, own.joined)
+                       != (schedule.actions, schedule.placement, schedule.joined)):
+        return None
+    family = {"gpipe": _closed_one_f_one_b, "1f1b": _closed_one_f_one_b,
+              "interleaved": _closed_one_f_one_b, "zb-h1": _closed_zb_h, "zb-h2": _closed_zb_h,
+              "zb-v": _closed_zb_v, "dualpipe-v": _closed_dualpipe_v}[name]
+    ticks, period, peak = family(name, p, m, v)
+    ideal = 3 * v * m
+    return {
+        "ticks": ticks,
+        "period": period,
+        "bubble_fraction": (ticks - ideal) / ticks,
+        "bubble_ratio": (ticks - ideal) / ideal,
+        "peak_inflight": tuple(peak),
+    }
 
+
+def _closed_one_f_one_b(name: str, p: int, m: int, v: int) -> tuple[int, int, list[int]]:
+    """(ticks, period, peak per stage):
     gpipe, 1f1b: ticks 3(m+p-1), idle fraction (p-1)/(m+p-1); peak m (gpipe), min(p-s, m).
     interleaved: ticks 3(v·m+p-1) in chunk ticks: bubble ratio (p-1)/(v·m) (Narayanan et al.
-      2021, §2.2.2); peak v·p-s chunk activations (warm-up + 1).
+      2021, §2.2.2); peak v·p-s chunk activations (warm-up + 1)."""
+    if name == "interleaved":
+        ticks = 3 * (v * m + p - 1)
+        return ticks, ticks, [min(v * p - s, v * m) for s in range(p)]
+    ticks = 3 * (m + p - 1)
+    return ticks, ticks, [m] * p if name == "gpipe" else [min(p - s, m) for s in range(p)]
+
+
+def _closed_zb_h(name: str, p: int, m: int, v: int) -> tuple[int, int, list[int]]:
+    """(ticks, period, peak per stage):
     zb-h1: ticks 3m+p-1 for m >= p (bubble p-1 ticks, 1F1B's is 3(p-1); Qi et al. 2024);
       for m < p stage 0 waits 2p-1 ticks for the first gradient, then has 2m work: 2m+2p-1.
       Peak min(p, m) on every stage (held from F to W).
@@ -216,7 +251,14 @@ def closed_form(schedule: Schedule) -> dict[str, object] | None:
       stage starts at tick p-1 with 3m of work; stage 0 gets its first gradient at 2p-1, then
       has 2m of B and W). ZB-H2 moves the idle ticks to before a stage's first action and
       after its last: period 3m (zero bubble) for m >= 2p-1; below that stage 0 waits from
-      its m-th F to tick 2p-1: 2m+2p-1. Peak min(2p-1, m) on every stage.
+      its m-th F to tick 2p-1: 2m+2p-1. Peak min(2p-1, m) on every stage."""
+    ticks = 2 * m + p - 1 + max(m, p)
+    period = max(3 * m, 2 * m + 2 * p - 1) if name == "zb-h2" else ticks
+    return ticks, period, [min(p, m) if name == "zb-h1" else min(2 * p - 1, m)] * p
+
+
+def _closed_zb_v(name: str, p: int, m: int, v: int) -> tuple[int, int, list[int]]:
+    """(ticks, period, peak per stage):
     zb-v (v = 2, m >= p; ticks of one chunk action, a stage's work is 6m): no step can take
       fewer than 6m+p-1 ticks (stage p-1 gets its first input at tick p-1), and no stage's
       span can be shorter than 6m, nor than 5m+2p-1 (stage 0's first chunk-1 input comes 2p-1
@@ -225,7 +267,13 @@ def closed_form(schedule: Schedule) -> dict[str, object] | None:
       max(6m, 5m+2p-1), ticks period+p-1, so 6m+p-1 for m >= 2p-1 (bubble p-1 chunk ticks,
       (p-1)/2 of a whole stage: half of ZB-H1's) and 5m+3p-2 below. Peak min(2p, m+s+1)
       chunk activations (`schedules._zb_v`): 2p for m >= 2p-1, i.e. p micro-batches of a
-      whole stage, 1F1B's peak.
+      whole stage, 1F1B's peak."""
+    period = max(6 * m, 5 * m + 2 * p - 1)
+    return period + p - 1, period, [min(2 * p, m + s + 1) for s in range(p)]
+
+
+def _closed_dualpipe_v(name: str, p: int, m: int, v: int) -> tuple[int, int, list[int]]:
+    """(ticks, period, peak per stage):
     dualpipe-v (v = 2, m >= 2p, p >= 2; chunk ticks, a slot's members one after another, so
       F+B+W takes 3 ticks): ticks 6m+p-1, ZB-V's and the least possible (stage p-1 starts at
       p-1 with 6m of work). Stage s's first F runs at s, and for j <= s micro-batch j's
@@ -249,40 +297,5 @@ def closed_form(schedule: Schedule) -> dict[str, object] | None:
       With lockstep=True (one tick a slot, the SPMD executor's) it takes 2m+5p-2 ticks:
       stage 0 runs 2m+5p-2 slots (stage s: 2m+5p-2s-2, one more on stage p-1, whose first
       forward and backward in step 4 are not joined) and never waits; ZB-V has no shared
-      slot, so its lockstep ticks are its 6m+p-1.
-    period: ticks, except for zb-h2 and zb-v (see `Simulation.period`).
-    """
-    p, m, v = schedule.stages, schedule.microbatches, schedule.virtual_stages
-    name = schedule.name
-    try:
-        own = make_schedule(name, p, m, v) if name in SCHEDULES else None
-    except ScheduleError:  # a file named after a generator, with sizes it refuses
-        own = None
-    if own is None or ((own.actions, own.placement, own.joined)
-                       != (schedule.actions, schedule.placement, schedule.joined)):
-        return None
-    if name in ("gpipe", "1f1b"):
-        ticks = period = 3 * (m + p - 1)
-        peak = [m] * p if name == "gpipe" else [min(p - s, m) for s in range(p)]
-    elif name == "interleaved":
-        ticks = period = 3 * (v * m + p - 1)
-        peak = [min(v * p - s, v * m) for s in range(p)]
-    elif name == "dualpipe-v":
-        ticks = period = 6 * m + p - 1
-        peak = [2 * p + 1] * p
-    elif name == "zb-v":
-        period = max(6 * m, 5 * m + 2 * p - 1)
-        ticks = period + p - 1
-        peak = [min(2 * p, m + s + 1) for s in range(p)]
-    else:  # zb-h1, zb-h2
-        ticks = 2 * m + p - 1 + max(m, p)
-        period = max(3 * m, 2 * m + 2 * p - 1) if name == "zb-h2" else ticks
-        peak = [min(p, m) if name == "zb-h1" else min(2 * p - 1, m)] * p
-    ideal = 3 * v * m
-    return {
-        "ticks": ticks,
-        "period": period,
-        "bubble_fraction": (ticks - ideal) / ticks,
-        "bubble_ratio": (ticks - ideal) / ideal,
-        "peak_inflight": tuple(peak),
-    }
+      slot, so its lockstep ticks are its 6m+p-1."""
+    return 6 * m + p - 1, 6 * m + p - 1, [2 * p + 1] * p

@@ -9,9 +9,8 @@ Two ways to run the blocks:
   outside the loop (docs/design.md §1); the head runs per micro-batch, split over `stage` (stage
   as extra data parallelism there) whenever p divides m. `jax.grad` of this loop is GPipe too,
   the readable reference that the tests hold the executor to; it is not the training path
-  because its transpose keeps every tick's residuals, bubble ticks included: measured 1.15x the
-  executor's GPipe per gradient (stage=4,tensor=2, m=8, `small` with 8 layers: 0.436 s against
-  0.380 s on 2 CPU cores).
+  because its transpose keeps every tick's residuals, bubble ticks included (slower than the
+  executor's GPipe per gradient: README.md, "Pipeline").
 The embedding always runs outside, on every stage (a gather: cheap to repeat).
 """
 
