@@ -274,7 +274,7 @@ def recompute_flops(cfg: ModelConfig, batch: int, seq: int, remat: str, stages: 
 
 def ring_sends(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int,
                remat: str = "none") -> list[Expected]:
-    """Ring attention's collective-permutes over `context` (`spmd.ring_attention`), per step,
+    """Ring attention's collective-permutes over `context` (`spmd.context`), per step,
     without a pipeline: per layer, K and V hop cp−1 times forward; backward, K and V hop cp−1
     times again and dK, dV cp times (the last takes them home), all float32. E = the elements
     of one shard's K: (b/d)·(s/cp)·(K/t)·H. With remat the forward's hops run again."""

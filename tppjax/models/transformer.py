@@ -8,6 +8,7 @@ Every parameter is declared once with its logical axes (`_param`). Activations a
 `constrain` where tensor parallelism acts; `spmd.rules` decides what each name means on a mesh.
 """
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import jax
@@ -82,46 +83,35 @@ class Norm(nnx.Module):
         return y.astype(x.dtype)
 
 
-_sequence_hook = None  # see `sequence_hook`
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array) -> jax.Array:
+    """(B, T, N, H) queries against (B, T, K, H) keys and values; the query in slot i sees the
+    keys at text positions up to its own, `positions[i]`."""
+    seen = positions[None, :] <= positions[:, None]  # (T, T)
+    return jax.nn.dot_product_attention(q, k, v, mask=seen[None, None])
 
 
-@contextlib.contextmanager
-def sequence_hook(hook):
-    """While tracing in this context, the sequence is laid out by `hook` (context parallelism,
-    `spmd.ring_attention`): slot j of every (B, T, ...) activation holds the token at position
-    `hook.positions(T)[j]` (rotary and position embeddings read it), and training attention is
-    `hook.attend(q, k, v)`, causal over those positions. The model itself stays mesh-free."""
-    global _sequence_hook
-    previous, _sequence_hook = _sequence_hook, hook
-    try:
-        yield
-    finally:
-        _sequence_hook = previous
+class Sequence(NamedTuple):
+    """Where the T slots of a (B, T, ...) activation sit in the text, and the attention kernel
+    that runs over them. The default is the text in order (`in_order`); context parallelism
+    (`spmd.context`) lays the tokens out zigzag and attends with a ring. Rotary and GPT-2
+    position embeddings read `positions`, so the model's result does not depend on the layout."""
+
+    positions: jax.Array  # (T,) int: slot i holds the token at text position positions[i]
+    attend: Callable = causal_attention  # (q, k, v, positions) -> (B, T, N, H)
 
 
-def token_positions(length: int, start: jax.Array | int = 0) -> jax.Array:
-    """Absolute position of each of `length` slots whose first token is at `start`; under a
-    `sequence_hook`, the hook's order (training only: start 0)."""
-    if _sequence_hook is not None:
-        return jnp.asarray(_sequence_hook.positions(length))
-    return jnp.arange(length) + start
+def in_order(length: int, start: jax.Array | int = 0) -> Sequence:
+    """`length` slots holding the text from position `start` on (generation starts later)."""
+    return Sequence(jnp.arange(length) + start)
 
 
-def attend(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-    """Causal attention, (B, T, N, H) queries against (B, T, K, H) keys and values."""
-    if _sequence_hook is not None:
-        return _sequence_hook.attend(q, k, v)
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True)
-
-
-def rotary(x: jax.Array, theta: float, start: jax.Array | int = 0) -> jax.Array:
+def rotary(x: jax.Array, theta: float, positions: jax.Array) -> jax.Array:
     """Rotary position embedding (Su et al. 2021), rotate-half form, on (B, T, heads, H) whose
-    first token is at absolute position `start` (generation feeds one token at a time)."""
-    t, h = x.shape[1], x.shape[-1]
+    slot i holds text position `positions[i]`."""
+    h = x.shape[-1]
     inv_freq = theta ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)
     # Exact integers in float32 below 2^24.
-    positions = token_positions(t, start).astype(jnp.float32)
-    angles = positions[:, None] * inv_freq[None, :]  # (T, H/2)
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (T, H/2)
     cos, sin = jnp.cos(angles)[None, :, None, :], jnp.sin(angles)[None, :, None, :]
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], -1).astype(x.dtype)
@@ -159,13 +149,14 @@ class Attention(nnx.Module):
             self.bqkv = _const("bias", (k, self.group + 2, h), ("kv_heads", None, None))
             self.bo = _const("bias", (d,), ("embed",))
 
-    def __call__(self, x, cache: KVCache | None = None, start: jax.Array | int = 0):
-        """(B, T, D) → (B, T, D), causal self-attention over x.
+    def __call__(self, x, sequence: Sequence | None = None, cache: KVCache | None = None):
+        """(B, T, D) → (B, T, D), causal self-attention over x laid out as `sequence` (default:
+        in order from position 0).
 
         Generation passes this layer's `cache` (keys and values of every position so far) and
-        `start`, the absolute position of x's first token: x's keys and values are written into
-        the cache there, each query attends to the cached positions up to its own, and the
-        result is (y, cache). Same projections, same rotary, same attention kernel as training.
+        x `in_order` from its first token's position: x's keys and values are written into the
+        cache there, each query attends to the cached positions up to its own, and the result is
+        (y, cache). Same projections, same rotary as training.
         """
         cfg, dt, g = self.cfg, self.cfg.dtype, self.group
         x = constrain(x, ("batch", "tokens", "embed"))  # sequence parallelism: all-gather T here
@@ -177,17 +168,18 @@ class Attention(nnx.Module):
             b, t = x.shape[:2]
             q = qkv[:, :, :, :g].reshape(b, t, cfg.n_heads, cfg.head_dim)  # heads k*G .. k*G+G-1
             k, v = qkv[:, :, :, g], qkv[:, :, :, g + 1]  # (B, T, K, H)
+            sequence = sequence or in_order(t)
             if cfg.style == "llama":
-                q, k = rotary(q, cfg.rope_theta, start), rotary(k, cfg.rope_theta, start)
+                q, k = (rotary(a, cfg.rope_theta, sequence.positions) for a in (q, k))
         with jax.named_scope("attn_core"):
             if cache is None:
-                o = attend(q, k, v)  # (B, T, N, H)
+                o = sequence.attend(q, k, v, sequence.positions)  # (B, T, N, H)
             else:
+                start, positions = sequence.positions[0], sequence.positions
                 cache = KVCache(*(constrain(jax.lax.dynamic_update_slice_in_dim(c, new, start, 1),
                                             KV_NAMES) for c, new in zip(cache, (k, v))))
                 # Query i sits at position start + i and sees cached positions 0 .. start + i.
-                s_len = cache.k.shape[1]
-                seen = jnp.arange(s_len)[None, :] <= start + jnp.arange(t)[:, None]  # (T, S)
+                seen = jnp.arange(cache.k.shape[1])[None, :] <= positions[:, None]  # (T, S)
                 o = jax.nn.dot_product_attention(q, cache.k, cache.v, mask=seen[None, None])
             o = constrain(o, ("batch", "tokens", "heads", None))
         with jax.named_scope("attn_out"):
@@ -245,25 +237,26 @@ class Block(nnx.Module):
         self.attn_norm, self.attn = Norm(cfg), Attention(cfg, rngs)
         self.mlp_norm, self.mlp = Norm(cfg), MLP(cfg, rngs)
 
-    def __call__(self, x, cache: KVCache | None = None, start: jax.Array | int = 0):
+    def __call__(self, x, sequence: Sequence | None = None, cache: KVCache | None = None):
         """(B, T, D), sequence-sharded between blocks under SP; with a `cache` (generation),
         (x, cache): see `Attention`."""
         if cache is None:
-            x = x + self.attn(self.attn_norm(x))
+            x = x + self.attn(self.attn_norm(x), sequence)
         else:
-            y, cache = self.attn(self.attn_norm(x), cache, start)
+            y, cache = self.attn(self.attn_norm(x), sequence, cache)
             x = x + y
         x = x + self.mlp(self.mlp_norm(x))
         x = constrain(x, ("batch", "seq", "embed"))
         return x if cache is None else (x, cache)
 
 
-def scan_blocks(block_def, stacked: nnx.State, x: jax.Array, remat: bool = False) -> jax.Array:
+def scan_blocks(block_def, stacked: nnx.State, x: jax.Array, remat: bool = False,
+                sequence: Sequence | None = None) -> jax.Array:
     """Apply blocks stacked on a leading axis with `lax.scan`: compile time does not grow with L.
     A plain function over split state (not `nnx.scan`), so any slice of the `layers` axis runs."""
 
     def one_block(x, layer_state):
-        return nnx.merge(block_def, layer_state)(x)
+        return nnx.merge(block_def, layer_state)(x, sequence)
 
     if remat:
         one_block = jax.checkpoint(one_block)
@@ -310,27 +303,29 @@ class Transformer(nnx.Module):
         self.blocks = make_blocks(rngs)
         self.head = LMHead(cfg, rngs)
 
-    def embed(self, tokens: jax.Array, start: jax.Array | int = 0) -> jax.Array:
-        """(B, T) int → (B, T, D); the first token is at absolute position `start`."""
+    def embed(self, tokens: jax.Array, sequence: Sequence | None = None) -> jax.Array:
+        """(B, T) int → (B, T, D), the tokens laid out as `sequence` (default: in order)."""
         with jax.named_scope("embed"):
             # Vocab-parallel: each `tensor` shard looks up its rows, then one all-reduce
             # (reduce-scatter over T with sequence parallelism).
             x = constrain(jnp.take(self.embedding[...], tokens, axis=0), ("batch", "tokens", "embed"))
             if self.cfg.style == "gpt2":
-                table, t = self.positions[...], tokens.shape[1]
-                x = x + (jax.lax.dynamic_slice_in_dim(table, start, t) if _sequence_hook is None
-                         else table[token_positions(t)])
+                positions = (sequence or in_order(tokens.shape[1])).positions
+                x = x + jnp.take(self.positions[...], positions, axis=0)
             return constrain(x.astype(self.cfg.dtype), ("batch", "seq", "embed"))
 
-    def run_blocks(self, x: jax.Array, remat: bool = False) -> jax.Array:
+    def run_blocks(self, x: jax.Array, remat: bool = False,
+                   sequence: Sequence | None = None) -> jax.Array:
         block_def, stacked = nnx.split(self.blocks)
-        return scan_blocks(block_def, stacked, x, remat)
+        return scan_blocks(block_def, stacked, x, remat, sequence)
 
     def logits(self, x: jax.Array) -> jax.Array:  # (B, T, D) → (B, T, V) float32
         return self.head(x, self.embedding[...] if self.cfg.tie_embeddings else None)
 
-    def __call__(self, tokens: jax.Array, remat: bool = False) -> jax.Array:
-        return self.logits(self.run_blocks(self.embed(tokens), remat))
+    def __call__(self, tokens: jax.Array, remat: bool = False,
+                 sequence: Sequence | None = None) -> jax.Array:
+        """(B, T) tokens laid out as `sequence` (default: in order) → (B, T, V) logits."""
+        return self.logits(self.run_blocks(self.embed(tokens, sequence), remat, sequence))
 
     def empty_cache(self, batch: int, length: int) -> KVCache:
         """A zero cache for `length` positions, stacked over the layers, (L, B, S, K, H): L as
@@ -347,12 +342,13 @@ class Transformer(nnx.Module):
         fills the cache (prefill); then one call per new token (T = 1) reads and appends to
         it. The cache's layer axis is scanned alongside the stacked blocks."""
         block_def, stacked = nnx.split(self.blocks)
+        sequence = in_order(tokens.shape[1], start)
 
         def body(x, layer):
             layer_state, layer_cache = layer
-            return nnx.merge(block_def, layer_state)(x, layer_cache, start)
+            return nnx.merge(block_def, layer_state)(x, sequence, layer_cache)
 
-        x, cache = jax.lax.scan(body, self.embed(tokens, start), (stacked, cache))
+        x, cache = jax.lax.scan(body, self.embed(tokens, sequence), (stacked, cache))
         return self.logits(x), cache
 
 

@@ -14,11 +14,14 @@ Two ways to run the blocks:
 The embedding always runs outside, on every stage (a gather: cheap to repeat).
 """
 
+import functools
+
 import jax
 from flax import nnx
 
 from tppjax.errors import ConfigError
 from tppjax.models import ModelConfig, Transformer, cross_entropy
+from tppjax.models.transformer import Sequence
 from tppjax.pipeline.executor import pipelined_loss
 from tppjax.pipeline.gpipe import gpipe, to_microbatches, to_stages
 from tppjax.pipeline.layout import StageLayout, balance, parse_stage_layers
@@ -53,15 +56,18 @@ def head_parts(model: Transformer):
 
 
 def pipeline_loss(model: Transformer, inputs, targets, tc, stages: int, layout: StageLayout,
-                  forward_only: bool = False):
+                  forward_only: bool = False, sequence: Sequence | None = None):
     """Same value as the unpipelined loss: the mean over the same global batch of tokens.
 
     The model's blocks are `layout`'s padded stack. `forward_only`: no backward will be taken
-    (evaluation): run the forward loop of `gpipe`.
+    (evaluation): run the forward loop of `gpipe`. `sequence`: the tokens' layout (context
+    parallelism), for every layer.
     """
     m, v = tc.microbatches, tc.virtual_stages
-    xs = to_microbatches(model.embed(inputs), m)  # (m, b_mb, T, D)
+    xs = to_microbatches(model.embed(inputs, sequence), m)  # (m, b_mb, T, D)
     block_def, stacked = nnx.split(model.blocks)
+    if sequence is not None:  # the pipeline runs a layer as (params, x) -> y
+        block_def = functools.partial(_layer, block_def, sequence)
     if not forward_only:
         head_params, head_fn = head_parts(model)
         return pipelined_loss(block_def, stacked, xs, to_microbatches(targets, m), head_fn,
@@ -76,6 +82,10 @@ def pipeline_loss(model: Transformer, inputs, targets, tc, stages: int, layout: 
     split = "stage" if m % stages == 0 else None
     logits = jax.vmap(model.logits, spmd_axis_name=split)(ys)  # (m, b_mb, T, V)
     return cross_entropy(logits, to_microbatches(targets, m))
+
+
+def _layer(block_def, sequence: Sequence, params, x):
+    return nnx.merge(block_def, params)(x, sequence)
 
 
 def stage_map(layout: StageLayout, schedule) -> list[list[range]]:

@@ -52,7 +52,7 @@ def activation_rules(sequence_parallel: bool) -> tuple[Rule, ...]:
         # Sequence parallelism splits T between blocks: each all-reduce of X becomes a
         # reduce-scatter (after row-parallel) + all-gather (before column-parallel), same bytes.
         # Context parallelism splits T everywhere (`tokens`, inside a block): attention is the
-        # only op that mixes positions, and its ring passes K, V around (`spmd.ring_attention`).
+        # only op that mixes positions, and its ring passes K, V around (`spmd.context`).
         ("seq", (CONTEXT_AXIS, "tensor") if sequence_parallel else CONTEXT_AXIS),
         ("tokens", CONTEXT_AXIS),
         ("embed", None),
@@ -104,12 +104,7 @@ def check_layout(
         (batch, dp, "batch size", " x ".join(BATCH_AXES), "batch-size"),
     ]
     cp = mesh_shape[CONTEXT_AXIS]
-    if cp > 1 and mesh_shape["stage"] > 1:
-        # Seen on jax 0.10.2: XLA's SPMD partitioner aborts (a failed check in
-        # spmd_partitioner_util.cc) on T split over `context` inside the pipeline's shard_map.
-        raise ConfigError(f"{CONTEXT_AXIS}={cp} with stage={mesh_shape['stage']} is not supported "
-                          "yet (XLA aborts compiling it); use context with data/fsdp/tensor only")
-    if cp > 1:  # zigzag: 2·cp equal chunks (`spmd.ring_attention`)
+    if cp > 1:  # zigzag: 2·cp equal chunks (`spmd.context`)
         need.append((seq_len, 2 * cp, "sequence length", f"2 x {CONTEXT_AXIS}", "seq-len"))
     if rules.sequence_parallel:
         need.append((seq_len, cp * t, "sequence length (sequence parallelism)",

@@ -19,8 +19,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from tppjax.errors import ConfigError
 from tppjax.models import ModelConfig, Transformer, cross_entropy
-from tppjax.models.transformer import sequence_hook
-from tppjax.spmd.ring_attention import ring
+from tppjax.spmd.context import context
 from tppjax.spmd.rules import (
     BATCH_AXES,
     CONTEXT_AXIS,
@@ -209,18 +208,19 @@ class Trainer:
     # ---- the traced functions ---------------------------------------------------------
     def loss(self, params, inputs, targets, forward_only: bool = False):
         """Mean next-token loss over the global batch; the pipeline when `stage` > 1."""
-        hook = ring(self.mesh.shape[CONTEXT_AXIS])  # context parallelism: zigzag + ring
-        if hook is not None:
-            inputs, targets = hook.permute(inputs), hook.permute(targets)
-        with flax_spmd.logical_axis_rules(self.rules.activations), sequence_hook(hook):
+        sequence = None  # the text in order
+        cp = context(self.mesh.shape[CONTEXT_AXIS], self.stages)
+        if cp is not None:  # context parallelism: the tokens laid out zigzag, ring attention
+            inputs, targets = cp.permute(inputs), cp.permute(targets)
+            sequence = cp.sequence(inputs.shape[1])
+        with flax_spmd.logical_axis_rules(self.rules.activations):
             model = nnx.merge(self.graphdef, params)
             if self.stages > 1:
                 from tppjax.spmd.pipelined import pipeline_loss
 
                 return pipeline_loss(model, inputs, targets, self.tc, self.stages, self.layout,
-                                     forward_only)
-            x = model.run_blocks(model.embed(inputs), remat=self.tc.remat != "none")
-            return cross_entropy(model.logits(x), targets)
+                                     forward_only, sequence)
+            return cross_entropy(model(inputs, self.tc.remat != "none", sequence), targets)
 
     def _accumulated_loss_and_grads(self, params, inputs, targets):
         """Loss and gradients of the global batch, in `grad_accum` sequential chunks.
