@@ -17,7 +17,7 @@ from tests.helpers import (
     trainer,
 )
 from tppjax.errors import ConfigError
-from tppjax.measure import analysis
+from tppjax.measure import analysis, census
 from tppjax.measure.hlo import collectives
 from tppjax.spmd.mesh import parse_mesh_spec
 from tppjax.spmd.rules import Rules, check_layout
@@ -25,13 +25,23 @@ from tppjax.spmd.rules import Rules, check_layout
 GPT2 = dataclasses.replace(TEST_MODEL, style="gpt2", tie_embeddings=True)
 
 
-@pytest.mark.parametrize(("mesh", "cfg", "sp"), [
-    ("data=4,context=2", TEST_MODEL, False),
-    ("data=2,context=4", GPT2, False),
-    ("data=2,context=2,tensor=2", TEST_MODEL, True),
-], ids=["cp2-llama", "cp4-gpt2", "cp2xtp2-sp"])
-def test_loss_and_every_gradient_match_single_device(mesh, cfg, sp):
-    loss, grads = loss_and_grads(cfg, mesh, sp)
+FOUR = dataclasses.replace(TEST_MODEL, n_layers=4)  # interleaved: 2 stages x 2 chunks
+ONE_F_ONE_B = {"schedule": "1f1b", "microbatches": 2}
+
+
+@pytest.mark.parametrize(("mesh", "cfg", "sp", "train"), [
+    ("data=4,context=2", TEST_MODEL, False, {}),
+    ("data=2,context=4", GPT2, False, {}),
+    ("data=2,context=2,tensor=2", TEST_MODEL, True, {}),
+    # Inside a pipeline: the gathered ring, under each stage's actions.
+    ("context=2,stage=2,tensor=2", TEST_MODEL, False, ONE_F_ONE_B),
+    ("data=2,context=2,stage=2", GPT2, False, {"schedule": "zb-h1", "microbatches": 4}),
+    ("context=2,stage=2,tensor=2", FOUR, True, {"schedule": "interleaved", "microbatches": 2,
+                                               "virtual_stages": 2}),
+], ids=["cp2-llama", "cp4-gpt2", "cp2xtp2-sp", "cp2xtp2xpp2-1f1b", "cp2xdp2xpp2-zb-h1-gpt2",
+        "cp2xtp2xpp2-interleaved-sp"])
+def test_loss_and_every_gradient_match_single_device(mesh, cfg, sp, train):
+    loss, grads = loss_and_grads(cfg, mesh, sp, **train)
     assert_matches_reference(cfg, loss, grads)
 
 
@@ -55,10 +65,37 @@ def test_ring_sends_match_closed_form_and_bfloat16_runs():
     assert np.isfinite(float(metrics["loss"]))
 
 
+def test_pipelined_ring_sends_match_closed_form_and_bfloat16_runs():
+    """Inside a pipeline the ring all-gathers K, V and sends dK, dV home by all-to-all, per layer
+    and micro-batch; per stage, what the schedule table runs (`census`) equals
+    `analysis.expected`'s ring rows exactly: none is a collective-permute (which would deadlock
+    XLA CPU under a stage's `lax.cond`). The bfloat16 step runs."""
+    cfg = dataclasses.replace(TEST_MODEL, compute_dtype="bfloat16")
+    tr = trainer(cfg, "context=2,stage=2,tensor=2", **ONE_F_ONE_B)
+    params, opt_state = tr.init(seed=0)
+    inputs, targets = tr.place(batch(cfg))
+    step = tr.lower_step(params, opt_state, inputs, targets).compile()
+    got = [r for r in census.collectives(step.as_text(), tr.mesh, "1f1b", 2)
+           if r.source == "attention ring"]
+    want = [r for r in analysis.expected(cfg, dict(tr.mesh.shape), BATCH, SEQ, 2, "1f1b")
+            if r.source == "attention ring"]
+
+    def per_stage(rows):
+        out = {}
+        for r in rows:
+            key = (r.phase, r.op, r.axes, r.bytes)
+            out[key] = tuple(a + b for a, b in zip(out.get(key, (0, 0)), r.counts, strict=True))
+        return out
+
+    assert got and per_stage(got) == per_stage(want), (per_stage(got), per_stage(want))
+    with jax.set_mesh(tr.mesh):
+        metrics = step(params, opt_state, inputs, targets)[2]
+    assert np.isfinite(float(metrics["loss"]))
+
+
 @pytest.mark.parametrize(("mesh", "seq", "message"), [
     ("data=2,context=4", 12, "sequence length (12) is not divisible by the 2 x context axis (8)"),
     ("context=2,tensor=4", 12, "sequence length (sequence parallelism) (12) is not divisible by the context x tensor axis (8)"),
-    ("context=2,stage=2,tensor=2", 16, "context=2 with stage=2 is not supported"),
 ])
 def test_bad_context_layouts_are_refused_in_one_line(mesh, seq, message):
     with pytest.raises(ConfigError, match=re.escape(message)):

@@ -222,7 +222,7 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
             add("embedding", "collective-permute", b_shard * seq * 4, once, (WEIGHT_AXIS, "tensor"),
                 "F")
     if cp > 1:
-        rows.extend(ring_sends(cfg, mesh, batch, seq, remat))
+        rows.extend(ring_sends(cfg, mesh, batch, seq, remat, m, runs))
         # Every context shard holds all the weights: their gradients are summed over it, as
         # over the data axes (XLA may fold both into one reduction, or sum layers in the loop).
         add("gradient reduction", ar, grad_bytes_per_device(cfg, mesh, seq, cfg.n_layers), once,
@@ -273,21 +273,31 @@ def recompute_flops(cfg: ModelConfig, batch: int, seq: int, remat: str, stages: 
 
 
 def ring_sends(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int,
-               remat: str = "none") -> list[Expected]:
-    """Ring attention's collective-permutes over `context` (`spmd.context`), per step,
-    without a pipeline: per layer, K and V hop cp−1 times forward; backward, K and V hop cp−1
-    times again and dK, dV cp times (the last takes them home), all float32. E = the elements
-    of one shard's K: (b/d)·(s/cp)·(K/t)·H. With remat the forward's hops run again."""
-    cp, t, layers = mesh[CONTEXT_AXIS], mesh["tensor"], cfg.n_layers
-    kv = batch // batch_shards(mesh) * (seq // cp) * (cfg.n_kv_heads // t) * cfg.head_dim
-    op, axes = "collective-permute", (CONTEXT_AXIS,)
-    forward = 2 * (cp - 1) * layers
-    rows = [Expected("attention ring", op, kv * 4, (forward,), axes, "F"),
-            Expected("attention ring", op, kv * 4, (forward,), axes, "B"),
-            Expected("attention ring", op, kv * 4, (2 * cp * layers,), axes, "B")]
+               remat: str = "none", microbatches: int = 1, runs=None) -> list[Expected]:
+    """Ring attention's sends over `context` (`spmd.context`), per step. E = the elements of
+    one shard's K per micro-batch: (b/d/m)·(s/cp)·(K/t)·H, all float32. Without a pipeline,
+    per layer K and V hop cp−1 times forward (collective-permutes); backward K and V hop cp−1
+    times again and dK, dV cp times (the last takes them home). Inside a pipeline (`runs`:
+    layer executions per stage), per layer and micro-batch K and V are all-gathered forward
+    and again backward, and dK, dV go home by one all-to-all each, all of cp·E elements (what
+    each device holds after the gather, before the all-to-all). With remat the forward's sends
+    run again."""
+    cp, t, p = mesh[CONTEXT_AXIS], mesh["tensor"], mesh["stage"]
+    kv = batch // batch_shards(mesh) // microbatches * (seq // cp) * (cfg.n_kv_heads // t) \
+        * cfg.head_dim
+    axes = (CONTEXT_AXIS,)
+    if p == 1:
+        op, hops = "collective-permute", 2 * (cp - 1) * cfg.n_layers
+        rows = [Expected("attention ring", op, kv * 4, (hops,), axes, "F"),
+                Expected("attention ring", op, kv * 4, (hops,), axes, "B"),
+                Expected("attention ring", op, kv * 4, (2 * cp * cfg.n_layers,), axes, "B")]
+    else:
+        two = tuple(2 * r for r in runs)
+        rows = [Expected("attention ring", "all-gather", cp * kv * 4, two, axes, "F"),
+                Expected("attention ring", "all-gather", cp * kv * 4, two, axes, "B"),
+                Expected("attention ring", "all-to-all", cp * kv * 4, two, axes, "B")]
     if remat != "none":
-        rows.append(Expected("attention ring", op, kv * 4, (forward,), axes,
-                             "recompute"))
+        rows.append(dataclasses.replace(rows[0], phase="recompute"))
     return rows
 
 

@@ -14,21 +14,19 @@ Written in the global view, T reshaped to (cp, T/cp) with the cp axis on `contex
 Inside a pipeline a stage runs attention under its own `lax.cond` while the other stages run
 something else, and XLA CPU's collective-permute waits for every device of the program (seen on
 jax 0.10.2: "Expected 8 threads to join the rendezvous, but only 4"). Collectives with replica
-groups (all-gather, reduce-scatter) wait only for their group, as the tensor all-reduces inside
-a stage do. So with `stage` > 1 (`gathered`), each shard all-gathers K and V over `context` once
-and takes hop h's block from there, and the backward reduce-scatters dK, dV: the same bytes per
-attention call as the ring's forward ((cp−1) blocks of K and V), no more in the backward, but
-all cp blocks of K and V are held during the call (not stored for the backward).
+groups (all-gather, all-to-all) wait only for their group, as the tensor all-reduces inside a
+stage do. So with `stage` > 1 (`gathered`), each shard all-gathers K and V over `context` once
+and takes hop h's block from there; the backward adds each hop's dK, dV into a buffer per
+source block and one all-to-all sends each block's sum home: the same bytes per attention call
+as the ring ((cp−1) blocks of K and V forward; again, and (cp−1) of dK and dV, backward), but
+all cp blocks of K and V are held during the call (never stored for the backward).
 
 The backward pass (`jax.custom_vjp`) keeps only q, k, v, the output and the log-sum-exp, and
 moves K and V again: it recomputes each step's scores; on the ring dK, dV travel along with K, V
-and take one more hop home at the end. So no step's K/V is stored.
+and take one more hop home at the end. So no step's K/V is stored. Hops are unrolled (cp is
+small), so each hop's causal mask is a constant.
 
-Sends per attention call, E = elements of one shard's K (B/dp · T/cp · K/t · H), all float32
-(with bfloat16 compute, XLA CPU widened K and V before sending them anyway): the ring forward
-2·(cp−1) of 4·E (K and V), backward 2·(cp−1) of 4·E (K, V again) and 2·cp of 4·E (dK, dV);
-gathered, each shard receives 2·(cp−1)·4·E forward and 2·(cp−1)·4·E + 2·(cp−1)·4·E backward
-(K, V, then dK, dV). `measure.analysis.ring_sends` is this closed form.
+`measure.analysis.ring_sends` counts these sends in closed form; the census finds them.
 """
 
 import dataclasses
@@ -47,6 +45,7 @@ PER_QUERY = ("batch", "tokens", "kv_heads", None, None)  # max, lse: (B, C, K, G
 GATHERED = ("batch", None, None, "kv_heads", None)  # all of K or V on every context shard
 # A shard's dK, dV for every block: (B, C shard, C block, T, K, H), summed over shards at the end.
 PER_SHARD = ("batch", "tokens", None, None, "kv_heads", None)
+BY_BLOCK = ("batch", None, "tokens", None, "kv_heads", None)  # the same, split by block
 
 
 def zigzag(length: int, shards: int) -> np.ndarray:
@@ -61,105 +60,83 @@ def _hop(x, names=KV):
     return constrain(jnp.roll(x, 1, axis=1), names)
 
 
-def _sources(shards: int, hop) -> jax.Array:
+def _sources(shards: int, hop: int) -> np.ndarray:
     """After `hop` hops shard i holds the block of shard i − hop."""
-    return (jnp.arange(shards) - hop) % shards
+    return (np.arange(shards) - hop) % shards
 
 
-def _blocks(shards: int, hop) -> jax.Array:
-    """(C shard, C block) one-hot: after `hop` hops shard i works on block i − hop."""
-    return jax.nn.one_hot(_sources(shards, hop), shards)
+def _pick(gathered, hop: int):
+    """Each shard's block after `hop` hops, from all of K or V: a product with a (C shard,
+    C block) one-hot, local to each shard (an indexed gather made the partitioner abort with
+    `tensor` and `context` automatic inside a pipeline stage)."""
+    blocks = np.eye(gathered.shape[1], dtype=np.float32)[_sources(gathered.shape[1], hop)]
+    return constrain(jnp.einsum("bxtkh,cx->bctkh", gathered, blocks), KV)
 
 
-def _pick(gathered, hop):
-    """Each shard's block after `hop` hops, from all of K or V (a local product, no send)."""
-    return constrain(jnp.einsum("bxtkh,cx->bctkh", gathered, _blocks(gathered.shape[1], hop)),
-                     KV)
-
-
-def _scores(q, k, pos, hop):
+def _scores(q, k, pos: np.ndarray, hop: int):
     """Scaled scores (B, C, K, G, Tq, Tk) of q against the keys that arrived after `hop` hops,
-    and the causal mask (C, Tq, Tk) by true positions (float32 `pos`: exact below 2^24)."""
+    and the causal mask (C, Tq, Tk) by true positions, a constant: hops are unrolled (cp is
+    small), so nothing about positions is computed on the devices."""
     s = jnp.einsum("bcqkgh,bcskh->bckgqs", q, k) / np.sqrt(q.shape[-1])
-    k_pos = _blocks(pos.shape[0], hop) @ pos  # a product, not a gather: the partitioner
-    # aborted on a gather here with `tensor` and `context` automatic inside a pipeline stage
+    k_pos = pos[_sources(pos.shape[0], hop)]
     return s, (k_pos[:, None, :] <= pos[:, :, None])[None, :, None, None]
 
 
-def _forward(q, k, v, pos, gathered: bool):
-    """float32 q (B, C, T, K, G, H), k and v (B, C, T, K, H) → (output like q, log-sum-exp)."""
+def _blocks_of(x, gathered: bool):
+    """Each shard's K or V block at hops 0, 1, ..., cp − 1, one at a time: sent around the
+    ring one hop at a time, or picked from all of it gathered once."""
+    x_all = constrain(x, GATHERED) if gathered else None
+    for hop in range(x.shape[1]):
+        yield x
+        if hop + 1 < x.shape[1]:
+            x = _pick(x_all, hop + 1) if gathered else _hop(x)
 
-    def merge(state, k, v, hop):
-        m, total, acc = state
-        s, mask = _scores(q, k, pos, hop)
+
+def _forward(q, k, v, pos: np.ndarray, gathered: bool):
+    """float32 q (B, C, T, K, G, H), k and v (B, C, T, K, H) → (output like q, log-sum-exp)."""
+    b, c, t, kh, g, h = q.shape
+    m, total, acc = (jnp.full((b, c, kh, g, t), -jnp.inf), jnp.zeros((b, c, kh, g, t)),
+                     jnp.zeros((b, c, kh, g, t, h)))
+    # Hop 0 is each shard's own (diagonal) block: every query sees at least itself there, so
+    # the running max is finite from then on.
+    for hop, (k_hop, v_hop) in enumerate(zip(_blocks_of(k, gathered), _blocks_of(v, gathered))):
+        s, mask = _scores(q, k_hop, pos, hop)
         m_new = jnp.maximum(m, jnp.where(mask, s, -jnp.inf).max(-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         fix = jnp.exp(m - m_new)  # rescale what was summed under the old max
-        acc = acc * fix[..., None] + jnp.einsum("bckgqs,bcskh->bckgqh", p, v)
-        return (constrain(m_new, PER_QUERY), constrain(total * fix + p.sum(-1), PER_QUERY),
-                constrain(acc, (*PER_QUERY, None)))
-
-    # Hop 0 is each shard's own (diagonal) block: every query sees at least itself there, so
-    # the running max is finite from then on.
-    b, c, t, kh, g, h = q.shape
-    start = (jnp.full((b, c, kh, g, t), -jnp.inf), jnp.zeros((b, c, kh, g, t)),
-             jnp.zeros((b, c, kh, g, t, h)))
-    state = merge(start, k, v, 0)
-    if gathered:
-        k_all, v_all = constrain(k, GATHERED), constrain(v, GATHERED)
-
-        def step(state, hop):
-            return merge(state, *(_pick(a, hop) for a in (k_all, v_all)), hop), None
-
-        m, total, acc = jax.lax.scan(step, state, jnp.arange(1, c))[0]
-    else:
-        def step(carry, hop):
-            state, k, v = carry
-            k, v = _hop(k), _hop(v)
-            return (merge(state, k, v, hop), k, v), None
-
-        m, total, acc = jax.lax.scan(step, (state, k, v), jnp.arange(1, c))[0][0]
+        acc = constrain(acc * fix[..., None] + jnp.einsum("bckgqs,bcskh->bckgqh", p, v_hop),
+                        (*PER_QUERY, None))
+        m, total = constrain(m_new, PER_QUERY), constrain(total * fix + p.sum(-1), PER_QUERY)
     o = jnp.moveaxis(acc / total[..., None], -2, 2)  # (B, C, T, K, G, H)
     return constrain(o, QUERIES), m + jnp.log(total)
 
 
-def _backward(q, k, v, o, lse, do, pos, gathered: bool):
-    """FlashAttention's backward, one ring step at a time."""
+def _backward(q, k, v, o, lse, do, pos: np.ndarray, gathered: bool):
+    """FlashAttention's backward, one ring step at a time. dQ stays home; dK, dV of hop h
+    belong to the shard the block came from: on the ring they travel with K, V and take one
+    more hop home at the end; gathered, each shard adds them into a per-block buffer, summed
+    over shards at the end (a reduce-scatter)."""
     delta = jnp.einsum("bcqkgh,bcqkgh->bckgq", do, o)
-
-    def grads(k, v, hop):
-        s, mask = _scores(q, k, pos, hop)
-        p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
-        dp = jnp.einsum("bcqkgh,bcskh->bckgqs", do, v)
-        ds = p * (dp - delta[..., None]) / np.sqrt(q.shape[-1])
-        return (constrain(jnp.einsum("bckgqs,bcskh->bcqkgh", ds, k), QUERIES),
-                constrain(jnp.einsum("bckgqs,bcqkgh->bcskh", ds, q), KV),
-                constrain(jnp.einsum("bckgqs,bcqkgh->bcskh", p, do), KV))
-
     c = q.shape[1]
-    dq, dk, dv = grads(k, v, 0)
-    if gathered:  # each shard sums its dK, dV per source block; one reduce-scatter at the end
-        k_all, v_all = constrain(k, GATHERED), constrain(v, GATHERED)
-
-        def into_block(d, hop):  # (B, C, T, K, H) → (B, C shard, C block, T, K, H)
-            return constrain(jnp.einsum("bctkh,cx->bcxtkh", d, _blocks(c, hop)), PER_SHARD)
-
-        def step(carry, hop):
-            dq, dk, dv = carry
-            gq, gk, gv = grads(*(_pick(a, hop) for a in (k_all, v_all)), hop)
-            return (dq + gq, dk + into_block(gk, hop), dv + into_block(gv, hop)), None
-
-        dq, dk, dv = jax.lax.scan(step, (dq, into_block(dk, 0), into_block(dv, 0)),
-                                  jnp.arange(1, c))[0]
-        return dq, constrain(dk.sum(1), KV), constrain(dv.sum(1), KV)
-
-    def step(carry, hop):
-        dq, *moving = carry
-        k, v, dk, dv = map(_hop, moving)
-        gq, gk, gv = grads(k, v, hop)
-        return (dq + gq, k, v, dk + gk, dv + gv), None
-
-    dq, _, _, dk, dv = jax.lax.scan(step, (dq, k, v, dk, dv), jnp.arange(1, c))[0]
+    dq = jnp.zeros_like(q)
+    dk = dv = jnp.zeros(k.shape[:2] + (c,) + k.shape[2:]) if gathered else jnp.zeros_like(k)
+    for hop, (k_hop, v_hop) in enumerate(zip(_blocks_of(k, gathered), _blocks_of(v, gathered))):
+        s, mask = _scores(q, k_hop, pos, hop)
+        p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
+        dp = jnp.einsum("bcqkgh,bcskh->bckgqs", do, v_hop)
+        ds = p * (dp - delta[..., None]) / np.sqrt(q.shape[-1])
+        dq = constrain(dq + jnp.einsum("bckgqs,bcskh->bcqkgh", ds, k_hop), QUERIES)
+        if gathered:  # (B, C shard, C block, T, K, H): this hop's block is shard i − hop's
+            blocks = np.eye(c, dtype=np.float32)[_sources(c, hop)]
+            dk = constrain(dk + jnp.einsum("bckgqs,bcqkgh,cx->bcxskh", ds, q, blocks), PER_SHARD)
+            dv = constrain(dv + jnp.einsum("bckgqs,bcqkgh,cx->bcxskh", p, do, blocks), PER_SHARD)
+        else:
+            if hop:
+                dk, dv = _hop(dk), _hop(dv)
+            dk = constrain(dk + jnp.einsum("bckgqs,bcqkgh->bcskh", ds, q), KV)
+            dv = constrain(dv + jnp.einsum("bckgqs,bcqkgh->bcskh", p, do), KV)
+    if gathered:  # each block's sums to the shard that holds it (an all-to-all), added there
+        return dq, *(constrain(constrain(d, BY_BLOCK).sum(1), KV) for d in (dk, dv))
     if c > 1:  # the block held now is shard i + 1's: one more hop takes dK, dV home
         dk, dv = _hop(dk), _hop(dv)
     return dq, dk, dv
@@ -184,13 +161,13 @@ def _ring_attention(order: tuple[int, ...], shards: int, gathered: bool):
         return fwd(q, k, v)[0]
 
     def fwd(q, k, v):
-        o, lse = _forward(split(q, k), split(k), split(v), jnp.asarray(pos, jnp.float32), gathered)
+        o, lse = _forward(split(q, k), split(k), split(v), pos, gathered)
         return o.reshape(q.shape).astype(q.dtype), (q, k, v, o, lse)
 
     def bwd(res, do):
         q, k, v, o, lse = res
         dq, dk, dv = _backward(split(q, k), split(k), split(v), o, lse, split(do, k),
-                               jnp.asarray(pos, jnp.float32), gathered)
+                               pos, gathered)
         return tuple(d.reshape(x.shape).astype(x.dtype) for d, x in ((dq, q), (dk, k), (dv, v)))
 
     attention.defvjp(fwd, bwd)
