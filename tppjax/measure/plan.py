@@ -1,8 +1,8 @@
 """A memory-aware layout planner: every layout N devices can run, its memory per device and its
 step time, ranked.
 
-Candidates: every factorisation of N over the mesh axes of `spmd.mesh.AXES` (a `context` axis
-joins them there when it exists), every schedule of `pipeline.schedules` with the chunks it
+Candidates: every factorisation of N over the mesh axes of `spmd.mesh.AXES` (data, fsdp, stage,
+context, tensor), every schedule of `pipeline.schedules` with the chunks it
 runs (`chunks_needed`), every micro-batch count m from p to 4p that divides the batch per data
 shard (fewer idle the stages, more only add ticks), every remat, and the stage split that a
 run would use (`spmd.pipelined.stage_layout`). A candidate is refused by the checks a run
@@ -17,8 +17,9 @@ stage (`pipeline.table.plan_of`, the colouring of the micro-batches in flight th
 allocates) times what F keeps per micro-batch for that remat (`pipeline.actions.StageActions`,
 read with `jax.eval_shape`), plus the stage inputs and output gradients waiting in the ring
 buffers, the head's residuals of one micro-batch and the gradient accumulators. Residuals are
-read at one data shard's rows; a residual split over `tensor` (one with a heads, kv-heads, MLP
-or vocabulary dimension) counts 1/t, found by reading the same residuals of a small probe model
+read at one data shard's rows and s/cp of its sequence (a context shard's; the ring's own
+residuals, q, k, v, output and log-sum-exp, are taken as plain attention's there); a residual
+split over `tensor` (one with a heads, kv-heads, MLP or vocabulary dimension) counts 1/t, found by reading the same residuals of a small probe model
 whose split sizes are primes that no other dimension has.
 
 Step time: F and B (and W) of one micro-batch through one virtual stage's layers, each timed
@@ -265,6 +266,7 @@ def memory(cfg, c: Candidate, batch: int, seq: int) -> Memory:
 
     sizes = c.sizes
     p, t, rows = sizes["stage"], sizes["tensor"], batch // batch_shards(sizes)
+    seq //= sizes.get("context", 1)  # each context shard holds s/cp of every sequence
     layout = StageLayout(c.stage_layers) if c.stage_layers else None
     params = param_bytes(cfg, sizes, layout.slots if layout and layout.padded else None)
     tokens = 2 * rows * seq * 4  # inputs and targets, int32
@@ -346,6 +348,7 @@ def step_seconds(cfg, c: Candidate, batch: int, seq: int, action_s, link_gbps: f
 
     sizes = c.sizes
     p, t, d = sizes["stage"], sizes["tensor"], batch_shards(sizes)
+    cp = sizes.get("context", 1)
     head = head_cost(cfg, seq)  # the head and loss, in layers' worth of work
     if p == 1:
         costs = action_s(cfg.n_layers, batch // d, False, c.remat)
@@ -372,8 +375,10 @@ def step_seconds(cfg, c: Candidate, batch: int, seq: int, action_s, link_gbps: f
         # gradient once (docs/design.md §3): two collectives per parameter, ring (f-1)/f.
         moved = param_bytes(cfg, {**sizes, "fsdp": 1}) * (f - 1) / f
         comm_s += 2 * (len(_params(cfg)) * collective_s + moved / (link_gbps * 1e9))
-    # Tensor parallelism splits every product t ways: 1/t on each of t devices.
-    compute = compute / t if emulated_cores is None else work / min(emulated_cores, p * d * t)
+    # Tensor parallelism splits every product t ways, context parallelism every sequence (and,
+    # zigzag, its causal attention) cp ways: 1/(t·cp) on each of t·cp devices.
+    compute = compute / (t * cp) if emulated_cores is None else \
+        work / min(emulated_cores, p * d * t * cp)
     return {"compute_s": compute, "comm_s": comm_s, "step_s": compute + comm_s}
 
 
