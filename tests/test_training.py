@@ -46,7 +46,7 @@ def initial():
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_bytes(b"".join(p.read_bytes() for p in sorted(ROOT.glob("spmd/*.py"))))
+    path.write_bytes(b"".join(p.read_bytes() for p in sorted(ROOT.glob("tppjax/spmd/*.py"))))
     return path
 
 
@@ -111,7 +111,7 @@ STYLES = {"llama": BF16_MODEL,  # and GPT-2 as GPT-2 is: multi-head, MLP 4·d, b
 @functools.cache
 def loss_curve(dtype: str, layout: str, style: str = "llama", steps: int = 12) -> np.ndarray:
     """`steps` steps of STYLES[style] from the same init on the same batches, on `layout`."""
-    tokens = np.frombuffer((ROOT / "spmd" / "train_step.py").read_bytes(), np.uint8)
+    tokens = np.frombuffer((ROOT / "tppjax" / "spmd" / "train_step.py").read_bytes(), np.uint8)
     data = Batches(tokens.astype(np.uint16), 8, 32, seed=0)
     mesh, kw = BF16_LAYOUTS[layout]
     if kw.get("schedule", "").endswith(".json"):
