@@ -23,14 +23,15 @@ all cp blocks of K and V are held during the call (never stored for the backward
 
 The backward pass (`jax.custom_vjp`) keeps only q, k, v, the output and the log-sum-exp, and
 moves K and V again: it recomputes each step's scores; on the ring dK, dV travel along with K, V
-and take one more hop home at the end. So no step's K/V is stored. Hops are unrolled (cp is
-small), so each hop's causal mask is a constant.
+and take one more hop home at the end. So no step's K/V is stored. The hops are a `lax.scan`
+(one block of K, V in flight) over constants: each hop's causal mask and source block.
 
 `measure.analysis.ring_sends` counts these sends in closed form; the census finds them.
 """
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -60,84 +61,110 @@ def _hop(x, names=KV):
     return constrain(jnp.roll(x, 1, axis=1), names)
 
 
-def _sources(shards: int, hop: int) -> np.ndarray:
-    """After `hop` hops shard i holds the block of shard i − hop."""
-    return (np.arange(shards) - hop) % shards
+class _Hops(NamedTuple):
+    """Constants of each hop h = 0 .. cp − 1 (after h hops shard i holds shard i − h's block),
+    scanned over with the hops: nothing about positions is computed on the devices."""
+
+    mask: np.ndarray  # (cp, C, Tq, Tk) bool: the keys each query sees, by true positions
+    blocks: np.ndarray  # (cp, C shard, C block) float32 one-hot: whose block each shard holds
 
 
-def _pick(gathered, hop: int):
-    """Each shard's block after `hop` hops, from all of K or V: a product with a (C shard,
-    C block) one-hot, local to each shard (an indexed gather made the partitioner abort with
-    `tensor` and `context` automatic inside a pipeline stage)."""
-    blocks = np.eye(gathered.shape[1], dtype=np.float32)[_sources(gathered.shape[1], hop)]
-    return constrain(jnp.einsum("bxtkh,cx->bctkh", gathered, blocks), KV)
+def _hops(pos: np.ndarray) -> _Hops:
+    """`_Hops` of the layout `pos` (C, T/C): the text position of every slot."""
+    c = pos.shape[0]
+    sources = [(np.arange(c) - h) % c for h in range(c)]
+    return _Hops(np.stack([pos[src][:, None, :] <= pos[:, :, None] for src in sources]),
+                 np.stack([np.eye(c, dtype=np.float32)[src] for src in sources]))
 
 
-def _scores(q, k, pos: np.ndarray, hop: int):
-    """Scaled scores (B, C, K, G, Tq, Tk) of q against the keys that arrived after `hop` hops,
-    and the causal mask (C, Tq, Tk) by true positions, a constant: hops are unrolled (cp is
-    small), so nothing about positions is computed on the devices."""
+def _next(k, v, k_all, v_all, blocks):
+    """The next hop's K and V blocks: around the ring, or picked from all of them (`k_all`
+    gathered once) by a product with the one-hot `blocks`, local to each shard (an indexed
+    gather made the partitioner abort with `tensor` and `context` automatic inside a stage)."""
+    if k_all is None:
+        return _hop(k), _hop(v)
+    return tuple(constrain(jnp.einsum("bxtkh,cx->bctkh", a, blocks), KV) for a in (k_all, v_all))
+
+
+def _gathered(k, v, gathered: bool):
+    """All of K and V on every context shard (one all-gather each), or (None, None)."""
+    return (constrain(k, GATHERED), constrain(v, GATHERED)) if gathered else (None, None)
+
+
+def _scores(q, k, mask):
+    """Scaled scores (B, C, K, G, Tq, Tk) of q against one hop's keys, and its mask."""
     s = jnp.einsum("bcqkgh,bcskh->bckgqs", q, k) / np.sqrt(q.shape[-1])
-    k_pos = pos[_sources(pos.shape[0], hop)]
-    return s, (k_pos[:, None, :] <= pos[:, :, None])[None, :, None, None]
+    return s, mask[None, :, None, None]
 
 
-def _blocks_of(x, gathered: bool):
-    """Each shard's K or V block at hops 0, 1, ..., cp − 1, one at a time: sent around the
-    ring one hop at a time, or picked from all of it gathered once."""
-    x_all = constrain(x, GATHERED) if gathered else None
-    for hop in range(x.shape[1]):
-        yield x
-        if hop + 1 < x.shape[1]:
-            x = _pick(x_all, hop + 1) if gathered else _hop(x)
-
-
-def _forward(q, k, v, pos: np.ndarray, gathered: bool):
+def _forward(q, k, v, hops: _Hops, gathered: bool):
     """float32 q (B, C, T, K, G, H), k and v (B, C, T, K, H) → (output like q, log-sum-exp)."""
-    b, c, t, kh, g, h = q.shape
-    m, total, acc = (jnp.full((b, c, kh, g, t), -jnp.inf), jnp.zeros((b, c, kh, g, t)),
-                     jnp.zeros((b, c, kh, g, t, h)))
-    # Hop 0 is each shard's own (diagonal) block: every query sees at least itself there, so
-    # the running max is finite from then on.
-    for hop, (k_hop, v_hop) in enumerate(zip(_blocks_of(k, gathered), _blocks_of(v, gathered))):
-        s, mask = _scores(q, k_hop, pos, hop)
+
+    def merge(state, k, v, mask):
+        m, total, acc = state
+        s, mask = _scores(q, k, mask)
         m_new = jnp.maximum(m, jnp.where(mask, s, -jnp.inf).max(-1))
         p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)
         fix = jnp.exp(m - m_new)  # rescale what was summed under the old max
-        acc = constrain(acc * fix[..., None] + jnp.einsum("bckgqs,bcskh->bckgqh", p, v_hop),
-                        (*PER_QUERY, None))
-        m, total = constrain(m_new, PER_QUERY), constrain(total * fix + p.sum(-1), PER_QUERY)
+        acc = acc * fix[..., None] + jnp.einsum("bckgqs,bcskh->bckgqh", p, v)
+        return (constrain(m_new, PER_QUERY), constrain(total * fix + p.sum(-1), PER_QUERY),
+                constrain(acc, (*PER_QUERY, None)))
+
+    k_all, v_all = _gathered(k, v, gathered)
+
+    def step(carry, hop):
+        state, k, v = carry
+        k, v = _next(k, v, k_all, v_all, hop.blocks)
+        return (merge(state, k, v, hop.mask), k, v), None
+
+    # Hop 0 is each shard's own (diagonal) block: every query sees at least itself there, so
+    # the running max is finite from then on.
+    b, c, t, kh, g, h = q.shape
+    start = (jnp.full((b, c, kh, g, t), -jnp.inf), jnp.zeros((b, c, kh, g, t)),
+             jnp.zeros((b, c, kh, g, t, h)))
+    state = merge(start, k, v, hops.mask[0])
+    m, total, acc = jax.lax.scan(step, (state, k, v), _Hops(*(a[1:] for a in hops)))[0][0]
     o = jnp.moveaxis(acc / total[..., None], -2, 2)  # (B, C, T, K, G, H)
     return constrain(o, QUERIES), m + jnp.log(total)
 
 
-def _backward(q, k, v, o, lse, do, pos: np.ndarray, gathered: bool):
-    """FlashAttention's backward, one ring step at a time. dQ stays home; dK, dV of hop h
-    belong to the shard the block came from: on the ring they travel with K, V and take one
-    more hop home at the end; gathered, each shard adds them into a per-block buffer, summed
-    over shards at the end (a reduce-scatter)."""
+def _backward(q, k, v, o, lse, do, hops: _Hops, gathered: bool):
+    """FlashAttention's backward, one ring step at a time. dQ stays home; dK, dV of a hop
+    belong to the shard its block came from: on the ring they travel with K, V and take one
+    more hop home at the end; gathered, each shard adds them into a buffer per source block,
+    and one all-to-all sends each block's sums home."""
     delta = jnp.einsum("bcqkgh,bcqkgh->bckgq", do, o)
-    c = q.shape[1]
-    dq = jnp.zeros_like(q)
-    dk = dv = jnp.zeros(k.shape[:2] + (c,) + k.shape[2:]) if gathered else jnp.zeros_like(k)
-    for hop, (k_hop, v_hop) in enumerate(zip(_blocks_of(k, gathered), _blocks_of(v, gathered))):
-        s, mask = _scores(q, k_hop, pos, hop)
+
+    def grads(k, v, mask):
+        s, mask = _scores(q, k, mask)
         p = jnp.where(mask, jnp.exp(s - lse[..., None]), 0.0)
-        dp = jnp.einsum("bcqkgh,bcskh->bckgqs", do, v_hop)
+        dp = jnp.einsum("bcqkgh,bcskh->bckgqs", do, v)
         ds = p * (dp - delta[..., None]) / np.sqrt(q.shape[-1])
-        dq = constrain(dq + jnp.einsum("bckgqs,bcskh->bcqkgh", ds, k_hop), QUERIES)
-        if gathered:  # (B, C shard, C block, T, K, H): this hop's block is shard i − hop's
-            blocks = np.eye(c, dtype=np.float32)[_sources(c, hop)]
-            dk = constrain(dk + jnp.einsum("bckgqs,bcqkgh,cx->bcxskh", ds, q, blocks), PER_SHARD)
-            dv = constrain(dv + jnp.einsum("bckgqs,bcqkgh,cx->bcxskh", p, do, blocks), PER_SHARD)
-        else:
-            if hop:
-                dk, dv = _hop(dk), _hop(dv)
-            dk = constrain(dk + jnp.einsum("bckgqs,bcqkgh->bcskh", ds, q), KV)
-            dv = constrain(dv + jnp.einsum("bckgqs,bcqkgh->bcskh", p, do), KV)
+        return (constrain(jnp.einsum("bckgqs,bcskh->bcqkgh", ds, k), QUERIES),
+                constrain(jnp.einsum("bckgqs,bcqkgh->bcskh", ds, q), KV),
+                constrain(jnp.einsum("bckgqs,bcqkgh->bcskh", p, do), KV))
+
+    def into_block(d, blocks):  # (B, C, T, K, H) → (B, C shard, C block, T, K, H)
+        return constrain(jnp.einsum("bctkh,cx->bcxtkh", d, blocks), PER_SHARD) if gathered \
+            else d
+
+    k_all, v_all = _gathered(k, v, gathered)
+
+    def step(carry, hop):
+        dq, k, v, dk, dv = carry
+        k, v = _next(k, v, k_all, v_all, hop.blocks)
+        if not gathered:
+            dk, dv = _hop(dk), _hop(dv)
+        gq, gk, gv = grads(k, v, hop.mask)
+        return (dq + gq, k, v, dk + into_block(gk, hop.blocks),
+                dv + into_block(gv, hop.blocks)), None
+
+    dq, dk, dv = grads(k, v, hops.mask[0])
+    dk, dv = into_block(dk, hops.blocks[0]), into_block(dv, hops.blocks[0])
+    dq, _, _, dk, dv = jax.lax.scan(step, (dq, k, v, dk, dv), _Hops(*(a[1:] for a in hops)))[0]
     if gathered:  # each block's sums to the shard that holds it (an all-to-all), added there
         return dq, *(constrain(constrain(d, BY_BLOCK).sum(1), KV) for d in (dk, dv))
-    if c > 1:  # the block held now is shard i + 1's: one more hop takes dK, dV home
+    if q.shape[1] > 1:  # the block held now is shard i + 1's: one more hop takes dK, dV home
         dk, dv = _hop(dk), _hop(dv)
     return dq, dk, dv
 
@@ -146,7 +173,7 @@ def _backward(q, k, v, o, lse, do, pos: np.ndarray, gathered: bool):
 def _ring_attention(order: tuple[int, ...], shards: int, gathered: bool):
     """Attention over (B, T, N, H) q and (B, T, K, H) k, v laid out by `order`, with the
     custom backward that moves K and V again."""
-    pos = np.asarray(order).reshape(shards, -1)
+    hops = _hops(np.asarray(order).reshape(shards, -1))
 
     def split(x, k=None):  # (B, T, heads, H) → (B, C, T/C, K[, G], H); queries in float32
         b, t, n, h = x.shape
@@ -161,13 +188,13 @@ def _ring_attention(order: tuple[int, ...], shards: int, gathered: bool):
         return fwd(q, k, v)[0]
 
     def fwd(q, k, v):
-        o, lse = _forward(split(q, k), split(k), split(v), pos, gathered)
+        o, lse = _forward(split(q, k), split(k), split(v), hops, gathered)
         return o.reshape(q.shape).astype(q.dtype), (q, k, v, o, lse)
 
     def bwd(res, do):
         q, k, v, o, lse = res
         dq, dk, dv = _backward(split(q, k), split(k), split(v), o, lse, split(do, k),
-                               pos, gathered)
+                               hops, gathered)
         return tuple(d.reshape(x.shape).astype(x.dtype) for d, x in ((dq, q), (dk, k), (dv, v)))
 
     attention.defvjp(fwd, bwd)
