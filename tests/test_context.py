@@ -26,7 +26,6 @@ GPT2 = dataclasses.replace(TEST_MODEL, style="gpt2", tie_embeddings=True)
 
 
 FOUR = dataclasses.replace(TEST_MODEL, n_layers=4)  # interleaved: 2 stages x 2 chunks
-ONE_F_ONE_B = {"schedule": "1f1b", "microbatches": 2}
 
 
 @pytest.mark.parametrize(("mesh", "cfg", "sp", "train"), [
@@ -34,7 +33,7 @@ ONE_F_ONE_B = {"schedule": "1f1b", "microbatches": 2}
     ("data=2,context=4", GPT2, False, {}),
     ("data=2,context=2,tensor=2", TEST_MODEL, True, {}),
     # Inside a pipeline: the gathered ring, under each stage's actions.
-    ("context=2,stage=2,tensor=2", TEST_MODEL, False, ONE_F_ONE_B),
+    ("context=2,stage=2,tensor=2", TEST_MODEL, False, {"schedule": "1f1b", "microbatches": 2}),
     ("data=2,context=2,stage=2", GPT2, False, {"schedule": "zb-h1", "microbatches": 4}),
     ("context=2,stage=2,tensor=2", FOUR, True, {"schedule": "interleaved", "microbatches": 2,
                                                "virtual_stages": 2}),
@@ -65,29 +64,39 @@ def test_ring_sends_match_closed_form_and_bfloat16_runs():
     assert np.isfinite(float(metrics["loss"]))
 
 
-def test_pipelined_ring_sends_match_closed_form_and_bfloat16_runs():
-    """Inside a pipeline the ring all-gathers K, V and sends dK, dV home by all-to-all, per layer
-    and micro-batch; per stage, what the schedule table runs (`census`) equals
-    `analysis.expected`'s ring rows exactly: none is a collective-permute (which would deadlock
-    XLA CPU under a stage's `lax.cond`). The bfloat16 step runs."""
+@pytest.mark.parametrize(("mesh", "schedule", "m"), [
+    ("data=2,context=2,stage=2", "zb-h1", 4),  # `context` manual in the pipeline
+    ("context=2,stage=2,tensor=2", "1f1b", 2),  # automatic there (`Context.gathered`)
+], ids=["manual", "gathered"])
+def test_pipelined_ring_sends_match_closed_form_and_bfloat16_runs(mesh, schedule, m):
+    """Inside a pipeline the ring all-gathers K, V and sends dK, dV home by reduce-scatter (or,
+    where `tensor` splits the stages too, all-to-all), per layer and micro-batch; per stage,
+    what the schedule table runs (`census`) equals `analysis.expected`'s ring rows exactly:
+    none is a collective-permute (which would deadlock XLA CPU under a stage's `lax.cond`).
+    With `context` manual its gradient sums are one all-reduce per step, with the data axes'.
+    The bfloat16 step runs."""
     cfg = dataclasses.replace(TEST_MODEL, compute_dtype="bfloat16")
-    tr = trainer(cfg, "context=2,stage=2,tensor=2", **ONE_F_ONE_B)
+    tr = trainer(cfg, mesh, schedule=schedule, microbatches=m)
     params, opt_state = tr.init(seed=0)
     inputs, targets = tr.place(batch(cfg))
     step = tr.lower_step(params, opt_state, inputs, targets).compile()
-    got = [r for r in census.collectives(step.as_text(), tr.mesh, "1f1b", 2)
-           if r.source == "attention ring"]
-    want = [r for r in analysis.expected(cfg, dict(tr.mesh.shape), BATCH, SEQ, 2, "1f1b")
-            if r.source == "attention ring"]
+    got = census.collectives(step.as_text(), tr.mesh, schedule, m)
+    want = analysis.expected(cfg, dict(tr.mesh.shape), BATCH, SEQ, m, schedule)
 
-    def per_stage(rows):
+    def per_stage(rows, source="attention ring"):
         out = {}
         for r in rows:
-            key = (r.phase, r.op, r.axes, r.bytes)
-            out[key] = tuple(a + b for a, b in zip(out.get(key, (0, 0)), r.counts, strict=True))
+            if r.source == source:
+                key = (r.phase, r.op, r.axes, r.bytes)
+                out[key] = tuple(a + b for a, b in zip(out.get(key, (0, 0)), r.counts,
+                                                       strict=True))
         return out
 
-    assert got and per_stage(got) == per_stage(want), (per_stage(got), per_stage(want))
+    assert per_stage(got) and per_stage(got) == per_stage(want), (per_stage(got),
+                                                                 per_stage(want))
+    if "tensor" not in mesh:
+        assert all(r.counts == (1, 1) for r in got if r.source == "gradient reduction"
+                   and "context" in r.axes), per_stage(got, "gradient reduction")
     with jax.set_mesh(tr.mesh):
         metrics = step(params, opt_state, inputs, targets)[2]
     assert np.isfinite(float(metrics["loss"]))

@@ -140,6 +140,8 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
     runs = tuple(n * m for n in stage_layer_counts(cfg, p, schedule, m, virtual_stages,
                                                    stage_layers))  # layer executions per stage
     twice = tuple(2 * r for r in runs)
+    # A pipeline without `tensor` makes `context` manual, as the data axes (`spmd.context`).
+    manual_cp = cp > 1 and p > 1 and t == 1
     last = (0,) * (p - 1) + (m,)  # the head and the loss: the last stage, per micro-batch
     once = (1,) * p
     tp, ar, ag = ("tensor",), "all-reduce", "all-gather"
@@ -188,9 +190,9 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
             add("pipeline send/recv", "collective-permute", x_mb // (t if sp else 1), (n,) * p,
                 ("stage",), "F" if "activation" in name else "B")
         # After the loop: the head's gradient (from the last stage), the input gradient (from
-        # stage 0, float32: `pipeline.gpipe.widen`; split over T with SP) and the loss, summed
-        # over stages once.
-        dx = b_shard * seq * h * 4 // (t if sp else 1)
+        # stage 0, float32: `pipeline.gpipe.widen`; split over T with SP, or manual context)
+        # and the loss, summed over stages once.
+        dx = b_shard * seq * h * 4 // (t if sp else 1) // (cp if manual_cp else 1)
         add("pipeline boundary", ar, head_bytes_per_device(cfg, t) + dx + 4, once, ("stage",),
             "step")
         if virtual_stages > 1:
@@ -223,12 +225,13 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
                 "F")
     if cp > 1:
         rows.extend(ring_sends(cfg, mesh, batch, seq, remat, m, runs))
+    if cp > 1 and not manual_cp:
         # Every context shard holds all the weights: their gradients are summed over it, as
         # over the data axes (XLA may fold both into one reduction, or sum layers in the loop).
         add("gradient reduction", ar, grad_bytes_per_device(cfg, mesh, seq, cfg.n_layers), once,
             (CONTEXT_AXIS,), "step")
-    if d > 1:
-        axes = tuple(a for a in BATCH_AXES if mesh[a] > 1)
+    if d > 1 or manual_cp:
+        axes = tuple(a for a in BATCH_AXES if mesh[a] > 1) + ((CONTEXT_AXIS,) * manual_cp)
         extra = 0
         if p > 1:  # the loss; a tied embedding's head part is averaged in the loop's boundary
             extra = 4 + (param_counts(cfg)["embedding"] // t * 4 if cfg.tie_embeddings else 0)
@@ -279,9 +282,10 @@ def ring_sends(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int,
     per layer K and V hop cp−1 times forward (collective-permutes); backward K and V hop cp−1
     times again and dK, dV cp times (the last takes them home). Inside a pipeline (`runs`:
     layer executions per stage), per layer and micro-batch K and V are all-gathered forward
-    and again backward, and dK, dV go home by one all-to-all each, all of cp·E elements (what
-    each device holds after the gather, before the all-to-all). With remat the forward's sends
-    run again."""
+    and again backward, and dK, dV go home by one reduce-scatter each (an all-to-all where
+    `tensor` splits the stages too: `spmd.context.context`), all of cp·E elements (what each
+    device holds after the gather, before the scatter). With remat the forward's sends run
+    again."""
     cp, t, p = mesh[CONTEXT_AXIS], mesh["tensor"], mesh["stage"]
     kv = batch // batch_shards(mesh) // microbatches * (seq // cp) * (cfg.n_kv_heads // t) \
         * cfg.head_dim
@@ -295,7 +299,8 @@ def ring_sends(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int,
         two = tuple(2 * r for r in runs)
         rows = [Expected("attention ring", "all-gather", cp * kv * 4, two, axes, "F"),
                 Expected("attention ring", "all-gather", cp * kv * 4, two, axes, "B"),
-                Expected("attention ring", "all-to-all", cp * kv * 4, two, axes, "B")]
+                Expected("attention ring", "all-to-all" if t > 1 else "reduce-scatter",
+                         cp * kv * 4, two, axes, "B")]
     if remat != "none":
         rows.append(dataclasses.replace(rows[0], phase="recompute"))
     return rows
@@ -318,6 +323,9 @@ def attribute(c: Collective) -> str:
         return "pipeline send/recv"
     if c.op == "all-gather" and c.axes == (WEIGHT_AXIS,) and source_of(c.name) != "embedding":
         return "FSDP weight gather"
+    if c.op == "reduce-scatter" and c.axes == (CONTEXT_AXIS,) \
+            and source_of(c.name) == "attention ring":
+        return "attention ring"  # dK, dV home (`spmd.context`, inside a pipeline)
     if c.op in ("all-reduce", "reduce-scatter") and "tensor" not in c.axes:
         if "stage" in c.axes:
             return "pipeline boundary"

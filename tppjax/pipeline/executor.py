@@ -184,17 +184,21 @@ def _start(pl: Plan, stage: Stage) -> Carry:
 
 
 def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, active,
-         stage_axis, dp):
+         stage_axis, dp, seq_axis):
     """Loss and gradients (blocks, head, inputs) of the whole pipelined step. `active`: None,
     or [virtual stage, slot] bools, False for the padding slots that every action skips.
-    `stage_axis`, `dp`: the mesh axes that split the stages and the micro-batch rows."""
+    `stage_axis`, `dp`, `seq_axis`: the mesh axes that split the stages, the micro-batch rows
+    and (or None) their tokens."""
     pl = plan_of(schedule)
     actions = StageActions(block_def, remat, pl.split)
     send_ticks = sends(pl)  # the sends this schedule uses, and their ticks
 
+    rows = P(None, dp, seq_axis)  # xs, targets, dxs: (m, rows, tokens, ...)
+    shards = (*dp, seq_axis) if seq_axis else dp  # each holds its own part of the batch
+
     @functools.partial(
-        jax.shard_map, in_specs=(P(stage_axis), P(), P(None, dp), P(None, dp)),
-        out_specs=(P(stage_axis), P(), P(None, dp), P()), axis_names={stage_axis, *dp},
+        jax.shard_map, in_specs=(P(stage_axis), P(), rows, rows),
+        out_specs=(P(stage_axis), P(), rows, P()), axis_names={stage_axis, *shards},
     )
     def loop(staged, head_params, xs, targets):
         # This stage's [v, L/(vp), ...] and the head, marked as differing per stage and per data
@@ -214,11 +218,11 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
             return communicate(carry, row, flags, pl, stage_axis), None
 
         end, _ = jax.lax.scan(tick, _start(pl, stage), (pl.table, send_ticks))
-        # Loss and gradients of the mean over data shards of each shard's mean loss.
-        mean_dp = functools.partial(jax.lax.pmean, axis_name=dp)
+        # Loss and gradients of the mean over shards of each shard's mean loss (equal tokens).
+        mean_dp = functools.partial(jax.lax.pmean, axis_name=shards)
         return (jax.tree.map(lambda a: mean_dp(a)[None], end.dw),
                 mean_dp(jax.lax.psum(end.dhead, stage_axis)),
-                jax.lax.psum(widen(end.dxs[:-1]), stage_axis) / jax.lax.axis_size(dp),
+                jax.lax.psum(widen(end.dxs[:-1]), stage_axis) / jax.lax.axis_size(shards),
                 mean_dp(jax.lax.psum(end.loss, stage_axis)))
 
     return loop(staged, head_params, xs, targets)
@@ -226,7 +230,7 @@ def _run(block_def, staged, head_fn, head_params, xs, targets, schedule, remat, 
 
 def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: Schedule,
                    remat: str = "none", stage_layers=None, stage_axis: str = "stage",
-                   data_axes: tuple[str, ...] = DP):
+                   data_axes: tuple[str, ...] = DP, sequence_axis: str | None = None):
     """Pipeline any stack of layers: the mean over micro-batches i of
     loss_fn(loss_params, layers applied in order to xs[i], targets[i]), run by `schedule`.
 
@@ -240,7 +244,10 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     `stage_axis`. Call it under `jax.set_mesh` of a mesh (`spmd.mesh.make_mesh`, or any mesh
     with those axis names): layers are split over `stage_axis`, micro-batch rows over
     `data_axes` (default this project's `data`, `fsdp`), other axes stay automatic inside a
-    layer (this project's `tensor`).
+    layer (this project's `tensor`). `sequence_axis` (context parallelism) splits each
+    micro-batch's tokens (xs, targets: dimension 2) and is manual too: a layer sees its slots
+    and communicates across them itself (`tppjax.spmd.context`), and the loss is the mean of
+    every shard's mean, as over data shards.
     stage_layers: layers per virtual stage (model order, p·v numbers), for stages of unequal
     size; then `layers` is either the [L] stack or already padded to the slots of
     `pipeline.layout.StageLayout(stage_layers)`. Without it, L must divide by p·v.
@@ -253,7 +260,8 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     n_layers = jax.tree.leaves(layers)[0].shape[0]
     data_axes = (data_axes,) if isinstance(data_axes, str) else tuple(data_axes)
     layout = None if stage_layers is None else StageLayout(tuple(stage_layers))
-    check_fit(schedule, n_layers, xs.shape[0], layout, stage_axis, data_axes)
+    check_fit(schedule, n_layers, xs.shape[0], layout, stage_axis,
+              (*data_axes, sequence_axis) if sequence_axis else data_axes)
     active = None
     if layout is not None and layout.padded:
         active = layout.active()
@@ -264,7 +272,7 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     else:
         staged = to_virtual_stages(layers, schedule, stage_axis)
     run = functools.partial(_run, layer, schedule=schedule, remat=remat, active=active,
-                            stage_axis=stage_axis, dp=data_axes)
+                            stage_axis=stage_axis, dp=data_axes, seq_axis=sequence_axis)
 
     @jax.custom_vjp
     def f(staged, loss_params, xs, targets):

@@ -110,9 +110,11 @@ def stage_function(block_def, remat: str):
 
 
 def gpipe(block_def, staged, xs: jax.Array, remat: str = "none",
-          active=None) -> jax.Array:
+          active=None, sequence_axis: str | None = None) -> jax.Array:
     """Run micro-batches `xs` (m, b_mb, T, D) through all stages; returns the last stage's outputs.
     `active`: [p, L/p] bools, False for a padding slot that is skipped (`pipeline.layout`).
+    `sequence_axis`: a mesh axis that splits T, manual like the data axes
+    (`pipeline.executor.pipelined_loss`).
 
     If p divides m the outputs come back split over `stage` along m (a reduce-scatter), so the
     head and loss after the loop run once, not p times; otherwise they are summed to every stage.
@@ -123,8 +125,9 @@ def gpipe(block_def, staged, xs: jax.Array, remat: str = "none",
     scatter = m % p == 0
 
     @functools.partial(
-        jax.shard_map, in_specs=(P("stage"), P(None, DP)),
-        out_specs=P("stage" if scatter else None, DP), axis_names={"stage", *DP},
+        jax.shard_map, in_specs=(P("stage"), P(None, DP, sequence_axis)),
+        out_specs=P("stage" if scatter else None, DP, sequence_axis),
+        axis_names={"stage", *DP, *([sequence_axis] if sequence_axis else [])},
     )
     def loop(staged, xs):
         # This stage's [L/p, ...], marked as differing per data shard here, once: the

@@ -38,15 +38,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from tppjax.models.transformer import Sequence, constrain
+from tppjax.spmd.rules import CONTEXT_AXIS
 
 # Logical names of the ring's arrays: C is the cp axis (`tokens`, on `context`), T here T/cp.
 KV = ("batch", "tokens", None, "kv_heads", None)  # k, v: (B, C, T, K, H)
 QUERIES = ("batch", "tokens", None, "kv_heads", None, None)  # q, o: (B, C, T, K, G, H)
 PER_QUERY = ("batch", "tokens", "kv_heads", None, None)  # max, lse: (B, C, K, G, T)
-GATHERED = ("batch", None, None, "kv_heads", None)  # all of K or V on every context shard
 # A shard's dK, dV for every block: (B, C shard, C block, T, K, H), summed over shards at the end.
 PER_SHARD = ("batch", "tokens", None, None, "kv_heads", None)
 BY_BLOCK = ("batch", None, "tokens", None, "kv_heads", None)  # the same, split by block
+GATHERED = ("batch", None, None, "kv_heads", None)  # all of K or V on every context shard
 
 
 def zigzag(length: int, shards: int) -> np.ndarray:
@@ -61,34 +62,44 @@ def _hop(x, names=KV):
     return constrain(jnp.roll(x, 1, axis=1), names)
 
 
-class _Hops(NamedTuple):
-    """Constants of each hop h = 0 .. cp − 1 (after h hops shard i holds shard i − h's block),
-    scanned over with the hops: nothing about positions is computed on the devices."""
+class _Here(NamedTuple):
+    """The context shards whose slots this code holds: all cp in the global view, or its own
+    inside a `shard_map` manual over `context`. Positions and masks are computed from shard
+    indices (iota arithmetic, no gather, no captured constant: XLA's partitioner aborted on a
+    gather of positions, and Shardy refused a constant operand of a nested `shard_map`)."""
 
-    mask: np.ndarray  # (cp, C, Tq, Tk) bool: the keys each query sees, by true positions
-    blocks: np.ndarray  # (cp, C shard, C block) float32 one-hot: whose block each shard holds
+    shards: jax.Array  # (S,) int: their indices
+    cp: int  # context shards in all
+    chunk: int  # slots per zigzag chunk: T / (2·cp)
 
+    def positions(self, shards: jax.Array) -> jax.Array:
+        """(S, 2·chunk) text positions of the slots of `shards` (`zigzag`)."""
+        j, i = jnp.arange(2 * self.chunk), shards[:, None]
+        return jnp.where(j < self.chunk, i * self.chunk + j,
+                         (2 * self.cp - 2 - i) * self.chunk + j)
 
-def _hops(pos: np.ndarray) -> _Hops:
-    """`_Hops` of the layout `pos` (C, T/C): the text position of every slot."""
-    c = pos.shape[0]
-    sources = [(np.arange(c) - h) % c for h in range(c)]
-    return _Hops(np.stack([pos[src][:, None, :] <= pos[:, :, None] for src in sources]),
-                 np.stack([np.eye(c, dtype=np.float32)[src] for src in sources]))
+    def hop(self, h):
+        """After `h` hops shard i holds shard i − h's block: the causal mask (S, Tq, Tk) of its
+        queries against those keys, and (S, cp) one-hot of whose block it is."""
+        source = (self.shards - h) % self.cp
+        mask = self.positions(source)[:, None, :] <= self.positions(self.shards)[:, :, None]
+        return mask, jax.nn.one_hot(source, self.cp)
 
 
 def _next(k, v, k_all, v_all, blocks):
-    """The next hop's K and V blocks: around the ring, or picked from all of them (`k_all`
-    gathered once) by a product with the one-hot `blocks`, local to each shard (an indexed
-    gather made the partitioner abort with `tensor` and `context` automatic inside a stage)."""
+    """The next hop's K and V blocks: around the ring, or picked from all of them (`k_all`,
+    gathered once) by a product with the one-hot `blocks`, local to each shard."""
     if k_all is None:
         return _hop(k), _hop(v)
     return tuple(constrain(jnp.einsum("bxtkh,cx->bctkh", a, blocks), KV) for a in (k_all, v_all))
 
 
-def _gathered(k, v, gathered: bool):
-    """All of K and V on every context shard (one all-gather each), or (None, None)."""
-    return (constrain(k, GATHERED), constrain(v, GATHERED)) if gathered else (None, None)
+def _gathered(k, v, mode: str):
+    """All of K and V on every context shard (one all-gather each), or (None, None) on the
+    ring."""
+    if mode == "manual":
+        return tuple(jax.lax.all_gather(a, CONTEXT_AXIS, axis=1, tiled=True) for a in (k, v))
+    return (constrain(k, GATHERED), constrain(v, GATHERED)) if mode == "gathered" else (None, None)
 
 
 def _scores(q, k, mask):
@@ -97,7 +108,7 @@ def _scores(q, k, mask):
     return s, mask[None, :, None, None]
 
 
-def _forward(q, k, v, hops: _Hops, gathered: bool):
+def _forward(q, k, v, here: _Here, mode: str):
     """float32 q (B, C, T, K, G, H), k and v (B, C, T, K, H) → (output like q, log-sum-exp)."""
 
     def merge(state, k, v, mask):
@@ -110,29 +121,30 @@ def _forward(q, k, v, hops: _Hops, gathered: bool):
         return (constrain(m_new, PER_QUERY), constrain(total * fix + p.sum(-1), PER_QUERY),
                 constrain(acc, (*PER_QUERY, None)))
 
-    k_all, v_all = _gathered(k, v, gathered)
+    k_all, v_all = _gathered(k, v, mode)
 
-    def step(carry, hop):
+    def step(carry, h):
         state, k, v = carry
-        k, v = _next(k, v, k_all, v_all, hop.blocks)
-        return (merge(state, k, v, hop.mask), k, v), None
+        mask, blocks = here.hop(h)
+        k, v = _next(k, v, k_all, v_all, blocks)
+        return (merge(state, k, v, mask), k, v), None
 
     # Hop 0 is each shard's own (diagonal) block: every query sees at least itself there, so
     # the running max is finite from then on.
     b, c, t, kh, g, h = q.shape
     start = (jnp.full((b, c, kh, g, t), -jnp.inf), jnp.zeros((b, c, kh, g, t)),
              jnp.zeros((b, c, kh, g, t, h)))
-    state = merge(start, k, v, hops.mask[0])
-    m, total, acc = jax.lax.scan(step, (state, k, v), _Hops(*(a[1:] for a in hops)))[0][0]
+    state = merge(start, k, v, here.hop(0)[0])
+    m, total, acc = jax.lax.scan(step, (state, k, v), jnp.arange(1, here.cp))[0][0]
     o = jnp.moveaxis(acc / total[..., None], -2, 2)  # (B, C, T, K, G, H)
     return constrain(o, QUERIES), m + jnp.log(total)
 
 
-def _backward(q, k, v, o, lse, do, hops: _Hops, gathered: bool):
+def _backward(q, k, v, o, lse, do, here: _Here, mode: str):
     """FlashAttention's backward, one ring step at a time. dQ stays home; dK, dV of a hop
     belong to the shard its block came from: on the ring they travel with K, V and take one
     more hop home at the end; gathered, each shard adds them into a buffer per source block,
-    and one all-to-all sends each block's sums home."""
+    and each block's sums go home at the end (an all-to-all, or manual a reduce-scatter)."""
     delta = jnp.einsum("bcqkgh,bcqkgh->bckgq", do, o)
 
     def grads(k, v, mask):
@@ -145,24 +157,28 @@ def _backward(q, k, v, o, lse, do, hops: _Hops, gathered: bool):
                 constrain(jnp.einsum("bckgqs,bcqkgh->bcskh", p, do), KV))
 
     def into_block(d, blocks):  # (B, C, T, K, H) → (B, C shard, C block, T, K, H)
-        return constrain(jnp.einsum("bctkh,cx->bcxtkh", d, blocks), PER_SHARD) if gathered \
-            else d
+        return d if mode == "ring" else \
+            constrain(jnp.einsum("bctkh,cx->bcxtkh", d, blocks), PER_SHARD)
 
-    k_all, v_all = _gathered(k, v, gathered)
+    k_all, v_all = _gathered(k, v, mode)
 
-    def step(carry, hop):
+    def step(carry, h):
         dq, k, v, dk, dv = carry
-        k, v = _next(k, v, k_all, v_all, hop.blocks)
-        if not gathered:
+        mask, blocks = here.hop(h)
+        k, v = _next(k, v, k_all, v_all, blocks)
+        if mode == "ring":
             dk, dv = _hop(dk), _hop(dv)
-        gq, gk, gv = grads(k, v, hop.mask)
-        return (dq + gq, k, v, dk + into_block(gk, hop.blocks),
-                dv + into_block(gv, hop.blocks)), None
+        gq, gk, gv = grads(k, v, mask)
+        return (dq + gq, k, v, dk + into_block(gk, blocks), dv + into_block(gv, blocks)), None
 
-    dq, dk, dv = grads(k, v, hops.mask[0])
-    dk, dv = into_block(dk, hops.blocks[0]), into_block(dv, hops.blocks[0])
-    dq, _, _, dk, dv = jax.lax.scan(step, (dq, k, v, dk, dv), _Hops(*(a[1:] for a in hops)))[0]
-    if gathered:  # each block's sums to the shard that holds it (an all-to-all), added there
+    mask, blocks = here.hop(0)
+    dq, dk, dv = grads(k, v, mask)
+    dk, dv = into_block(dk, blocks), into_block(dv, blocks)
+    dq, _, _, dk, dv = jax.lax.scan(step, (dq, k, v, dk, dv), jnp.arange(1, here.cp))[0]
+    if mode == "manual":  # every shard's sums for block i, added on shard i: a reduce-scatter
+        return dq, *(jax.lax.psum_scatter(d, CONTEXT_AXIS, scatter_dimension=2, tiled=True)
+                     [:, :, 0] for d in (dk, dv))
+    if mode == "gathered":  # the same by an all-to-all (resplit by block), added there
         return dq, *(constrain(constrain(d, BY_BLOCK).sum(1), KV) for d in (dk, dv))
     if q.shape[1] > 1:  # the block held now is shard i + 1's: one more hop takes dK, dV home
         dk, dv = _hop(dk), _hop(dv)
@@ -170,59 +186,88 @@ def _backward(q, k, v, o, lse, do, hops: _Hops, gathered: bool):
 
 
 @functools.cache
-def _ring_attention(order: tuple[int, ...], shards: int, gathered: bool):
-    """Attention over (B, T, N, H) q and (B, T, K, H) k, v laid out by `order`, with the
-    custom backward that moves K and V again."""
-    hops = _hops(np.asarray(order).reshape(shards, -1))
+def _ring_attention(length: int, shards: int, mode: str):
+    """Attention over (B, T, N, H) q and (B, T, K, H) k, v laid out zigzag (`length` slots in
+    all), with the custom backward that moves K and V again. `manual`: inside a `shard_map`
+    manual over `context`, where each shard holds its T/cp slots."""
+    c = 1 if mode == "manual" else shards  # the context blocks this code sees
+
+    def here():
+        ids = jax.lax.axis_index(CONTEXT_AXIS)[None] if mode == "manual" else jnp.arange(shards)
+        return _Here(ids, shards, length // (2 * shards))
 
     def split(x, k=None):  # (B, T, heads, H) → (B, C, T/C, K[, G], H); queries in float32
         b, t, n, h = x.shape
         if k is None:  # float32 on the ring: XLA CPU widened bf16 K, V before the send anyway
-            return constrain(x.astype(jnp.float32).reshape(b, shards, t // shards, n, h), KV)
+            return constrain(x.astype(jnp.float32).reshape(b, c, t // c, n, h), KV)
         g = n // k.shape[2]
-        return constrain(x.astype(jnp.float32).reshape(b, shards, t // shards, n // g, g, h),
-                         QUERIES)
+        return constrain(x.astype(jnp.float32).reshape(b, c, t // c, n // g, g, h), QUERIES)
+
+    def forward(q, k, v):  # → output (B, T, N, H) float32, log-sum-exp (B, C, K, G, T/C)
+        o, lse = _forward(split(q, k), split(k), split(v), here(), mode)
+        return o.reshape(q.shape), lse
+
+    def backward(q, k, v, o, lse, do):
+        grads = _backward(split(q, k), split(k), split(v), split(o, k), lse, split(do, k),
+                          here(), mode)
+        return tuple(d.reshape(x.shape) for d, x in zip(grads, (q, k, v), strict=True))
 
     @jax.custom_vjp
     def attention(q, k, v):
         return fwd(q, k, v)[0]
 
     def fwd(q, k, v):
-        o, lse = _forward(split(q, k), split(k), split(v), hops, gathered)
-        return o.reshape(q.shape).astype(q.dtype), (q, k, v, o, lse)
+        o, lse = forward(q, k, v)
+        return o.astype(q.dtype), (q, k, v, o, lse)
 
     def bwd(res, do):
         q, k, v, o, lse = res
-        dq, dk, dv = _backward(split(q, k), split(k), split(v), o, lse, split(do, k),
-                               hops, gathered)
-        return tuple(d.reshape(x.shape).astype(x.dtype) for d, x in ((dq, q), (dk, k), (dv, v)))
+        grads = backward(q, k, v, o, lse, do)
+        return tuple(d.astype(x.dtype) for d, x in zip(grads, (q, k, v), strict=True))
 
     attention.defvjp(fwd, bwd)
     return attention
 
 
+def _manual() -> bool:
+    """Whether this code runs inside a `shard_map` manual over `context` (a pipeline's)."""
+    return CONTEXT_AXIS in jax.sharding.get_abstract_mesh().manual_axes
+
+
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """Context parallelism over `shards` > 1 context shards; `gathered` inside a pipeline."""
+    """Context parallelism over `shards` > 1 context shards. `gathered`: in the global view
+    inside a pipeline's stage (`context` automatic there), by all-gather; see the module
+    docstring for when."""
 
     shards: int
     gathered: bool = False
 
     def sequence(self, length: int) -> Sequence:
-        """The zigzag layout of `length` slots, attended by the ring."""
-        return Sequence(zigzag(length, self.shards), self.attend)
+        """The zigzag layout of the `length` slots this code sees, attended by the ring: all of
+        them, or inside a `shard_map` manual over `context` this shard's."""
+        if not _manual():
+            return Sequence(zigzag(length, self.shards), self.attend)
+        here = _Here(jax.lax.axis_index(CONTEXT_AXIS)[None], self.shards, length // 2)
+        return Sequence(here.positions(here.shards)[0], self.attend)
 
     def permute(self, tokens: jax.Array) -> jax.Array:
         """(B, T) tokens or targets in the zigzag order."""
         return tokens[:, zigzag(tokens.shape[1], self.shards)]
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, positions) -> jax.Array:
-        """Causal attention of (B, T, N, H) queries, (B, T, K, H) keys and values whose slot i
-        holds text position `positions[i]` (a constant: the layout is fixed)."""
-        order = tuple(int(i) for i in np.asarray(positions))
-        return _ring_attention(order, self.shards, self.gathered)(q, k, v)
+        """Causal attention of (B, T, N, H) queries, (B, T, K, H) keys and values laid out by
+        `sequence` (`positions`: its positions, implied by the zigzag layout)."""
+        if _manual():
+            return _ring_attention(q.shape[1] * self.shards, self.shards, "manual")(q, k, v)
+        mode = "gathered" if self.gathered else "ring"
+        return _ring_attention(q.shape[1], self.shards, mode)(q, k, v)
 
 
-def context(shards: int, stages: int) -> Context | None:
-    """Context parallelism for a mesh's `context` and `stage` sizes; None for one shard."""
-    return Context(shards, gathered=stages > 1) if shards > 1 else None
+def context(mesh_shape) -> Context | None:
+    """Context parallelism for a mesh of these axis sizes; None for one context shard.
+    Gathered in the global view inside pipeline stages that `tensor` splits too."""
+    shards = mesh_shape[CONTEXT_AXIS]
+    if shards == 1:
+        return None
+    return Context(shards, gathered=mesh_shape["stage"] > 1 and mesh_shape["tensor"] > 1)

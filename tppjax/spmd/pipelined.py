@@ -21,13 +21,13 @@ from flax import nnx
 
 from tppjax.errors import ConfigError
 from tppjax.models import ModelConfig, Transformer, cross_entropy
-from tppjax.models.transformer import Sequence
 from tppjax.pipeline.executor import pipelined_loss
 from tppjax.pipeline.gpipe import gpipe, to_microbatches, to_stages
 from tppjax.pipeline.layout import StageLayout, balance, parse_stage_layers
 from tppjax.pipeline.schedules import make_schedule, validate
 from tppjax.pipeline.simulate import simulate
-from tppjax.spmd.rules import batch_shards
+from tppjax.spmd.context import Context
+from tppjax.spmd.rules import CONTEXT_AXIS, batch_shards
 
 
 def check_pipeline(cfg: ModelConfig, tc, mesh_shape: dict[str, int], batch: int) -> None:
@@ -56,26 +56,32 @@ def head_parts(model: Transformer):
 
 
 def pipeline_loss(model: Transformer, inputs, targets, tc, stages: int, layout: StageLayout,
-                  forward_only: bool = False, sequence: Sequence | None = None):
+                  forward_only: bool = False, context: Context | None = None):
     """Same value as the unpipelined loss: the mean over the same global batch of tokens.
 
     The model's blocks are `layout`'s padded stack. `forward_only`: no backward will be taken
-    (evaluation): run the forward loop of `gpipe`. `sequence`: the tokens' layout (context
-    parallelism), for every layer.
+    (evaluation): run the forward loop of `gpipe`. `context`: context parallelism (inputs and
+    targets laid out by it). Inside the pipeline's `shard_map` `context` is manual, as the data
+    axes are, so each layer sees its shard's tokens and gradients are summed over `context`
+    once per step; except where `tensor` splits the stages too (`context.gathered`): there a
+    collective over manual `context` would gather the tensor-split heads whole (XLA), so
+    `context` stays automatic and the gradients are summed over it once per micro-batch.
     """
     m, v = tc.microbatches, tc.virtual_stages
+    sequence = None if context is None else context.sequence(inputs.shape[1])
+    axis = None if context is None or context.gathered else CONTEXT_AXIS
     xs = to_microbatches(model.embed(inputs, sequence), m)  # (m, b_mb, T, D)
     block_def, stacked = nnx.split(model.blocks)
-    if sequence is not None:  # the pipeline runs a layer as (params, x) -> y
-        block_def = functools.partial(_layer, block_def, sequence)
+    if context is not None:  # the pipeline runs a layer as (params, x) -> y
+        block_def = functools.partial(_layer, block_def, context)
     if not forward_only:
         head_params, head_fn = head_parts(model)
         return pipelined_loss(block_def, stacked, xs, to_microbatches(targets, m), head_fn,
                               head_params, make_schedule(tc.schedule, stages, m, v), tc.remat,
-                              layout.counts)
+                              layout.counts, sequence_axis=axis)
     # GPipe's forward runs the canonical layout: stage s holds virtual stages s·v .. s·v+v-1.
     active = layout.active().reshape(stages, -1) if layout.padded else None
-    ys = gpipe(block_def, to_stages(stacked, stages), xs, tc.remat, active)  # (m, b_mb, T, D)
+    ys = gpipe(block_def, to_stages(stacked, stages), xs, tc.remat, active, axis)  # (m, b_mb, T, D)
     # The head runs per micro-batch (vmap over m). When p divides m, ys comes back split over
     # `stage` along m, and `spmd_axis_name` keeps it so: each stage runs the head on m/p
     # micro-batches, with no reshuffle of rows between data shards.
@@ -84,8 +90,9 @@ def pipeline_loss(model: Transformer, inputs, targets, tc, stages: int, layout: 
     return cross_entropy(logits, to_microbatches(targets, m))
 
 
-def _layer(block_def, sequence: Sequence, params, x):
-    return nnx.merge(block_def, params)(x, sequence)
+def _layer(block_def, context: Context, params, x):
+    """One layer on a context shard's tokens x (inside the pipeline)."""
+    return nnx.merge(block_def, params)(x, context.sequence(x.shape[1]))
 
 
 def stage_map(layout: StageLayout, schedule) -> list[list[range]]:

@@ -22,7 +22,6 @@ from tppjax.models import ModelConfig, Transformer, cross_entropy
 from tppjax.spmd.context import context
 from tppjax.spmd.rules import (
     BATCH_AXES,
-    CONTEXT_AXIS,
     Rules,
     batch_shards,
     check_layout,
@@ -209,7 +208,7 @@ class Trainer:
     def loss(self, params, inputs, targets, forward_only: bool = False):
         """Mean next-token loss over the global batch; the pipeline when `stage` > 1."""
         sequence = None  # the text in order
-        cp = context(self.mesh.shape[CONTEXT_AXIS], self.stages)
+        cp = context(self.mesh.shape)
         if cp is not None:  # context parallelism: the tokens laid out zigzag, ring attention
             inputs, targets = cp.permute(inputs), cp.permute(targets)
             sequence = cp.sequence(inputs.shape[1])
@@ -219,7 +218,7 @@ class Trainer:
                 from tppjax.spmd.pipelined import pipeline_loss
 
                 return pipeline_loss(model, inputs, targets, self.tc, self.stages, self.layout,
-                                     forward_only, sequence)
+                                     forward_only, cp)
             return cross_entropy(model(inputs, self.tc.remat != "none", sequence), targets)
 
     def _accumulated_loss_and_grads(self, params, inputs, targets):
