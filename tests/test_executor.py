@@ -103,10 +103,10 @@ def test_each_stage_forward_runs_once_per_microbatch(monkeypatch, remat, expect)
     counts = collections.Counter()
     block_call = transformer.Block.__call__
 
-    def counted(self, x):  # x[0, 0, 0] ties the callback to this call's data
+    def counted(self, x, *args):  # x[0, 0, 0] ties the callback to this call's data
         jax.debug.callback(lambda s, _: counts.update([int(s)]), jax.lax.axis_index("stage"),
                            x[0, 0, 0])
-        return block_call(self, x)
+        return block_call(self, x, *args)
 
     monkeypatch.setattr(transformer.Block, "__call__", counted)
     cfg, m = dataclasses.replace(TEST_MODEL, n_layers=4), 4  # 2 blocks per stage

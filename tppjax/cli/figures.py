@@ -98,7 +98,7 @@ def steady_tick(sim) -> int:
 
 def draw_mesh(plt, mesh, path: Path) -> None:
     """The device grid: one panel per `data` index, `stage` rows by `tensor` columns."""
-    grid = mesh.devices[:, 0]  # fsdp = 1 here: (data, stage, tensor)
+    grid = mesh.devices[:, 0, :, 0]  # fsdp = context = 1 here: (data, stage, tensor)
     d, p, t = grid.shape
     fig, axes = plt.subplots(1, d, figsize=(3.2 * d, 2.6))
     for i, ax in enumerate(axes):

@@ -19,8 +19,9 @@ read with `jax.eval_shape`), plus the stage inputs and output gradients waiting 
 buffers, the head's residuals of one micro-batch and the gradient accumulators. Residuals are
 read at one data shard's rows and s/cp of its sequence (a context shard's; the ring's own
 residuals, q, k, v, output and log-sum-exp, are taken as plain attention's there); a residual
-split over `tensor` (one with a heads, kv-heads, MLP or vocabulary dimension) counts 1/t, found by reading the same residuals of a small probe model
-whose split sizes are primes that no other dimension has.
+split over `tensor` (one with a heads, kv-heads, MLP or vocabulary dimension) counts 1/t,
+found by reading the same residuals of a small probe model whose split sizes are primes that
+no other dimension has.
 
 Step time: F and B (and W) of one micro-batch through one virtual stage's layers, each timed
 alone on one device (`measure.timing.time_actions`), through the schedule's lockstep ticks

@@ -14,17 +14,25 @@ Written in the global view, T reshaped to (cp, T/cp) with the cp axis on `contex
 Inside a pipeline a stage runs attention under its own `lax.cond` while the other stages run
 something else, and XLA CPU's collective-permute waits for every device of the program (seen on
 jax 0.10.2: "Expected 8 threads to join the rendezvous, but only 4"). Collectives with replica
-groups (all-gather, all-to-all) wait only for their group, as the tensor all-reduces inside a
-stage do. So with `stage` > 1 (`gathered`), each shard all-gathers K and V over `context` once
-and takes hop h's block from there; the backward adds each hop's dK, dV into a buffer per
-source block and one all-to-all sends each block's sum home: the same bytes per attention call
+groups (all-gather, reduce-scatter, all-to-all) wait only for their group, as the tensor
+all-reduces inside a stage do. So in a pipeline each shard all-gathers K and V over `context`
+once per call and takes hop h's block from there; the backward adds each hop's dK, dV into a
+buffer per source block and sends each block's sums home at the end: the same bytes per call
 as the ring ((cp−1) blocks of K and V forward; again, and (cp−1) of dK and dV, backward), but
-all cp blocks of K and V are held during the call (never stored for the backward).
+all cp blocks of K and V are held during the call (never stored for the backward). Two ways:
+- "manual": the pipeline's `shard_map` is manual over `context`, as over the data axes
+  (`pipeline.executor.pipelined_loss`'s `sequence_axis`): each shard sees its T/cp slots, the
+  sends are `all_gather` and `psum_scatter`, and the weight gradients are summed over `context`
+  once per step with the data axes'.
+- "gathered", where `tensor` splits the stages too: XLA gathers the operand of a collective over
+  a manual axis whole on the automatic ones (here the heads, split over `tensor`), so `context`
+  stays automatic, the global view all-gathers and an all-to-all sends dK, dV home; the loop
+  then sums the weight gradients over `context` once per micro-batch (measured: README).
 
 The backward pass (`jax.custom_vjp`) keeps only q, k, v, the output and the log-sum-exp, and
 moves K and V again: it recomputes each step's scores; on the ring dK, dV travel along with K, V
 and take one more hop home at the end. So no step's K/V is stored. The hops are a `lax.scan`
-(one block of K, V in flight) over constants: each hop's causal mask and source block.
+(one block of K, V in flight); each hop's causal mask comes from shard indices (`_Here`).
 
 `measure.analysis.ring_sends` counts these sends in closed form; the census finds them.
 """
@@ -188,8 +196,8 @@ def _backward(q, k, v, o, lse, do, here: _Here, mode: str):
 @functools.cache
 def _ring_attention(length: int, shards: int, mode: str):
     """Attention over (B, T, N, H) q and (B, T, K, H) k, v laid out zigzag (`length` slots in
-    all), with the custom backward that moves K and V again. `manual`: inside a `shard_map`
-    manual over `context`, where each shard holds its T/cp slots."""
+    all), with the custom backward that moves K and V again. `mode`: "ring", "gathered" or
+    "manual" (the module docstring; manual: each shard holds its T/cp slots)."""
     c = 1 if mode == "manual" else shards  # the context blocks this code sees
 
     def here():
@@ -236,9 +244,8 @@ def _manual() -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class Context:
-    """Context parallelism over `shards` > 1 context shards. `gathered`: in the global view
-    inside a pipeline's stage (`context` automatic there), by all-gather; see the module
-    docstring for when."""
+    """Context parallelism over `shards` > 1 context shards. `gathered`: inside pipeline stages
+    that `tensor` splits too (the module docstring)."""
 
     shards: int
     gathered: bool = False
