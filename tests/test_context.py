@@ -9,11 +9,14 @@ import pytest
 
 from tests.helpers import (
     BATCH,
+    RTOL,
     SEQ,
     TEST_MODEL,
     assert_matches_reference,
     batch,
     loss_and_grads,
+    reference,
+    rel_err,
     trainer,
 )
 from tppjax.errors import ConfigError
@@ -62,6 +65,14 @@ def test_ring_sends_match_closed_form_and_bfloat16_runs():
     with jax.set_mesh(tr.mesh):
         metrics = step(params, opt_state, inputs, targets)[2]
     assert np.isfinite(float(metrics["loss"]))
+
+
+def test_pipelined_evaluation_matches_single_device():
+    """Evaluation runs GPipe's forward loop (`pipeline.gpipe`), `context` manual there too: the
+    loss of one device."""
+    tr = trainer(TEST_MODEL, "data=2,context=2,stage=2", microbatches=2)
+    loss = tr.eval_loss(tr.init(seed=0)[0], *tr.place(batch()))
+    assert rel_err(float(loss), reference(TEST_MODEL)[0]) <= RTOL
 
 
 @pytest.mark.parametrize(("mesh", "schedule", "m"), [
