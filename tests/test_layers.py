@@ -152,3 +152,15 @@ def test_scripts_are_doors_and_only_tppjax_is_installed():
             f"{defined}; move the code into tppjax (tppjax/cli for the command line)"
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert config["tool"]["setuptools"]["packages"]["find"] == {"include": ["tppjax*"]}
+
+
+def test_pipeline_stays_readable():
+    """The reading budget of issue 23: the executor in one file of at most 300 lines, and no
+    function in pipeline/ over 60 lines, so each action, the table and the loop read alone."""
+    assert len((SOURCE / "pipeline" / "executor.py").read_text().splitlines()) <= 300
+    long = [f"{where(m, node.lineno)} {node.name}: {node.end_lineno - node.lineno + 1} lines"
+            for m, path in MODULES.items() if package(m) == "pipeline"
+            for node in ast.walk(ast.parse(path.read_text(), str(path)))
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            and node.end_lineno - node.lineno + 1 > 60]
+    assert not long, "split these functions (60 lines at most):\n" + "\n".join(long)

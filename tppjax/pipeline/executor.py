@@ -262,11 +262,9 @@ def pipelined_loss(layer, layers, xs, targets, loss_fn, loss_params, schedule: S
     layout = None if stage_layers is None else StageLayout(tuple(stage_layers))
     check_fit(schedule, n_layers, xs.shape[0], layout, stage_axis,
               (*data_axes, sequence_axis) if sequence_axis else data_axes)
-    active = None
-    if layout is not None and layout.padded:
-        active = layout.active()
-        if n_layers == layout.n_layers:
-            layers = layout.pad(layers)
+    active = layout.active() if layout is not None and layout.padded else None
+    if active is not None and n_layers == layout.n_layers:
+        layers = layout.pad(layers)
     if schedule.virtual_stages == 1:
         staged = jax.tree.map(lambda a: a[:, None], to_stages(layers, schedule.stages))
     else:
