@@ -21,6 +21,7 @@ import re
 from tppjax.measure.hlo import Collective
 from tppjax.models.config import ModelConfig
 from tppjax.pipeline.layout import StageLayout
+from tppjax.spmd.context import context
 from tppjax.spmd.rules import BATCH_AXES, CONTEXT_AXIS, WEIGHT_AXIS, batch_shards
 
 SOURCES = ("embedding", "attention q/k/v", "attention out", "MLP up/gate", "MLP down",
@@ -140,8 +141,9 @@ def expected(cfg: ModelConfig, mesh: dict[str, int], batch: int, seq: int, micro
     runs = tuple(n * m for n in stage_layer_counts(cfg, p, schedule, m, virtual_stages,
                                                    stage_layers))  # layer executions per stage
     twice = tuple(2 * r for r in runs)
-    # A pipeline without `tensor` makes `context` manual, as the data axes (`spmd.context`).
-    manual_cp = cp > 1 and p > 1 and t == 1
+    # Where a pipeline's `shard_map` makes `context` manual, as the data axes (`spmd.context`).
+    ctx = context(mesh)
+    manual_cp = p > 1 and ctx is not None and ctx.pipeline_axis is not None
     last = (0,) * (p - 1) + (m,)  # the head and the loss: the last stage, per micro-batch
     once = (1,) * p
     tp, ar, ag = ("tensor",), "all-reduce", "all-gather"

@@ -94,6 +94,13 @@ class _Here(NamedTuple):
         return mask, jax.nn.one_hot(source, self.cp)
 
 
+def _here(mode: str, shards: int, length: int) -> _Here:
+    """`_Here` for a sequence of `length` slots in all: every shard, or with `mode` "manual"
+    (inside a `shard_map` manual over `context`) this one."""
+    ids = jax.lax.axis_index(CONTEXT_AXIS)[None] if mode == "manual" else jnp.arange(shards)
+    return _Here(ids, shards, length // (2 * shards))
+
+
 def _next(k, v, k_all, v_all, blocks):
     """The next hop's K and V blocks: around the ring, or picked from all of them (`k_all`,
     gathered once) by a product with the one-hot `blocks`, local to each shard."""
@@ -200,10 +207,6 @@ def _ring_attention(length: int, shards: int, mode: str):
     "manual" (the module docstring; manual: each shard holds its T/cp slots)."""
     c = 1 if mode == "manual" else shards  # the context blocks this code sees
 
-    def here():
-        ids = jax.lax.axis_index(CONTEXT_AXIS)[None] if mode == "manual" else jnp.arange(shards)
-        return _Here(ids, shards, length // (2 * shards))
-
     def split(x, k=None):  # (B, T, heads, H) → (B, C, T/C, K[, G], H); queries in float32
         b, t, n, h = x.shape
         if k is None:  # float32 on the ring: XLA CPU widened bf16 K, V before the send anyway
@@ -212,12 +215,12 @@ def _ring_attention(length: int, shards: int, mode: str):
         return constrain(x.astype(jnp.float32).reshape(b, c, t // c, n // g, g, h), QUERIES)
 
     def forward(q, k, v):  # → output (B, T, N, H) float32, log-sum-exp (B, C, K, G, T/C)
-        o, lse = _forward(split(q, k), split(k), split(v), here(), mode)
+        o, lse = _forward(split(q, k), split(k), split(v), _here(mode, shards, length), mode)
         return o.reshape(q.shape), lse
 
     def backward(q, k, v, o, lse, do):
         grads = _backward(split(q, k), split(k), split(v), split(o, k), lse, split(do, k),
-                          here(), mode)
+                          _here(mode, shards, length), mode)
         return tuple(d.reshape(x.shape) for d, x in zip(grads, (q, k, v), strict=True))
 
     @jax.custom_vjp
@@ -255,8 +258,14 @@ class Context:
         them, or inside a `shard_map` manual over `context` this shard's."""
         if not _manual():
             return Sequence(zigzag(length, self.shards), self.attend)
-        here = _Here(jax.lax.axis_index(CONTEXT_AXIS)[None], self.shards, length // 2)
+        here = _here("manual", self.shards, length * self.shards)
         return Sequence(here.positions(here.shards)[0], self.attend)
+
+    @property
+    def pipeline_axis(self) -> str | None:
+        """The mesh axis a pipeline's `shard_map` makes manual for it (`context`), or None where
+        it stays automatic there (`gathered`)."""
+        return None if self.gathered else CONTEXT_AXIS
 
     def permute(self, tokens: jax.Array) -> jax.Array:
         """(B, T) tokens or targets in the zigzag order."""
@@ -274,7 +283,8 @@ class Context:
 def context(mesh_shape) -> Context | None:
     """Context parallelism for a mesh of these axis sizes; None for one context shard.
     Gathered in the global view inside pipeline stages that `tensor` splits too."""
-    shards = mesh_shape[CONTEXT_AXIS]
+    shards = mesh_shape.get(CONTEXT_AXIS, 1)
     if shards == 1:
         return None
-    return Context(shards, gathered=mesh_shape["stage"] > 1 and mesh_shape["tensor"] > 1)
+    return Context(shards, gathered=mesh_shape.get("stage", 1) > 1
+                   and mesh_shape.get("tensor", 1) > 1)

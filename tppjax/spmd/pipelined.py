@@ -27,7 +27,7 @@ from tppjax.pipeline.layout import StageLayout, balance, parse_stage_layers
 from tppjax.pipeline.schedules import make_schedule, validate
 from tppjax.pipeline.simulate import simulate
 from tppjax.spmd.context import Context
-from tppjax.spmd.rules import CONTEXT_AXIS, batch_shards
+from tppjax.spmd.rules import batch_shards
 
 
 def check_pipeline(cfg: ModelConfig, tc, mesh_shape: dict[str, int], batch: int) -> None:
@@ -69,7 +69,7 @@ def pipeline_loss(model: Transformer, inputs, targets, tc, stages: int, layout: 
     """
     m, v = tc.microbatches, tc.virtual_stages
     sequence = None if context is None else context.sequence(inputs.shape[1])
-    axis = None if context is None or context.gathered else CONTEXT_AXIS
+    axis = None if context is None else context.pipeline_axis
     xs = to_microbatches(model.embed(inputs, sequence), m)  # (m, b_mb, T, D)
     block_def, stacked = nnx.split(model.blocks)
     if context is not None:  # the pipeline runs a layer as (params, x) -> y
