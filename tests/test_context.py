@@ -40,8 +40,16 @@ FOUR = dataclasses.replace(TEST_MODEL, n_layers=4)  # interleaved: 2 stages x 2 
     ("data=2,context=2,stage=2", GPT2, False, {"schedule": "zb-h1", "microbatches": 4}),
     ("context=2,stage=2,tensor=2", FOUR, True, {"schedule": "interleaved", "microbatches": 2,
                                                "virtual_stages": 2}),
+    # The other schedules, `context` manual in the pipeline: one table-driven executor.
+    ("data=2,context=2,stage=2", TEST_MODEL, False, {"schedule": "gpipe", "microbatches": 2}),
+    ("data=2,context=2,stage=2", TEST_MODEL, False, {"schedule": "zb-h2", "microbatches": 4}),
+    ("data=2,context=2,stage=2", FOUR, False, {"schedule": "zb-v", "microbatches": 2,
+                                              "virtual_stages": 2}),
+    ("data=2,context=2,stage=2", FOUR, False, {"schedule": "dualpipe-v", "microbatches": 4,
+                                              "virtual_stages": 2}),
 ], ids=["cp2-llama", "cp4-gpt2", "cp2xtp2-sp", "cp2xtp2xpp2-1f1b", "cp2xdp2xpp2-zb-h1-gpt2",
-        "cp2xtp2xpp2-interleaved-sp"])
+        "cp2xtp2xpp2-interleaved-sp", "cp2xdp2xpp2-gpipe", "cp2xdp2xpp2-zb-h2",
+        "cp2xdp2xpp2-zb-v", "cp2xdp2xpp2-dualpipe-v"])
 def test_loss_and_every_gradient_match_single_device(mesh, cfg, sp, train):
     loss, grads = loss_and_grads(cfg, mesh, sp, **train)
     assert_matches_reference(cfg, loss, grads)
